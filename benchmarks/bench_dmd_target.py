@@ -1,0 +1,57 @@
+"""Benchmark of the fused DMD target (fastdmd/ops/dmd_target_triton.py) against its reference,
+eager and compiled, on the same inputs: CFG (guidance 4.5) and per-sample weights, as in training.
+
+Bytes the op must move, E = element size of the inputs, n = elements of x0:
+  forward             read x0, x_t, real_cond, real_uncond, fake; write target      6 E n
+  forward+backward    + read one saved per-element tensor, write d x0 (>= E each)    8 E n
+The Triton kernel moves more than this minimum (its second pass re-reads the inputs, from L2
+when they fit, and training saves an fp32 residual: see the kernel's docstring), so its fraction
+of copy bandwidth is measured against what a perfect one-pass implementation would move.
+
+    python benchmarks/bench_dmd_target.py            # --full with CUDA, --small without
+"""
+
+import torch
+
+from _bench_common import ALL_GRAPHABLE, parse_args, run_benchmark
+from fastdmd.ops import reference
+
+FULL_SHAPES = {"image_8x16x128x128": (8, 16, 128, 128), "image_64x16x128x128": (64, 16, 128, 128),
+               "video_2x336x60x104": (2, 336, 60, 104)}
+SMALL_SHAPES = {"small_2x4x32x32": (2, 4, 32, 32)}
+DTYPES = (torch.bfloat16, torch.float32)
+BYTES_PER_ELEMENT = {"forward": 6, "forward+backward": 8}  # in units of E, see above
+
+
+def make_inputs(shape, dtype, device, requires_grad):
+    def latent():
+        return torch.randn(shape, device=device, dtype=dtype)
+
+    def per_sample():
+        return torch.rand(shape[0], device=device)
+
+    return dict(x0=latent().requires_grad_(requires_grad), x_t=latent(), real_cond=latent(),
+                real_uncond=latent(), fake=latent(), a=per_sample(), b=-per_sample(),
+                guidance_scale=4.5, weights=per_sample())
+
+
+def cases(args):
+    for shape_name, shape in (SMALL_SHAPES if args.small else FULL_SHAPES).items():
+        for dtype in DTYPES:
+            for mode, bytes_per_element in BYTES_PER_ELEMENT.items():
+                inputs = make_inputs(shape, dtype, args.device, requires_grad=mode != "forward")
+
+                def call(impl, inputs=inputs, mode=mode):
+                    if mode == "forward":
+                        return lambda: impl(**inputs)
+                    return lambda: torch.autograd.grad(impl(**inputs).loss, inputs["x0"])
+
+                fields = dict(shape=shape_name, dtype=str(dtype).removeprefix("torch."), mode=mode)
+                nbytes = bytes_per_element * dtype.itemsize * inputs["x0"].numel()
+                yield fields, call, nbytes, ALL_GRAPHABLE
+
+
+if __name__ == "__main__":
+    args = parse_args(__doc__.splitlines()[0])
+    run_benchmark(args, reference.dmd_target, cases(args),
+                  ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()"])

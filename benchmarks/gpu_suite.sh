@@ -1,0 +1,119 @@
+#!/usr/bin/env bash
+# The fused ops on a fresh GPU machine, in one command, without network:
+#
+#   benchmarks/gpu_suite.sh OUTDIR [STEP ...]
+#
+# Steps, in order (default: all): env, install, tests, then one per benchmarks/bench_*.py
+# (bench_dmd_target, bench_group_advantages, bench_clipped_policy_loss, ...). Name some steps to
+# run only those, e.g. to stay under a per-command time limit: `gpu_suite.sh out install tests`,
+# then `gpu_suite.sh out bench_dmd_target`.
+#
+#   env      nvidia-smi (summary and -q), python/torch/triton/CUDA versions, pip freeze, git state
+#   install  pip install --no-index from a folder of wheels, if there is one: $FASTDMD_WHEELS,
+#            default .wheels/ at the repo root (git-ignored); for what the image lacks (pytest,
+#            pytest-timeout, ...). Then `pip install --no-deps -e .` of this repo. The package is
+#            also put on PYTHONPATH, so later steps run even if the editable install fails.
+#   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET unset),
+#            JUnit XML in OUTDIR/junit_ops.xml
+#   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
+#
+# Every step logs to OUTDIR/<step>.log. A failing step does not stop the others; the exit status
+# is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
+set -u -o pipefail
+
+if [[ $# -lt 1 ]]; then
+    echo "usage: $0 OUTDIR [STEP ...]" >&2
+    exit 2
+fi
+outdir=$1
+shift
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+mkdir -p "$outdir"
+outdir=$(cd "$outdir" && pwd)
+cd "$repo" || exit 2
+
+python=${PYTHON:-python}
+wheels=${FASTDMD_WHEELS:-$repo/.wheels}
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET  # the kernels must be compiled for the GPU, not interpreted
+
+benches=()
+for path in benchmarks/bench_*.py; do
+    [[ -e $path ]] && benches+=("$(basename "$path" .py)")
+done
+if [[ $# -gt 0 ]]; then
+    steps=("$@")
+else
+    steps=(env install tests "${benches[@]}")
+fi
+
+step_env() {
+    nvidia-smi > "$outdir/nvidia-smi.txt" 2>&1
+    local smi=$?
+    nvidia-smi -q > "$outdir/nvidia-smi-q.txt" 2>&1
+    "$python" - > "$outdir/versions.txt" 2>&1 <<'EOF'
+import platform, sys
+import torch, triton
+print("python", platform.python_version(), sys.executable)
+print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
+print("triton", triton.__version__)
+print("cuda available", torch.cuda.is_available())
+for i in range(torch.cuda.device_count()):
+    print("device", i, torch.cuda.get_device_name(i), torch.cuda.get_device_capability(i))
+EOF
+    local versions=$?
+    cat "$outdir/versions.txt"
+    "$python" -m pip freeze > "$outdir/pip-freeze.txt" 2>&1
+    { git rev-parse HEAD; git status --short; } > "$outdir/git.txt" 2>&1
+    return $((smi || versions))
+}
+
+step_install() {
+    local status=0
+    if compgen -G "$wheels/*.whl" > /dev/null; then
+        echo "installing the wheels in $wheels"
+        "$python" -m pip install --no-index --find-links "$wheels" --disable-pip-version-check \
+            "$wheels"/*.whl || status=1
+    else
+        echo "no wheels in $wheels: using what the image has"
+    fi
+    # --no-build-isolation: use the installed setuptools instead of fetching one.
+    "$python" -m pip install --no-index --no-deps --no-build-isolation --disable-pip-version-check \
+        -e "$repo" || status=1
+    "$python" -c "import fastdmd, pytest; print('fastdmd from', fastdmd.__file__)" || status=1
+    return $status
+}
+
+step_tests() {
+    "$python" -m pytest -m "gpu or not slow" tests/test_ops_*.py -rs \
+        --junitxml="$outdir/junit_ops.xml" --durations=15
+}
+
+step_bench() {
+    "$python" "benchmarks/$1.py" --full --out "$outdir"
+}
+
+failed=()
+: > "$outdir/summary.txt"
+for step in "${steps[@]}"; do
+    case $step in
+        env | install | tests) command=(step_"$step") ;;
+        bench_*) command=(step_bench "$step") ;;
+        *) echo "$step: unknown step; expected env, install, tests or one of: ${benches[*]}" |
+               tee -a "$outdir/summary.txt"
+           failed+=("$step"); continue ;;
+    esac
+    echo "== $step (log: $outdir/$step.log)"
+    start=$SECONDS
+    "${command[@]}" > "$outdir/$step.log" 2>&1
+    status=$?
+    tail -n 25 "$outdir/$step.log"
+    if [[ $status -eq 0 ]]; then result=ok; else result="FAILED (exit $status)"; failed+=("$step"); fi
+    echo "$step: $result in $((SECONDS - start)) s" | tee -a "$outdir/summary.txt"
+done
+
+if [[ ${#failed[@]} -gt 0 ]]; then
+    echo "failed steps: ${failed[*]}" | tee -a "$outdir/summary.txt"
+    exit 1
+fi
+echo "all steps passed" | tee -a "$outdir/summary.txt"

@@ -1,0 +1,299 @@
+"""Dataclass configs, recipe files and dotted command-line overrides, validated at start-up.
+
+Precedence: dataclass defaults < recipe (fastdmd/recipes/<name>.toml) < --config FILE < CLI
+(`--trainer.steps 200`). Every field carries its help text and valid range; an unknown key, a
+value of the wrong type or out of range fails before any work with a message naming the key, the
+bad value and what would be valid.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import tomllib
+import typing
+from dataclasses import dataclass
+from typing import Any
+
+RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+
+
+class ConfigError(ValueError):
+    """A config problem found before any work starts."""
+
+
+def opt(default, help: str, *, min=None, max=None, choices=None, factory=None):
+    meta = {"help": help, "min": min, "max": max, "choices": choices}
+    if factory is not None:
+        return dataclasses.field(default_factory=factory, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    family: str = opt("digits", "model family", choices=("digits",))
+    path: str = opt("", "folder with the teacher weights (digits: empty = the shipped assets)")
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = opt(600, "generator updates", min=1)
+    batch_size: int = opt(64, "samples per generator step, per rank", min=1)
+    seed: int = opt(0, "seed; rank r of a run draws from (seed, r, step)", min=0)
+    lr_generator: float = opt(5e-5, "generator learning rate", min=0.0)
+    lr_critic: float = opt(1e-4, "critic (fake score) learning rate", min=0.0)
+    adam_beta1: float = opt(0.0, "Adam beta1 for both roles (DMD2 uses 0)", min=0.0, max=0.999)
+    adam_beta2: float = opt(0.99, "Adam beta2 for both roles", min=0.0, max=0.99999)
+    weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
+    warmup_steps: int = opt(20, "linear learning-rate warm-up steps", min=0)
+    grad_clip: float = opt(1.0, "max grad norm per role (0 disables)", min=0.0)
+    critic_updates: int = opt(2, "critic updates per generator update", min=1, max=20)
+    ema_decay: float = opt(0.98, "EMA decay of the generator weights used for evaluation (0 disables)", min=0.0, max=0.99999)
+    log_every: int = opt(10, "steps between metrics.jsonl lines", min=1)
+    sample_every: int = opt(200, "steps between sample grids (0 disables)", min=0)
+    checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)", min=0)
+    keep_checkpoints: int = opt(2, "complete checkpoints kept on disk", min=1)
+
+
+@dataclass
+class DMDConfig:
+    guidance_scale: float = opt(1.25, "CFG scale g of the real score: uncond + g * (cond - uncond)", min=1.0)
+    sigma_min: float = opt(0.02, "lowest DM noise level", min=0.0, max=1.0)
+    sigma_max: float = opt(0.98, "highest DM noise level", min=0.0, max=1.0)
+    generator_sigmas: tuple = opt(None, "the few-step sampler's noise levels (timesteps / 1000)",
+                                  factory=lambda: (1.0, 0.75, 0.5, 0.25))
+    eps: float = opt(1e-8, "added to the per-sample normalizer mean|p_real|", min=0.0)
+
+
+@dataclass
+class EvalConfig:
+    num_samples: int = opt(1000, "samples per sampler for FD and accuracy (balanced classes)", min=10, max=4000)
+    teacher_steps: int = opt(50, "Euler steps of the teacher's many-step baseline", min=1)
+    batch_size: int = opt(500, "evaluation batch size", min=1)
+    seed: int = opt(1234, "evaluation noise seed (fixed so runs compare)", min=0)
+    cache_teacher: bool = opt(True, "reuse teacher baselines computed before with the same weights and settings")
+    at_end: bool = opt(True, "score teacher and student at the end of the run (summary table, samples_final.png)")
+
+
+@dataclass
+class OpsConfig:
+    backend: str = opt("auto", "fused-op implementation", choices=("auto", "triton", "reference"))
+
+
+@dataclass
+class Config:
+    recipe: str = opt("digits-dmd2", "named recipe in fastdmd/recipes")
+    method: str = opt("dmd2", "training method", choices=("dmd2",))
+    run_dir: str = opt("", "output folder (default: runs/<recipe>-<date>-<time>)")
+    resume: bool = opt(False, "continue from the last complete checkpoint in run_dir")
+    threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
+    model: ModelConfig = opt(None, "", factory=ModelConfig)
+    trainer: TrainerConfig = opt(None, "", factory=TrainerConfig)
+    dmd: DMDConfig = opt(None, "", factory=DMDConfig)
+    eval: EvalConfig = opt(None, "", factory=EvalConfig)
+    ops: OpsConfig = opt(None, "", factory=OpsConfig)
+
+    def validate(self) -> "Config":
+        _check_ranges(self, "")
+        if self.dmd.sigma_min >= self.dmd.sigma_max:
+            raise ConfigError(f"dmd.sigma_min ({self.dmd.sigma_min}) must be below dmd.sigma_max ({self.dmd.sigma_max})")
+        sig = self.dmd.generator_sigmas
+        if not sig or any(not 0.0 < s <= 1.0 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
+            raise ConfigError(f"dmd.generator_sigmas must be strictly decreasing values in (0, 1], got {sig}")
+        return self
+
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _is_config(tp) -> bool:
+    return dataclasses.is_dataclass(tp)
+
+
+def _check_ranges(node, prefix: str) -> None:
+    for f in dataclasses.fields(node):
+        value, key = getattr(node, f.name), prefix + f.name
+        if _is_config(value):
+            _check_ranges(value, key + ".")
+            continue
+        m = f.metadata
+        if m.get("choices") is not None and value not in m["choices"]:
+            raise ConfigError(f"{key} = {value!r} is not valid; choose one of {list(m['choices'])}")
+        if m.get("min") is not None and value < m["min"]:
+            raise ConfigError(f"{key} = {value!r} is out of range; it must be >= {m['min']}")
+        if m.get("max") is not None and value > m["max"]:
+            raise ConfigError(f"{key} = {value!r} is out of range; it must be <= {m['max']}")
+
+
+def _coerce(key: str, tp, value):
+    """Turn a TOML value or a CLI string into the field's type, or say why not."""
+    from_cli = isinstance(value, str) and tp is not str
+    try:
+        if tp is bool:
+            if isinstance(value, bool):
+                return value
+            if from_cli and value.lower() in ("1", "true", "yes", "on"):
+                return True
+            if from_cli and value.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError
+        if tp is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not from_cli):
+                raise ValueError
+            return int(value)
+        if tp is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if tp is str:
+            if not isinstance(value, str):
+                raise ValueError
+            return value
+        if tp is tuple:
+            items = value.split(",") if isinstance(value, str) else list(value)
+            return tuple(float(v) for v in items)
+    except (TypeError, ValueError):
+        pass
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            tuple: "a comma-separated list of numbers"}[tp]
+    raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind}")
+
+
+def _set(cfg: Config, key: str, value) -> None:
+    node, parts = cfg, key.split(".")
+    for i, part in enumerate(parts):
+        names = {f.name for f in dataclasses.fields(node)}
+        if part not in names:
+            where = ".".join(parts[:i]) or "the top level"
+            valid = sorted(n for n in names)
+            raise ConfigError(f"unknown config key {key!r}: {where} has no {part!r}; valid keys there: {valid}")
+        if i == len(parts) - 1:
+            tp = _hints(type(node))[part]
+            if _is_config(tp):
+                raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. --{key}.<name>")
+            setattr(node, part, _coerce(key, tp, value))
+        else:
+            node = getattr(node, part)
+            if not _is_config(node):
+                raise ConfigError(f"unknown config key {key!r}: {'.'.join(parts[:i + 1])} is not a section")
+
+
+def _flatten(table: dict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for k, v in table.items():
+        if isinstance(v, dict):
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append((prefix + k, v))
+    return out
+
+
+def recipe_names() -> list[str]:
+    return sorted(f[:-5] for f in os.listdir(RECIPES_DIR) if f.endswith(".toml"))
+
+
+def _load_toml(path: str, what: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"{what} not found: {path}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{what} {path} is not valid TOML: {e}") from None
+
+
+def _load_config_file(path: str) -> dict:
+    """A TOML file, or the config.json that every run writes (to replay a run)."""
+    if path.endswith(".json"):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {path}") from None
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid JSON: {e}") from None
+    return _load_toml(path, "config file")
+
+
+def help_text() -> str:
+    lines = ["usage: python -m fastdmd.train [--recipe NAME] [--config FILE.toml] [--key.sub VALUE ...]",
+             "", f"recipes: {', '.join(recipe_names())}", "", "options (default in brackets):"]
+
+    def walk(node, prefix):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if _is_config(value):
+                walk(value, f"{prefix}{f.name}.")
+                continue
+            m = f.metadata
+            rng = ""
+            if m.get("choices"):
+                rng = f" one of {list(m['choices'])}"
+            elif m.get("min") is not None or m.get("max") is not None:
+                rng = f" range [{m.get('min', '-inf')}, {m.get('max') if m.get('max') is not None else 'inf'}]"
+            lines.append(f"  --{prefix}{f.name} [{value}]  {m['help']}{rng}")
+
+    walk(Config(), "")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """Build the run's Config from defaults, the recipe, an optional file and the command line."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text())
+        raise SystemExit(0)
+    pairs: list[tuple[str, str]] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--") or arg == "--":
+            raise ConfigError(f"unexpected argument {arg!r}; options look like --trainer.steps 200 (see --help)")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is None or nxt.startswith("--"):
+                value = "true"  # a bare flag, e.g. --resume
+            else:
+                value, i = nxt, i + 1
+        pairs.append((key, value))
+        i += 1
+
+    given = dict(pairs)
+    saved = os.path.join(given.get("run_dir", ""), "config.json")
+    cfg = Config()
+    if given.get("resume", "false").lower() in ("1", "true", "yes", "on") and os.path.exists(saved):
+        # Resuming continues the saved run; the command line may still change e.g. trainer.steps.
+        for key, value in _flatten(_load_config_file(saved)):
+            _set(cfg, key, value)
+    else:
+        recipe = given.get("recipe", cfg.recipe)
+        if recipe not in recipe_names():
+            raise ConfigError(f"unknown recipe {recipe!r}; available: {recipe_names()}")
+        for key, value in _flatten(_load_toml(os.path.join(RECIPES_DIR, recipe + ".toml"), "recipe")):
+            _set(cfg, key, value)
+        cfg.recipe = recipe
+    for key, value in pairs:
+        if key == "config":
+            for k, v in _flatten(_load_config_file(value)):
+                _set(cfg, k, v)
+    for key, value in pairs:
+        if key == "recipe" and value != cfg.recipe:
+            raise ConfigError(f"--recipe {value} differs from the resumed run's recipe {cfg.recipe!r}")
+        if key not in ("config", "recipe"):
+            _set(cfg, key, value)
+    return cfg.validate()
+
+
+def to_dict(cfg) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(data: dict) -> Config:
+    cfg = Config()
+    for key, value in _flatten(data):
+        _set(cfg, key, value)
+    return cfg.validate()

@@ -1,0 +1,86 @@
+"""Process groups and FSDP2 wrapping.
+
+`python -m fastdmd.train` runs as one process; under `torchrun` each rank joins a process group
+(nccl on CUDA, gloo on CPU), draws its own labels and noise from (seed, rank, step), and shards the
+trainable roles with FSDP2: `fully_shard` per UNet block, then the root. Rank 0 alone logs and
+writes files; every rank takes part in collectives (checkpoints, full state dicts for evaluation).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class World:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_world() -> World:
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    use_cuda = torch.cuda.is_available()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return World(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def shutdown(world: World) -> None:
+    if world.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(world: World) -> None:
+    if world.distributed:
+        dist.barrier()
+
+
+def shard_blocks(net: nn.Module, world: World) -> nn.Module:
+    """FSDP2: fully_shard each down/up/mid block of a diffusers UNet, then the root."""
+    if not world.distributed:
+        return net
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [*getattr(net, "down_blocks", []), *getattr(net, "up_blocks", [])]
+    if getattr(net, "mid_block", None) is not None:
+        blocks.append(net.mid_block)
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(net)
+    return net
+
+
+def mean_across_ranks(values: dict[str, float], world: World) -> dict[str, float]:
+    if not world.distributed or not values:
+        return values
+    t = torch.tensor(list(values.values()), dtype=torch.float64)
+    dist.all_reduce(t)
+    return dict(zip(values, (t / world.world_size).tolist()))
+
+
+def broadcast_object(obj, world: World):
+    if not world.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -1,0 +1,62 @@
+"""Fused ops of the DMD step, behind one switch.
+
+    from fastdmd import ops
+    ops.backend = "reference"   # or "triton", or "auto" (default)
+
+"auto" picks the fastest correct implementation for the inputs' device: the Triton kernels on
+CUDA, the PyTorch references on CPU (where Triton only runs in its slow interpreter). Both
+backends check their arguments with the same code (ops/checks.py) and raise the same ValueErrors.
+The Triton implementation of op X lives in ops/X_triton.py, imported on first use (importing
+fastdmd.ops never needs a GPU); not in ops/X.py, because importing a submodule of that name would
+replace the function ops.X with the module.
+"""
+
+from __future__ import annotations
+
+from fastdmd.ops import reference
+from fastdmd.ops.reference import DMDTarget, GroupAdvantages, PolicyLoss
+
+BACKENDS = ("auto", "triton", "reference")
+backend = "auto"
+
+
+def resolve_backend(device) -> str:
+    """The backend ("triton" or "reference") that ops on tensors of `device` use."""
+    if backend not in BACKENDS:
+        raise ValueError(f"ops.backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if getattr(device, "type", str(device)) == "cuda" else "reference"
+    return backend
+
+
+def dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale=1.0, weights=None,
+               noise=None, c=None, eps=1e-8) -> DMDTarget:
+    """See fastdmd.ops.reference.dmd_target for the math."""
+    if resolve_backend(getattr(x0, "device", None)) == "triton":
+        from fastdmd.ops.dmd_target_triton import dmd_target as impl
+    else:
+        impl = reference.dmd_target
+    return impl(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise, c, eps)
+
+
+def group_advantages(rewards, group_size=None, group_ids=None, weights=None, eps=1e-6,
+                     clip=5.0) -> GroupAdvantages:
+    """See fastdmd.ops.reference.group_advantages for the math."""
+    if resolve_backend(getattr(rewards, "device", None)) == "triton":
+        from fastdmd.ops.group_advantages_triton import group_advantages as impl
+    else:
+        impl = reference.group_advantages
+    return impl(rewards, group_size, group_ids, weights, eps, clip)
+
+
+def clipped_policy_loss(x_prev, mean, std, old_log_prob, advantages, clip_range) -> PolicyLoss:
+    """See fastdmd.ops.reference.clipped_policy_loss for the math."""
+    if resolve_backend(getattr(x_prev, "device", None)) == "triton":
+        from fastdmd.ops.clipped_policy_loss_triton import clipped_policy_loss as impl
+    else:
+        impl = reference.clipped_policy_loss
+    return impl(x_prev, mean, std, old_log_prob, advantages, clip_range)
+
+
+__all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "PolicyLoss", "backend",
+           "clipped_policy_loss", "dmd_target", "group_advantages", "reference", "resolve_backend"]

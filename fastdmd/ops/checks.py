@@ -1,0 +1,129 @@
+"""Input checks shared by the Triton kernels and their PyTorch references.
+
+Both backends call the same check before doing any work, so a bad argument fails the same way on
+CPU and on GPU, with a ValueError that names the argument, what it got and what would be valid,
+instead of a shape error from inside a kernel (or, worse, a kernel that silently reads out of
+bounds). The checks look at metadata only (shape, dtype, device), never at values, so they cost no
+device synchronization and run unchanged while torch.compile traces with fake tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+# The references also take float64: tests compute the exact answer with them.
+REFERENCE_DTYPES = KERNEL_DTYPES + (torch.float64,)
+
+
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+
+
+def check_tensor(name: str, value, *, dtypes, shape=None, device=None) -> None:
+    """Raise ValueError unless `value` is a tensor with one of `dtypes`, the given shape and device."""
+    if not isinstance(value, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+    if value.dtype not in dtypes:
+        raise ValueError(f"{name} must have dtype {_dtype_names(dtypes)}, got {value.dtype}")
+    if shape is not None and tuple(value.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(value.shape)}")
+    if device is not None and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the other inputs are on {device}; "
+                         f"put all inputs on one device")
+
+
+def check_per_sample(name: str, value, batch: int, device, dtypes) -> None:
+    """A per-sample coefficient: a [B] tensor, one value per sample of the batch."""
+    check_tensor(name, value, dtypes=dtypes, device=device)
+    if tuple(value.shape) != (batch,):
+        raise ValueError(f"{name} must be a [B] tensor with B={batch} (one value per sample), "
+                         f"got shape {tuple(value.shape)}")
+
+
+def check_number(name: str, value, *, minimum=None, allow_none=False) -> None:
+    """A finite Python/NumPy real number, optionally >= minimum."""
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+
+
+def _check_batched(name: str, value, dtypes) -> None:
+    check_tensor(name, value, dtypes=dtypes)
+    if value.dim() < 1 or value.numel() == 0:
+        raise ValueError(f"{name} must be a non-empty [B, ...] tensor, got shape {tuple(value.shape)}")
+
+
+def check_dmd_target_inputs(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights,
+                            noise, c, eps, *, dtypes) -> None:
+    """Arguments of dmd_target (see fastdmd.ops.reference.dmd_target)."""
+    _check_batched("x0", x0, dtypes)
+    batch, device = x0.shape[0], x0.device
+    for name, value in (("x_t", x_t), ("real_cond", real_cond), ("real_uncond", real_uncond),
+                        ("fake", fake), ("noise", noise)):
+        if value is not None:
+            check_tensor(name, value, dtypes=dtypes, shape=x0.shape, device=device)
+    for name, value in (("a", a), ("b", b), ("weights", weights), ("c", c)):
+        if value is not None:
+            check_per_sample(name, value, batch, device, REFERENCE_DTYPES)
+    check_number("guidance_scale", guidance_scale)
+    check_number("eps", eps, minimum=0)
+    if real_uncond is None and guidance_scale != 1.0:
+        raise ValueError(f"real_uncond is required when guidance_scale != 1 "
+                         f"(pred = uncond + g * (cond - uncond)), got guidance_scale={guidance_scale}")
+    if (noise is None) != (c is None):
+        given, missing = ("noise", "c") if c is None else ("c", "noise")
+        raise ValueError(f"{given} was given without {missing}: the shared-noise term c * noise "
+                         f"needs both (or neither)")
+
+
+def check_group_advantages_inputs(rewards, group_size, group_ids, weights, eps, clip, *, dtypes) -> None:
+    """Arguments of group_advantages (see fastdmd.ops.reference.group_advantages)."""
+    check_tensor("rewards", rewards, dtypes=dtypes)
+    if rewards.dim() != 2 or rewards.numel() == 0:
+        raise ValueError(f"rewards must be a non-empty [N, K] tensor (N samples, K reward models), "
+                         f"got shape {tuple(rewards.shape)}")
+    n, k = rewards.shape
+    if (group_size is None) == (group_ids is None):
+        raise ValueError("give exactly one of group_size (contiguous groups) or group_ids (one id "
+                         f"per sample), got group_size={group_size!r} and "
+                         f"group_ids={'None' if group_ids is None else 'a tensor'}")
+    if group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"group_size must be a positive int, got {group_size!r}")
+        if n % group_size:
+            raise ValueError(f"the number of samples N={n} must be a multiple of group_size={group_size}")
+    else:
+        check_tensor("group_ids", group_ids, dtypes=(torch.int32, torch.int64), shape=(n,),
+                     device=rewards.device)
+    if weights is not None:
+        check_tensor("weights", weights, dtypes=REFERENCE_DTYPES, shape=(k,), device=rewards.device)
+    check_number("eps", eps, minimum=0)
+    check_number("clip", clip, minimum=0, allow_none=True)
+
+
+def check_clipped_policy_loss_inputs(x_prev, mean, std, old_log_prob, advantages, clip_range, *,
+                                     dtypes) -> None:
+    """Arguments of clipped_policy_loss (see fastdmd.ops.reference.clipped_policy_loss)."""
+    _check_batched("x_prev", x_prev, dtypes)
+    batch, device = x_prev.shape[0], x_prev.device
+    check_tensor("mean", mean, dtypes=dtypes, shape=x_prev.shape, device=device)
+    for name, value in (("std", std), ("old_log_prob", old_log_prob), ("advantages", advantages)):
+        check_per_sample(name, value, batch, device, REFERENCE_DTYPES)
+    check_number("clip_range", clip_range, minimum=0)
+
+
+def check_kernel_device(kernel, device: torch.device) -> None:
+    """Triton kernels run on CUDA tensors, or anywhere when triton was imported in interpreter mode."""
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if device.type != "cuda" and not isinstance(kernel, InterpretedFunction):
+        raise ValueError(f"the triton backend needs CUDA tensors, got tensors on {device}; use "
+                         f"fastdmd.ops.backend = 'reference' (or set TRITON_INTERPRET=1 before "
+                         f"triton is imported to run the kernels in the slow interpreter)")

@@ -1,0 +1,336 @@
+"""Fused DMD target: clean estimates, CFG, normalizer, target, loss and per-sample statistics.
+
+Where it sits: step 3 of every method's generator update (DESIGN.md, "One training step"). The
+teacher (with CFG) and the critic have produced raw predictions at x_t; this op turns them and the
+generator output x0 into the DMD2 target, the loss whose gradient for x0 is w * grad / N, and the
+per-sample statistics GNDM and GDMD consume. The math, and its spec, is
+fastdmd.ops.reference.dmd_target; this file is the same thing in three Triton kernels:
+
+  1. _p_real_abs_sum_kernel, one program per (sample, chunk) (see sample_chunks.py): partial sums
+     of |p_real| = |x0 - x0_real|. The normalizer mean |p_real| is a full-sample reduction that
+     every element of pass 2 needs, hence a split reduction first.
+  2. _dmd_elementwise_kernel, same grid, visited in reverse: adds its sample's partial sums into the
+     normalizer (every program in the same order, so all agree bit for bit; chunk 0 stores it),
+     then grad, target = x0 - grad and the loss residual x0 - target per element, and partial sums
+     of grad^2, grad * p_real, p_real^2 and residual^2. Reverse order because pass 1 ended with the
+     last samples, whose inputs are the likeliest to still be in L2.
+  3. _dmd_finalize_kernel, one program: per-sample grad_sq and cosine, the weighted loss.
+  Backward: _dmd_backward_kernel, d x0 = d_loss * w * residual / N.
+
+Bytes per element, E = input element size (2 for bf16), one more E per pass with the noise term:
+  pass 1 reads x0, x_t, real_cond, real_uncond                                     4E
+  pass 2 reads x0, x_t, real_cond, real_uncond, fake                              5E (L2 hits
+         when the pass-1 working set B*M*4E fits in L2, 50 MB on H100; partly beyond),
+         writes target (x0's dtype) E and, when x0 requires grad, the fp32 residual 4
+  backward reads the residual 4, writes d x0 E
+  bf16 training step: 24 B/element from DRAM at worst, 14 when pass 2 hits L2, plus 6 in backward.
+  Any implementation must at least read the 5 inputs and write the target: 6E = 12 B/element.
+
+Memory choice for backward: the residual x0 - target is saved in fp32 (4 bytes per element; a
+64x16x128x128 batch: 64 MiB, small next to the generator's activations). Recomputing it in backward
+would keep the teacher and critic outputs alive (5E per element) and re-read them; saving it in
+bf16 would round the gradient twice. It is only written when x0 requires grad.
+
+Inputs of any [B, ...] shape and of dtypes bf16/fp16/fp32 (mixed is fine: each pointer is loaded
+in its own dtype and upcast); non-contiguous inputs are copied to contiguous ones by the launcher.
+All arithmetic and accumulation is fp32.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_kernel_device
+from fastdmd.ops.reference import DMDTarget
+from fastdmd.ops.sample_chunks import sample_chunks
+
+# Partial sums written by pass 2, one row each: grad^2, grad * p_real, p_real^2, residual^2.
+_STATS = 4
+# Finalize tile: samples x partial sums held at once by the single finalize program.
+_FINALIZE_TILE = 4096
+
+
+@triton.jit
+def _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c,
+                         guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr):
+    """base = a * x_t (+ c * noise), shared by both clean estimates, and x0_real = base + b * CFG."""
+    base = a * tl.load(x_t_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    if HAS_NOISE:
+        base = base + c * tl.load(noise_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    real = tl.load(cond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    if HAS_UNCOND:
+        uncond = tl.load(uncond_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        real = uncond + guidance_scale * (real - uncond)
+    return base, base + b * real
+
+
+@triton.jit
+def _p_real_abs_sum_kernel(
+    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a_ptr, b_ptr, c_ptr, abs_partials_ptr,
+    numel_per_sample, num_chunks, guidance_scale,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // num_chunks
+    chunk = pid % num_chunks
+    a = tl.load(a_ptr + sample)
+    b = tl.load(b_ptr + sample)
+    c = 0.0
+    if HAS_NOISE:
+        c = tl.load(c_ptr + sample)
+    sample_start = sample.to(tl.int64) * numel_per_sample
+    total = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(BLOCKS_PER_CHUNK):
+        index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < numel_per_sample
+        offset = sample_start + index
+        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        _, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
+                                          a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
+        total += tl.where(mask, tl.abs(x0 - x0_real), 0.0)
+    tl.store(abs_partials_ptr + pid, tl.sum(total, axis=0))
+
+
+@triton.jit
+def _dmd_elementwise_kernel(
+    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
+    abs_partials_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
+    numel_per_sample, num_chunks, guidance_scale, eps,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+):
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    sample = pid // num_chunks
+    chunk = pid % num_chunks
+    slots = tl.arange(0, PARTIALS_BLOCK)
+    abs_partials = tl.load(abs_partials_ptr + sample * num_chunks + slots, mask=slots < num_chunks,
+                           other=0.0)
+    normalizer = tl.sum(abs_partials, axis=0) / numel_per_sample + eps
+    if chunk == 0:
+        tl.store(normalizer_ptr + sample, normalizer)
+    a = tl.load(a_ptr + sample)
+    b = tl.load(b_ptr + sample)
+    c = 0.0
+    if HAS_NOISE:
+        c = tl.load(c_ptr + sample)
+    sample_start = sample.to(tl.int64) * numel_per_sample
+    grad_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    grad_dot_p = tl.zeros([BLOCK], dtype=tl.float32)
+    p_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    residual_sq = tl.zeros([BLOCK], dtype=tl.float32)
+    for i in range(BLOCKS_PER_CHUNK):
+        index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < numel_per_sample
+        offset = sample_start + index
+        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
+                                             a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
+        x0_fake = base + b * tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        p_real = x0 - x0_real
+        grad = (x0_fake - x0_real) / normalizer
+        grad = tl.where(tl.abs(grad) < float("inf"), grad, 0.0)
+        target = x0 - grad
+        # The loss is 0.5 * w * (x0 - target)^2 as in the reference: equal to grad^2 up to rounding,
+        # but NaN where x0 is not finite, so a diverged generator shows in the loss.
+        residual = x0 - target
+        tl.store(target_ptr + offset, target.to(target_ptr.dtype.element_ty), mask=mask)
+        if SAVE_RESIDUAL:
+            tl.store(residual_ptr + offset, residual, mask=mask)
+        p_finite = tl.where(mask & (tl.abs(p_real) < float("inf")), p_real, 0.0)
+        grad = tl.where(mask, grad, 0.0)
+        grad_sq += grad * grad
+        grad_dot_p += grad * p_finite
+        p_sq += p_finite * p_finite
+        residual_sq += tl.where(mask, residual * residual, 0.0)
+    stride = tl.num_programs(0)
+    tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
+    tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
+    tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
+    tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
+
+
+@triton.jit
+def _dmd_finalize_kernel(
+    stat_partials_ptr, weights_ptr, grad_sq_ptr, cosine_ptr, residual_sq_sum_ptr, loss_ptr,
+    batch, num_chunks, numel_per_sample, numel,
+    HAS_WEIGHTS: tl.constexpr, SAMPLES_BLOCK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+):
+    # One program, so the loss needs no atomics and is reproducible. The tile shape depends on
+    # num_chunks only, so a sample's statistics do not depend on the batch size either.
+    slots = tl.arange(0, PARTIALS_BLOCK)
+    stride = batch * num_chunks
+    weighted_residual_sq = 0.0
+    for first in range(0, batch, SAMPLES_BLOCK):
+        samples = first + tl.arange(0, SAMPLES_BLOCK)
+        in_batch = samples < batch
+        index = samples[:, None] * num_chunks + slots[None, :]
+        mask = in_batch[:, None] & (slots[None, :] < num_chunks)
+        grad_sq = tl.sum(tl.load(stat_partials_ptr + 0 * stride + index, mask=mask, other=0.0), axis=1)
+        grad_dot_p = tl.sum(tl.load(stat_partials_ptr + 1 * stride + index, mask=mask, other=0.0), axis=1)
+        p_sq = tl.sum(tl.load(stat_partials_ptr + 2 * stride + index, mask=mask, other=0.0), axis=1)
+        residual_sq = tl.sum(tl.load(stat_partials_ptr + 3 * stride + index, mask=mask, other=0.0), axis=1)
+        cosine = grad_dot_p / tl.maximum(tl.sqrt(grad_sq) * tl.sqrt(p_sq), 1e-12)
+        tl.store(grad_sq_ptr + samples, grad_sq / numel_per_sample, mask=in_batch)
+        tl.store(cosine_ptr + samples, cosine, mask=in_batch)
+        tl.store(residual_sq_sum_ptr + samples, residual_sq, mask=in_batch)
+        if HAS_WEIGHTS:
+            residual_sq = residual_sq * tl.load(weights_ptr + samples, mask=in_batch, other=0.0)
+        weighted_residual_sq += tl.sum(tl.where(in_batch, residual_sq, 0.0), axis=0)
+    tl.store(loss_ptr, 0.5 * weighted_residual_sq / numel)
+
+
+@triton.jit
+def _dmd_backward_kernel(
+    residual_ptr, d_loss_ptr, weights_ptr, d_x0_ptr, numel_per_sample, num_chunks, inv_numel,
+    HAS_WEIGHTS: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // num_chunks
+    chunk = pid % num_chunks
+    scale = tl.load(d_loss_ptr).to(tl.float32) * inv_numel
+    if HAS_WEIGHTS:
+        scale = scale * tl.load(weights_ptr + sample)
+    sample_start = sample.to(tl.int64) * numel_per_sample
+    for i in range(BLOCKS_PER_CHUNK):
+        index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < numel_per_sample
+        residual = tl.load(residual_ptr + sample_start + index, mask=mask, other=0.0)
+        tl.store(d_x0_ptr + sample_start + index, (scale * residual).to(d_x0_ptr.dtype.element_ty),
+                 mask=mask)
+
+
+def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
+    """[B] coefficients as contiguous fp32; a placeholder pointer for an absent optional input."""
+    return placeholder if t is None else t.to(torch.float32).contiguous()
+
+
+def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise,
+                       c, eps, save_residual):
+    batch = x0.shape[0]
+    numel_per_sample = x0.numel() // batch
+    chunks = sample_chunks(numel_per_sample)
+    flags = dict(HAS_UNCOND=real_uncond is not None, HAS_NOISE=noise is not None)
+    x0, x_t, real_cond, fake = (t.contiguous() for t in (x0, x_t, real_cond, fake))
+    # Absent optional tensors are never read (their HAS_ flag is off): x0 stands in as a pointer.
+    real_uncond = x0 if real_uncond is None else real_uncond.contiguous()
+    noise = x0 if noise is None else noise.contiguous()
+    a, b = a.to(torch.float32).contiguous(), b.to(torch.float32).contiguous()
+    c = _per_sample_fp32(c, a)
+    weights_fp32 = _per_sample_fp32(weights, a)
+
+    fp32 = dict(dtype=torch.float32, device=x0.device)
+    num_programs = batch * chunks.num_chunks
+    abs_partials = torch.empty(num_programs, **fp32)
+    stat_partials = torch.empty(_STATS, num_programs, **fp32)
+    target = torch.empty(x0.shape, dtype=x0.dtype, device=x0.device)
+    residual = torch.empty(x0.shape if save_residual else (0,), **fp32)
+    normalizer, grad_sq, cosine, residual_sq_sum = (torch.empty(batch, **fp32) for _ in range(4))
+    loss = torch.empty((), **fp32)
+
+    layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
+                  num_warps=chunks.num_warps)
+    _p_real_abs_sum_kernel[(num_programs,)](
+        x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
+        numel_per_sample, chunks.num_chunks, guidance_scale, **flags, **layout)
+    _dmd_elementwise_kernel[(num_programs,)](
+        x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, target, residual,
+        normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale, eps,
+        **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
+    _dmd_finalize_kernel[(1,)](
+        stat_partials, weights_fp32, grad_sq, cosine, residual_sq_sum, loss,
+        batch, chunks.num_chunks, numel_per_sample, x0.numel(),
+        HAS_WEIGHTS=weights is not None, PARTIALS_BLOCK=chunks.partials_block,
+        SAMPLES_BLOCK=max(1, _FINALIZE_TILE // chunks.partials_block), num_warps=4)
+    return loss, target, normalizer, grad_sq, cosine, residual_sq_sum, residual
+
+
+@torch.library.custom_op("fastdmd::dmd_target", mutates_args=())
+def _dmd_target_op(
+    x0: torch.Tensor, x_t: torch.Tensor, real_cond: torch.Tensor, real_uncond: Optional[torch.Tensor],
+    fake: torch.Tensor, a: torch.Tensor, b: torch.Tensor, guidance_scale: float,
+    weights: Optional[torch.Tensor], noise: Optional[torch.Tensor], c: Optional[torch.Tensor],
+    eps: float, save_residual: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+           torch.Tensor]:
+    """(loss, target, normalizer, grad_sq, cosine, residual_sq_sum [B], residual or empty)."""
+    return _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights,
+                              noise, c, eps, save_residual)
+
+
+@_dmd_target_op.register_fake
+def _dmd_target_fake(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise, c,
+                     eps, save_residual):
+    normalizer, grad_sq, cosine, residual_sq_sum = (
+        x0.new_empty((x0.shape[0],), dtype=torch.float32) for _ in range(4))
+    residual = x0.new_empty(x0.shape if save_residual else (0,), dtype=torch.float32)
+    return (x0.new_empty((), dtype=torch.float32), x0.new_empty(x0.shape), normalizer, grad_sq,
+            cosine, residual_sq_sum, residual)
+
+
+@torch.library.custom_op("fastdmd::dmd_target_backward", mutates_args=())
+def _dmd_target_backward_op(residual: torch.Tensor, d_loss: torch.Tensor,
+                            weights: Optional[torch.Tensor], x0_dtype: torch.dtype) -> torch.Tensor:
+    """d x0 = d_loss * w * residual / N, in x0's dtype."""
+    batch = residual.shape[0]
+    numel_per_sample = residual.numel() // batch
+    chunks = sample_chunks(numel_per_sample)
+    d_x0 = torch.empty(residual.shape, dtype=x0_dtype, device=residual.device)
+    _dmd_backward_kernel[(batch * chunks.num_chunks,)](
+        residual, d_loss, _per_sample_fp32(weights, residual), d_x0, numel_per_sample,
+        chunks.num_chunks, 1.0 / residual.numel(), HAS_WEIGHTS=weights is not None,
+        BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk, num_warps=chunks.num_warps)
+    return d_x0
+
+
+@_dmd_target_backward_op.register_fake
+def _dmd_target_backward_fake(residual, d_loss, weights, x0_dtype):
+    return residual.new_empty(residual.shape, dtype=x0_dtype)
+
+
+def _dmd_target_setup_context(ctx, inputs, output):
+    x0, weights = inputs[0], inputs[8]
+    residual_sq_sum, residual = output[5], output[6]
+    ctx.save_for_backward(residual, weights, residual_sq_sum)
+    ctx.x0_dtype = x0.dtype
+    ctx.numel = x0.numel()
+
+
+def _dmd_target_backward(ctx, d_loss, *unused_output_grads):
+    residual, weights, residual_sq_sum = ctx.saved_tensors
+    d_x0 = d_weights = None
+    if ctx.needs_input_grad[0]:
+        d_x0 = _dmd_target_backward_op(residual, d_loss, weights, ctx.x0_dtype)
+    if ctx.needs_input_grad[8]:
+        d_weights = (d_loss * 0.5 / ctx.numel * residual_sq_sum).to(weights.dtype)
+    return d_x0, None, None, None, None, None, None, None, d_weights, None, None, None, None
+
+
+_dmd_target_op.register_autograd(_dmd_target_backward, setup_context=_dmd_target_setup_context)
+
+
+def dmd_target(
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    real_cond: torch.Tensor,
+    real_uncond: Optional[torch.Tensor],
+    fake: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    guidance_scale: float = 1.0,
+    weights: Optional[torch.Tensor] = None,
+    noise: Optional[torch.Tensor] = None,
+    c: Optional[torch.Tensor] = None,
+    eps: float = 1e-8,
+) -> DMDTarget:
+    """Triton version of fastdmd.ops.reference.dmd_target (same arguments, same result)."""
+    check_dmd_target_inputs(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights,
+                            noise, c, eps, dtypes=KERNEL_DTYPES)
+    check_kernel_device(_dmd_elementwise_kernel, x0.device)
+    save_residual = torch.is_grad_enabled() and x0.requires_grad
+    loss, target, normalizer, grad_sq, cosine, _, _ = _dmd_target_op(
+        x0, x_t, real_cond, real_uncond, fake, a, b, float(guidance_scale), weights, noise, c,
+        float(eps), save_residual)
+    return DMDTarget(loss, target.detach(), normalizer.detach(), grad_sq.detach(), cosine.detach())

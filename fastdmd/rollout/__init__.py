@@ -1,0 +1,62 @@
+"""Samplers: the generator's few-step sampler (with backward simulation for training) and the
+teacher's many-step Euler sampler (diffusers' FlowMatchEulerDiscreteScheduler).
+
+The few-step sampler is the DMD2 one: at each noise level s_i the generator predicts x0, which is
+re-noised with fresh noise to the next level; the last prediction is the sample. All shapes are
+static, which is what a CUDA graph captures.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+
+X0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, sigma[B], labels) -> x0
+
+
+def _renoise(x0: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
+    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    return (1 - sigma) * x0 + sigma * eps
+
+
+@torch.no_grad()
+def few_step_sample(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
+                    generator: torch.Generator | None = None) -> torch.Tensor:
+    x = noise
+    for i, s in enumerate(sigmas):
+        x0 = x0_fn(x, torch.full((x.shape[0],), s, device=x.device), labels)
+        x = _renoise(x0, sigmas[i + 1], generator) if i + 1 < len(sigmas) else x0
+    return x
+
+
+@torch.no_grad()
+def backward_simulation(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
+                        k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the first k steps without grad and return (x_{s_k}, s_k): the input of the step that
+    receives the gradient (DMD2's backward simulation)."""
+    if not 0 <= k < len(sigmas):
+        raise ValueError(f"backward-simulation step k must be in [0, {len(sigmas) - 1}], got {k}")
+    x = noise
+    for i in range(k):
+        x0 = x0_fn(x, torch.full((x.shape[0],), sigmas[i], device=x.device), labels)
+        x = _renoise(x0, sigmas[i + 1], generator)
+    return x, torch.full((x.shape[0],), sigmas[k], device=x.device)
+
+
+def linear_sigmas(steps: int) -> list[float]:
+    return [1.0 - i / steps for i in range(steps)]
+
+
+@torch.no_grad()
+def euler_sample(velocity_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], noise: torch.Tensor,
+                 sigmas: Sequence[float]) -> torch.Tensor:
+    """Flow-matching Euler from pure noise; velocity_fn(x, sigma[B]) -> v."""
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
+    scheduler.set_timesteps(sigmas=list(sigmas), device=noise.device)
+    x = noise
+    for t in scheduler.timesteps:
+        v = velocity_fn(x, torch.full((x.shape[0],), float(t) / 1000, device=x.device))
+        x = scheduler.step(v, t, x).prev_sample
+    return x

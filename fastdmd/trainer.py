@@ -1,0 +1,361 @@
+"""The training loop: roles, optimizers, the DMD2 step, logging, sample grids, checkpoints, resume
+and the final evaluation against the teacher.
+
+One generator step (DESIGN.md, "One training step"):
+  rollout (backward simulation, no grad) -> generator_fwd -> real_score / fake_score -> dmd_op
+  -> generator_bwd -> optimizer -> critic_update x trainer.critic_updates
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from datetime import datetime, timezone
+
+import numpy as np
+import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict,
+)
+from torch.distributed.checkpoint.stateful import Stateful
+from tqdm import tqdm
+
+from fastdmd import ops
+from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastdmd.config import Config, to_dict
+from fastdmd.data import load_digits
+from fastdmd.data.digits import IMAGE_SIZE, NUM_CLASSES
+from fastdmd.distributed import World, barrier, mean_across_ranks, shard_blocks
+from fastdmd.metrics import score_sampler
+from fastdmd.models.digits import ASSETS_DIR, TEACHER_FILE, DigitsFlowAdapter, build_digits_unet, load_digits_assets
+from fastdmd.objectives.dmd2 import dmd_loss
+from fastdmd.plot import save_grids
+from fastdmd.profiling import phase
+from fastdmd.roles import Generator, build_roles
+from fastdmd.rollout import backward_simulation, euler_sample, few_step_sample, linear_sigmas
+
+
+def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
+    """Step t of rank r always draws the same numbers: resume needs no RNG state."""
+    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+class EMA:
+    """Exponential moving average of a module's parameters (works on FSDP2-sharded DTensors)."""
+
+    def __init__(self, module: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.names = [n for n, _ in module.named_parameters()]
+        self.shadow = [p.detach().clone() for p in module.parameters()]
+
+    @torch.no_grad()
+    def update(self, module: torch.nn.Module) -> None:
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self, module: torch.nn.Module) -> None:
+        """Exchange the module's weights with the EMA weights (call twice to restore)."""
+        for p, s in zip(module.parameters(), self.shadow):
+            tmp = p.detach().clone()
+            p.detach().copy_(s)
+            s.copy_(tmp)
+
+    def state_dict(self) -> dict:
+        return dict(zip(self.names, self.shadow))
+
+    def load_state_dict(self, state: dict) -> None:
+        with torch.no_grad():
+            for name, s in zip(self.names, self.shadow):
+                s.copy_(state[name])
+
+
+class RoleState(Stateful):
+    """A trainable role and its optimizer, as DCP sees them."""
+
+    def __init__(self, module: torch.nn.Module, optimizer: torch.optim.Optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def state_dict(self):
+        model_sd, optim_sd = get_state_dict(self.module, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def load_state_dict(self, state):
+        set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def make_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(module.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                             weight_decay=cfg.weight_decay, fused=True)
+
+
+def default_run_dir(cfg: Config) -> str:
+    return os.path.join("runs", f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+
+
+class Trainer:
+    def __init__(self, cfg: Config, world: World):
+        self.cfg, self.world = cfg, world
+        t = cfg.trainer
+        ops.backend = cfg.ops.backend
+        self.assets_dir = cfg.model.path or ASSETS_DIR
+        teacher, self.classifier, self.manifest = load_digits_assets(self.assets_dir)
+        self.adapter = DigitsFlowAdapter()
+        self.generator, self.real, self.fake = build_roles(teacher, self.adapter)
+        shard_blocks(self.generator.net, world)
+        shard_blocks(self.fake.net, world)
+        self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
+        self.opt_g = make_optimizer(self.generator, t.lr_generator, t)
+        self.opt_c = make_optimizer(self.fake, t.lr_critic, t)
+        warmup = lambda i: min(1.0, (i + 1) / (t.warmup_steps + 1))  # noqa: E731
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warmup)
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, warmup)
+        self.step = 0
+        self.run_dir = cfg.run_dir
+        self.test_set = load_digits("test")
+
+    # ----- state -------------------------------------------------------------------------------
+    def checkpoint_state(self) -> dict:
+        state = {"generator": RoleState(self.generator, self.opt_g), "critic": RoleState(self.fake, self.opt_c)}
+        if self.ema is not None:
+            state["generator_ema"] = self.ema
+        return state
+
+    def save(self) -> str:
+        return save_checkpoint(self.run_dir, self.step, self.checkpoint_state(), self.world,
+                               self.cfg.trainer.keep_checkpoints)
+
+    def resume(self) -> None:
+        path = latest_checkpoint(self.run_dir)
+        if path is None:
+            raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
+                                    f"start without --resume or point --run_dir at a run that saved one")
+        self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        for sched in (self.sched_g, self.sched_c):
+            sched.last_epoch = self.step - 1
+            sched.step()
+        if self.world.is_main:
+            _truncate_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
+            print(f"resumed from {path} at step {self.step}")
+
+    # ----- one step ----------------------------------------------------------------------------
+    def train_step(self, step: int) -> dict[str, float]:
+        cfg, t = self.cfg, self.cfg.trainer
+        rng = step_generator(t.seed, self.world.rank, step)
+        dev = self.world.device
+        labels = torch.randint(0, NUM_CLASSES, (t.batch_size,), generator=rng).to(dev)
+        noise = torch.randn((t.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), generator=rng).to(dev)
+        sigmas = cfg.dmd.generator_sigmas
+        k = int(torch.randint(0, len(sigmas), (1,), generator=rng))
+
+        with phase("rollout"):
+            x_t, sigma = backward_simulation(self.generator, noise, labels, sigmas, k, rng)
+        with phase("generator_fwd"):
+            x0 = self.generator(x_t, sigma, labels)
+        out = dmd_loss(x0, labels, self.real, self.fake, cfg.dmd, rng)
+        with phase("generator_bwd"):
+            out.loss.backward()
+        with phase("optimizer"):
+            gnorm_g = self._clip(self.generator)
+            self.opt_g.step()
+            self.opt_g.zero_grad(set_to_none=True)
+            self.sched_g.step()
+            if self.ema is not None:
+                self.ema.update(self.generator)
+        with phase("critic_update"):
+            critic_losses = []
+            for _ in range(t.critic_updates):
+                loss_c = self.fake.denoising_loss(x0.detach(), labels, rng)
+                loss_c.backward()
+                self._clip(self.fake)
+                self.opt_c.step()
+                self.opt_c.zero_grad(set_to_none=True)
+                critic_losses.append(loss_c.item())
+            self.sched_c.step()
+        return {
+            "loss_dmd": out.loss.item(),
+            "loss_critic": float(np.mean(critic_losses)),
+            "grad_norm_generator": gnorm_g,
+            "dmd_normalizer": out.normalizer.mean().item(),
+            "dmd_grad_sq": out.grad_sq.mean().item(),
+            "dmd_cosine": out.cosine.mean().item(),
+        }
+
+    def _clip(self, module: torch.nn.Module) -> float:
+        limit = self.cfg.trainer.grad_clip
+        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), limit if limit > 0 else float("inf"))
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    # ----- the run -----------------------------------------------------------------------------
+    def fit(self) -> dict:
+        cfg, t, world = self.cfg, self.cfg.trainer, self.world
+        if world.is_main:
+            os.makedirs(self.run_dir, exist_ok=True)
+            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
+                json.dump(to_dict(cfg), f, indent=2)
+            self._print_header()
+        barrier(world)
+        if cfg.resume:
+            self.resume()
+        metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        bar = tqdm(total=t.steps, initial=self.step, desc=cfg.recipe, dynamic_ncols=True, disable=not world.is_main)
+        window, window_start = [], time.perf_counter()
+        while self.step < t.steps:
+            self.step += 1
+            window.append(self.train_step(self.step))
+            bar.update(1)
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                elapsed = time.perf_counter() - window_start
+                row = mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, world)
+                row |= {"step": self.step, "lr_generator": self.sched_g.get_last_lr()[0],
+                        "samples_per_s": len(window) * t.batch_size * world.world_size / elapsed}
+                if world.is_main:
+                    with open(metrics_path, "a") as f:
+                        f.write(json.dumps(row) + "\n")
+                bar.set_postfix(dmd=f"{row['loss_dmd']:.4f}", critic=f"{row['loss_critic']:.3f}",
+                                img_s=f"{row['samples_per_s']:.0f}")
+                window, window_start = [], time.perf_counter()
+            if t.sample_every and self.step % t.sample_every == 0:
+                self._sample_grid()
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
+                self.save()
+        bar.close()
+        self.save()
+        return self.evaluate() if cfg.eval.at_end else {}
+
+    def _print_header(self) -> None:
+        c = self.cfg
+        n_params = sum(p.numel() for p in self.generator.parameters())
+        print(f"fastdmd {c.recipe}: method={c.method} steps={c.trainer.steps} batch={c.trainer.batch_size}"
+              f"x{self.world.world_size} ranks, guidance g={c.dmd.guidance_scale}, generator {n_params / 1e6:.2f}M params")
+        print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
+              f"optimizer=torch AdamW(fused) threads={torch.get_num_threads()} run_dir={self.run_dir}")
+
+    # ----- evaluation (rank 0 on unsharded copies; every rank joins the state-dict gather) ------
+    def _plain_generator(self) -> Generator:
+        if self.ema is not None:
+            self.ema.swap(self.generator)
+        state = get_model_state_dict(self.generator.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if self.ema is not None:
+            self.ema.swap(self.generator)
+        net = build_digits_unet()
+        if self.world.is_main:
+            net.load_state_dict(state)
+        return Generator(net.eval(), self.adapter)
+
+    def _sample_grid(self) -> None:
+        gen = self._plain_generator()
+        if not self.world.is_main:
+            return
+        labels = torch.arange(100) % NUM_CLASSES
+        noise = torch.randn((100, 1, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(self.cfg.eval.seed))
+        images = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0))
+        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}": (images, labels)},
+                   os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
+
+    def evaluate(self) -> dict:
+        gen = self._plain_generator()
+        if not self.world.is_main:
+            barrier(self.world)
+            return {}
+        e, g = self.cfg.eval, self.cfg.dmd.guidance_scale
+        n_steps = len(self.cfg.dmd.generator_sigmas)
+        real_v = lambda x, s, y: self.real.velocity(x, s, y, g)  # noqa: E731
+        samplers = {
+            f"teacher {e.teacher_steps}-step Euler": (
+                lambda z, y: euler_sample(lambda x, s: real_v(x, s, y), z, linear_sigmas(e.teacher_steps)), True),
+            f"teacher {n_steps}-step Euler": (
+                lambda z, y: euler_sample(lambda x, s: real_v(x, s, y), z, linear_sigmas(n_steps)), True),
+            f"student {n_steps}-step": (
+                lambda z, y: few_step_sample(gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed)),
+                False),
+        }
+        rows, panels = {}, {}
+        for name, (fn, is_teacher) in tqdm(samplers.items(), desc="evaluate", dynamic_ncols=True):
+            cached = self._teacher_cache(name) if is_teacher and e.cache_teacher else None
+            if cached and os.path.exists(cached):
+                with open(cached) as f:
+                    rows[name] = json.load(f) | {"cached": True}
+                images, labels = fn(*self._grid_inputs())
+                panels[name] = (images, labels)
+                continue
+            score, images, labels = score_sampler(fn, self.classifier, self.test_set.images, e.num_samples,
+                                                   e.batch_size, e.seed)
+            rows[name] = score.as_dict()
+            panels[name] = (images, labels)
+            if cached:
+                os.makedirs(os.path.dirname(cached), exist_ok=True)
+                with open(cached, "w") as f:
+                    json.dump(rows[name], f)
+        rows["real digits (train split, the floor)"] = self._real_floor()
+        save_grids(panels, os.path.join(self.run_dir, "samples_final.png"))
+        summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g,
+                   "num_samples": e.num_samples, "samplers": rows,
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        table = summary_table(summary)
+        with open(os.path.join(self.run_dir, "summary.md"), "w") as f:
+            f.write(table + "\n")
+        print("\n" + table)
+        print(f"\nrun directory: {self.run_dir}  (samples_final.png, metrics.jsonl, checkpoints/)")
+        barrier(self.world)
+        return summary
+
+    def _real_floor(self) -> dict:
+        """FD and accuracy of real train digits against the held-out ones: what a perfect sampler scores."""
+        e = self.cfg.eval
+        train = load_digits("train")
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(e.seed))
+        by_class = [order[train.labels[order] == c] for c in range(NUM_CLASSES)]
+        taken = [0] * NUM_CLASSES
+
+        def real_digits(noise, labels):
+            picks = []
+            for y in labels.tolist():
+                picks.append(by_class[y][taken[y]])
+                taken[y] += 1
+            return train.images[torch.stack(picks)]
+
+        score, _, _ = score_sampler(real_digits, self.classifier, self.test_set.images, e.num_samples, e.batch_size, e.seed)
+        return {"fd": score.fd, "accuracy": score.accuracy, "samples_per_s": None}
+
+    def _grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        labels = torch.arange(100) % NUM_CLASSES
+        return torch.randn((100, 1, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(self.cfg.eval.seed)), labels
+
+    def _teacher_cache(self, name: str) -> str:
+        e = self.cfg.eval
+        digest = hashlib.sha256()
+        with open(os.path.join(self.assets_dir, TEACHER_FILE), "rb") as f:
+            digest.update(f.read())
+        digest.update(json.dumps([name, self.cfg.dmd.guidance_scale, e.num_samples, e.batch_size, e.seed,
+                                  torch.__version__]).encode())
+        root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+        return os.path.join(root, "fastdmd", "teacher_eval", digest.hexdigest()[:24] + ".json")
+
+
+def summary_table(summary: dict) -> str:
+    lines = [f"| sampler (g = {summary['guidance_scale']}) | FD (lower is better) | class accuracy | samples/s |",
+             "|---|---:|---:|---:|"]
+    for name, r in summary["samplers"].items():
+        note = " (cached)" if r.get("cached") else ""
+        speed = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.0f}{note}"
+        lines.append(f"| {name} | {r['fd']:.4f} | {r['accuracy']:.3f} | {speed} |")
+    return "\n".join(lines)
+
+
+def _truncate_metrics(path: str, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from, so the log reads as one run."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line).get("step", math.inf) <= step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)

@@ -1,0 +1,72 @@
+import json
+
+import pytest
+
+from fastdmd.config import ConfigError, help_text, parse_args
+
+
+def test_defaults_come_from_the_digits_recipe():
+    cfg = parse_args([])
+    assert cfg.recipe == "digits-dmd2" and cfg.method == "dmd2"
+    assert cfg.dmd.generator_sigmas == (1.0, 0.75, 0.5, 0.25)
+
+
+def test_dotted_overrides_and_flags():
+    cfg = parse_args(["--trainer.steps", "7", "--dmd.guidance_scale=1.5", "--resume", "--run_dir", "x",
+                      "--dmd.generator_sigmas", "1,0.5"])
+    assert cfg.trainer.steps == 7 and cfg.dmd.guidance_scale == 1.5 and cfg.resume
+    assert cfg.dmd.generator_sigmas == (1.0, 0.5)
+
+
+def test_config_file_then_cli(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[trainer]\nsteps = 11\nbatch_size = 8\n")
+    cfg = parse_args(["--config", str(path), "--trainer.steps", "12"])
+    assert cfg.trainer.batch_size == 8 and cfg.trainer.steps == 12
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--trainer.stepz", "3"], "unknown config key 'trainer.stepz'"),
+    (["--nosuch", "3"], "unknown config key 'nosuch'"),
+    (["--trainer.steps", "ten"], "trainer.steps = 'ten' has the wrong type; expected an integer"),
+    (["--trainer.steps", "0"], "trainer.steps = 0 is out of range; it must be >= 1"),
+    (["--trainer.adam_beta1", "1.5"], "it must be <= 0.999"),
+    (["--ops.backend", "cuda"], "choose one of ['auto', 'triton', 'reference']"),
+    (["--recipe", "nope"], "unknown recipe 'nope'"),
+    (["--dmd.sigma_min", "0.99"], "must be below dmd.sigma_max"),
+    (["--dmd.generator_sigmas", "0.5,0.75"], "strictly decreasing"),
+    (["--eval.at_end", "maybe"], "expected true or false"),
+    (["--trainer", "3"], "is a section"),
+    (["positional"], "unexpected argument 'positional'"),
+])
+def test_bad_values_name_key_value_and_valid_range(argv, message):
+    with pytest.raises(ConfigError) as err:
+        parse_args(argv)
+    assert message in str(err.value)
+
+
+def test_bad_types_in_files(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[trainer]\nsteps = 1.5\n")
+    with pytest.raises(ConfigError, match="trainer.steps = 1.5 has the wrong type"):
+        parse_args(["--config", str(path)])
+    path.write_text("[trainer\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        parse_args(["--config", str(path)])
+
+
+def test_resume_starts_from_the_saved_config(tmp_path):
+    saved = json.loads(json.dumps({"recipe": "digits-dmd2", "trainer": {"steps": 9, "batch_size": 4}}))
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    cfg = parse_args(["--resume", "--run_dir", str(tmp_path), "--trainer.steps", "20"])
+    assert cfg.trainer.batch_size == 4 and cfg.trainer.steps == 20
+
+
+def test_help_lists_every_key(capsys):
+    text = help_text()
+    for key in ("--trainer.steps", "--dmd.guidance_scale", "--eval.num_samples", "--ops.backend", "--resume"):
+        assert key in text
+    with pytest.raises(SystemExit) as done:
+        parse_args(["--help"])
+    assert done.value.code == 0
+    assert "--trainer.critic_updates" in capsys.readouterr().out

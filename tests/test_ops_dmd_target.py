@@ -1,0 +1,275 @@
+"""The fused DMD target (fastdmd/ops/dmd_target.py) against its reference (fastdmd/ops/reference.py).
+
+On a machine without a GPU the kernels run in the Triton interpreter on CPU; with a GPU the same
+tests run the compiled kernels on CUDA, and the tests marked gpu run too.
+"""
+
+import contextlib
+import os
+
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest
+import torch
+
+from fastdmd import ops
+from fastdmd.ops import reference
+from fastdmd.ops.dmd_target_triton import dmd_target
+from fastdmd.ops.testing import assert_no_worse_than_torch, default_device, small_chunks
+
+DEVICE = default_device()
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def make_inputs(shape, dtype=torch.float32, *, uncond=True, weights=False, noise=False, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+
+    def latent():
+        return torch.randn(shape, generator=generator).to(DEVICE, dtype)
+
+    def per_sample(low, high):
+        return (low + (high - low) * torch.rand(shape[0], generator=generator)).to(DEVICE)
+
+    return dict(
+        x0=latent(), x_t=latent(), real_cond=latent(), real_uncond=latent() if uncond else None,
+        fake=latent(), a=per_sample(0.5, 1.5), b=per_sample(-1.0, -0.1),
+        guidance_scale=4.5 if uncond else 1.0, weights=per_sample(0.0, 2.0) if weights else None,
+        noise=latent() if noise else None, c=per_sample(0.1, 0.5) if noise else None)
+
+
+def as_fp64(inputs):
+    return {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+
+
+def assert_matches_reference(inputs, dtype):
+    """Kernel vs the fp64 reference, with PyTorch at the input precision as the error yardstick."""
+    kernel = dmd_target(**inputs)
+    exact = reference.dmd_target(**as_fp64(inputs))
+    with reference.computed_in(dtype):
+        lowprec = reference.dmd_target(**inputs)
+    for name in reference.DMDTarget._fields:
+        assert_no_worse_than_torch(name, getattr(kernel, name), getattr(exact, name),
+                                   getattr(lowprec, name), dtype)
+    assert kernel.target.dtype == inputs["x0"].dtype
+    return kernel
+
+
+CASES = {
+    "one_element_1d": dict(shape=(3,)),
+    "one_element": dict(shape=(3, 1, 1, 1)),
+    "odd_sizes": dict(shape=(2, 3, 5, 7)),
+    "several_blocks": dict(shape=(2, 4, 37, 37)),
+    "batch_one": dict(shape=(1, 4, 9, 9)),
+    "video_5d": dict(shape=(2, 3, 2, 5, 7)),
+    "no_cfg": dict(shape=(2, 3, 8, 8), uncond=False),
+    "weights_and_noise": dict(shape=(3, 2, 11, 7), weights=True, noise=True),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_matches_reference(case, dtype):
+    case = dict(case)
+    assert_matches_reference(make_inputs(case.pop("shape"), dtype, **case), dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_multi_block_chunks(dtype):
+    # 300 elements in blocks of 32 = 10 blocks, cut into 4 chunks of 3 blocks (the last one partly
+    # empty): the loops inside a program and the partial sums across programs.
+    with small_chunks(block=32, max_chunks=4):
+        assert_matches_reference(make_inputs((3, 300), dtype, weights=True, noise=True), dtype)
+
+
+@pytest.mark.filterwarnings("ignore:.* encountered in divide:RuntimeWarning")  # interpreter's numpy
+def test_zero_normalizer():
+    # x0 parametrization (a=0, b=1) with real_cond = x0: x0_real == x0 exactly, p_real == 0.
+    inputs = make_inputs((2, 3, 5), uncond=False)
+    inputs.update(a=torch.zeros(2, device=DEVICE), b=torch.ones(2, device=DEVICE),
+                  real_cond=inputs["x0"].clone())
+    out = assert_matches_reference(inputs, torch.float32)
+    assert torch.equal(out.normalizer, torch.full_like(out.normalizer, 1e-8))
+    assert out.grad_sq.min() > 1e14  # grad = (fake - x0) / 1e-8
+
+    # With eps=0 the normalizer is 0, grad = x/0 is non-finite everywhere, hence 0: target == x0.
+    out = dmd_target(**inputs | dict(eps=0.0))
+    assert torch.equal(out.target, inputs["x0"])
+    assert torch.equal(out.normalizer, torch.zeros_like(out.normalizer))
+    assert out.loss.item() == 0.0 and torch.equal(out.cosine, torch.zeros_like(out.cosine))
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # interpreter's numpy
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_non_finite_inputs(dtype):
+    inputs = make_inputs((3, 2, 4, 4), dtype, weights=True)
+    inputs["fake"][0, 0, 0, 0] = float("nan")      # one grad element NaN -> 0
+    inputs["real_cond"][0, 1, 2, 3] = float("inf")  # one p_real element inf: normalizer inf -> grad 0
+    inputs["x_t"][1, 1, 1, 1] = float("-inf")       # same in sample 1
+    out = assert_matches_reference(inputs, dtype)
+    assert torch.isfinite(out.target).all() and torch.isfinite(out.loss)
+    assert torch.equal(out.target[:2], inputs["x0"][:2])  # samples with a non-finite normalizer
+    assert torch.isinf(out.normalizer[:2]).all() and torch.isfinite(out.normalizer[2])
+    assert torch.equal(out.grad_sq[:2], torch.zeros(2, device=DEVICE))
+
+    # A non-finite generator output makes the loss NaN (inf - inf), as in the reference.
+    inputs["x0"][2, 0, 0, 0] = float("inf")
+    out = assert_matches_reference(inputs, dtype)
+    assert torch.isnan(out.loss)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_non_contiguous_inputs(dtype):
+    inputs = make_inputs((2, 6, 5, 9), dtype, noise=True)
+    inputs["x0"] = inputs["x0"].transpose(1, 3)                     # permuted view
+    inputs["x_t"] = inputs["x_t"].transpose(1, 3).contiguous()
+    inputs["fake"] = torch.randn(2, 9, 10, 6, device=DEVICE).to(dtype)[:, :, ::2]  # strided slice
+    inputs["real_cond"] = inputs["real_cond"].transpose(1, 3)
+    inputs["real_uncond"] = inputs["real_uncond"].transpose(1, 3)
+    inputs["noise"] = inputs["noise"].transpose(1, 3)
+    assert not inputs["x0"].is_contiguous() and not inputs["fake"].is_contiguous()
+    assert_matches_reference(inputs, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("chunked", [False, True], ids=["one_chunk", "small_chunks"])
+def test_gradients(dtype, chunked):
+    inputs = make_inputs((3, 300), dtype, weights=True, noise=True)
+
+    def grads(fn, inputs):
+        inputs = dict(inputs, x0=inputs["x0"].detach().requires_grad_(),
+                      weights=inputs["weights"].detach().requires_grad_())
+        # A loss scale other than 1 checks that the incoming gradient is used.
+        (3.0 * fn(**inputs).loss).backward()
+        return inputs["x0"].grad, inputs["weights"].grad
+
+    with small_chunks() if chunked else contextlib.nullcontext():
+        kernel = grads(dmd_target, inputs)
+    exact = grads(reference.dmd_target, as_fp64(inputs))
+    with reference.computed_in(dtype):
+        lowprec = grads(reference.dmd_target, inputs)
+    assert kernel[0].dtype == dtype
+    for name, k, e, l in zip(["d x0", "d weights"], kernel, exact, lowprec):
+        assert_no_worse_than_torch(name, k, e, l, dtype)
+
+
+def test_no_residual_saved_without_grad():
+    inputs = make_inputs((2, 40), weights=True)
+    args = [inputs[k] for k in ("x0", "x_t", "real_cond", "real_uncond", "fake", "a", "b")]
+    out = torch.ops.fastdmd.dmd_target(*args, 4.5, inputs["weights"], None, None, 1e-8, False)
+    assert out[-1].numel() == 0
+    assert dmd_target(**inputs).loss.grad_fn is None
+
+
+def test_compiles_without_graph_break():
+    inputs = make_inputs((2, 3, 7), weights=True, noise=True)
+
+    def step(x0, inputs):
+        out = dmd_target(**dict(inputs, x0=x0))
+        return 2.0 * out.loss, out.target, out.cosine
+
+    # aot_eager on CPU: the interpreter's kernels cannot be inlined anyway, and it checks what
+    # matters here (fake impl, autograd registration, no graph break). Default tolerances: on GPU
+    # inductor may reorder the reductions around the op.
+    backend = "inductor" if DEVICE.type == "cuda" else "aot_eager"
+    compiled = torch.compile(step, fullgraph=True, backend=backend)
+    x0_eager, x0_compiled = (inputs["x0"].clone().requires_grad_() for _ in range(2))
+    eager_out, compiled_out = step(x0_eager, inputs), compiled(x0_compiled, inputs)
+    for e, c in zip(eager_out, compiled_out):
+        torch.testing.assert_close(c, e)
+    eager_out[0].backward()
+    compiled_out[0].backward()
+    torch.testing.assert_close(x0_compiled.grad, x0_eager.grad)
+
+
+def test_opcheck():
+    inputs = make_inputs((2, 3, 5), weights=True, noise=True)
+    args = (inputs["x0"].requires_grad_(), inputs["x_t"], inputs["real_cond"], inputs["real_uncond"],
+            inputs["fake"], inputs["a"], inputs["b"], 4.5, inputs["weights"], inputs["noise"],
+            inputs["c"], 1e-8, True)
+    torch.library.opcheck(torch.ops.fastdmd.dmd_target.default, args)
+
+
+@pytest.mark.parametrize("backend, expected", [("reference", "reference"), ("triton", "triton"),
+                                               ("auto", "triton" if DEVICE.type == "cuda" else "reference")])
+def test_dispatcher(monkeypatch, backend, expected):
+    import fastdmd.ops.dmd_target_triton as kernel_module
+
+    called = []
+    monkeypatch.setattr(reference, "dmd_target", lambda *args: called.append("reference"))
+    monkeypatch.setattr(kernel_module, "dmd_target", lambda *args: called.append("triton"))
+    monkeypatch.setattr(ops, "backend", backend)
+    ops.dmd_target(**make_inputs((2, 3)))
+    assert called == [expected]
+
+
+def test_importing_the_kernel_module_keeps_the_dispatcher():
+    import fastdmd.ops.dmd_target_triton  # noqa: F401
+
+    assert ops.dmd_target.__module__ == "fastdmd.ops"
+
+
+def test_dispatcher_rejects_unknown_backend(monkeypatch):
+    monkeypatch.setattr(ops, "backend", "cuda")
+    with pytest.raises(ValueError, match=r"ops.backend must be one of .*got 'cuda'"):
+        ops.dmd_target(**make_inputs((2, 3)))
+
+
+BAD_INPUTS = {
+    "x0 not a tensor": (lambda i: dict(x0=i["x0"].tolist()), r"x0 must be a torch.Tensor, got list"),
+    "x0 empty": (lambda i: dict(x0=i["x0"][:0]), r"x0 must be a non-empty \[B, \.\.\.\] tensor"),
+    "x_t shape": (lambda i: dict(x_t=i["x_t"][:, :2]), r"x_t must have shape \(2, 3, 4\), got \(2, 2, 4\)"),
+    "fake integer": (lambda i: dict(fake=i["fake"].long()), r"fake must have dtype bfloat16, float16, float32.*got torch.int64"),
+    "real_uncond device": (lambda i: dict(real_uncond=i["real_uncond"].to("meta")), r"real_uncond is on meta but the other inputs are on"),
+    "a size": (lambda i: dict(a=torch.ones(3, device=DEVICE)), r"a must be a \[B\] tensor with B=2 .*got shape \(3,\)"),
+    "b per element": (lambda i: dict(b=torch.ones(2, 1, 1, device=DEVICE)), r"b must be a \[B\] tensor with B=2"),
+    "weights integer": (lambda i: dict(weights=torch.ones(2, dtype=torch.int64, device=DEVICE)), r"weights must have dtype"),
+    "guidance without uncond": (lambda i: dict(real_uncond=None), r"real_uncond is required when guidance_scale != 1.*got guidance_scale=4.5"),
+    "guidance nan": (lambda i: dict(guidance_scale=float("nan")), r"guidance_scale must be a finite number, got nan"),
+    "negative eps": (lambda i: dict(eps=-1.0), r"eps must be >= 0, got -1.0"),
+    "noise without c": (lambda i: dict(noise=i["x_t"].clone()), r"noise was given without c"),
+    "c without noise": (lambda i: dict(c=torch.ones(2, device=DEVICE)), r"c was given without noise"),
+}
+
+
+@pytest.mark.parametrize("impl", [reference.dmd_target, dmd_target], ids=["reference", "triton"])
+@pytest.mark.parametrize("change, message", BAD_INPUTS.values(), ids=BAD_INPUTS.keys())
+def test_bad_inputs_raise(impl, change, message):
+    inputs = make_inputs((2, 3, 4))
+    with pytest.raises(ValueError, match=message):
+        impl(**inputs | change(inputs))
+
+
+def test_kernel_rejects_float64_reference_accepts_it():
+    inputs = as_fp64(make_inputs((2, 3)))
+    reference.dmd_target(**inputs)
+    with pytest.raises(ValueError, match=r"x0 must have dtype bfloat16, float16, float32, got torch.float64"):
+        dmd_target(**inputs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_kernel_rejects_cpu_tensors_on_gpu_machine():
+    inputs = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in make_inputs((2, 3)).items()}
+    with pytest.raises(ValueError, match=r"the triton backend needs CUDA tensors, got tensors on cpu"):
+        dmd_target(**inputs)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("shape", [(8, 16, 128, 128), (2, 336, 60, 104)], ids=["image", "video"])
+def test_full_size_latents_bf16(shape):
+    assert_matches_reference(make_inputs(shape, torch.bfloat16, weights=True), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_deterministic_and_batch_invariant():
+    inputs = make_inputs((4, 16, 64, 64), torch.bfloat16)
+    first, second = dmd_target(**inputs), dmd_target(**inputs)
+    for name, x, y in zip(first._fields, first, second):
+        assert torch.equal(x, y), name
+    single = dmd_target(**{k: v[1:2] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
+    for name in ("target", "normalizer", "grad_sq", "cosine"):
+        assert torch.equal(getattr(single, name), getattr(first, name)[1:2]), name
