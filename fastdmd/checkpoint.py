@@ -9,10 +9,12 @@ every rank draws step t's randomness from (seed, rank, t).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import shutil
+import warnings
 
 import torch.distributed.checkpoint as dcp
 
@@ -23,6 +25,15 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+@contextlib.contextmanager
+def _single_process_quiet(world: World):
+    """DCP warns on every save/load without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        if not world.distributed:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def checkpoint_dir(run_dir: str) -> str:
@@ -54,7 +65,8 @@ def save_checkpoint(run_dir: str, step: int, state: dict, world: World, keep: in
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier(world)
-    dcp.save(state, checkpoint_id=tmp)
+    with _single_process_quiet(world):
+        dcp.save(state, checkpoint_id=tmp)
     barrier(world)
     if world.is_main:
         with open(os.path.join(tmp, "meta.json"), "w") as f:
@@ -79,7 +91,8 @@ def load_checkpoint(path: str, state: dict, world: World) -> int:
         raise CheckpointError(f"checkpoint {path} is incomplete or corrupted ({e}); "
                               f"delete it to resume from the one before") from e
     try:
-        dcp.load(state, checkpoint_id=path)
+        with _single_process_quiet(world):
+            dcp.load(state, checkpoint_id=path)
     except Exception as e:  # DCP raises several types for truncated or mismatched files
         raise CheckpointError(f"could not load checkpoint {path}: {e}; delete it to resume from the one before, "
                               f"or check that the config matches the run that wrote it") from e

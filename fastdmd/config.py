@@ -39,32 +39,37 @@ class ModelConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = opt(600, "generator updates", min=1)
+    steps: int = opt(400, "generator updates", min=1)
     batch_size: int = opt(64, "samples per generator step, per rank", min=1)
     seed: int = opt(0, "seed; rank r of a run draws from (seed, r, step)", min=0)
-    lr_generator: float = opt(5e-5, "generator learning rate", min=0.0)
-    lr_critic: float = opt(1e-4, "critic (fake score) learning rate", min=0.0)
+    lr_generator: float = opt(1e-5, "generator learning rate", min=0.0)
+    lr_critic: float = opt(5e-5, "critic (fake score) learning rate", min=0.0)
     adam_beta1: float = opt(0.0, "Adam beta1 for both roles (DMD2 uses 0)", min=0.0, max=0.999)
     adam_beta2: float = opt(0.99, "Adam beta2 for both roles", min=0.0, max=0.99999)
     weight_decay: float = opt(0.0, "AdamW weight decay", min=0.0)
     warmup_steps: int = opt(20, "linear learning-rate warm-up steps", min=0)
+    lr_schedule: str = opt("cosine", "after warm-up: constant, or cosine decay to 0 at trainer.steps "
+                           "(the final weights settle instead of oscillating)", choices=("constant", "cosine"))
     grad_clip: float = opt(1.0, "max grad norm per role (0 disables)", min=0.0)
     critic_updates: int = opt(2, "critic updates per generator update", min=1, max=20)
-    ema_decay: float = opt(0.98, "EMA decay of the generator weights used for evaluation (0 disables)", min=0.0, max=0.99999)
+    ema_decay: float = opt(0.99, "EMA decay of the generator weights used for evaluation (0 disables)", min=0.0, max=0.99999)
     log_every: int = opt(10, "steps between metrics.jsonl lines", min=1)
-    sample_every: int = opt(200, "steps between sample grids (0 disables)", min=0)
-    checkpoint_every: int = opt(200, "steps between checkpoints (0 = only at the end)", min=0)
+    sample_every: int = opt(100, "steps between sample grids (0 disables)", min=0)
+    checkpoint_every: int = opt(100, "steps between checkpoints (0 = only at the end)", min=0)
     keep_checkpoints: int = opt(2, "complete checkpoints kept on disk", min=1)
+    max_bad_steps: int = opt(20, "consecutive steps with skipped (non-finite) updates before the run stops", min=1)
 
 
 @dataclass
 class DMDConfig:
-    guidance_scale: float = opt(1.25, "CFG scale g of the real score: uncond + g * (cond - uncond)", min=1.0)
+    guidance_scale: float = opt(1.0, "CFG scale g of the real score: uncond + g * (cond - uncond)", min=1.0)
     sigma_min: float = opt(0.02, "lowest DM noise level", min=0.0, max=1.0)
     sigma_max: float = opt(0.98, "highest DM noise level", min=0.0, max=1.0)
     generator_sigmas: tuple = opt(None, "the few-step sampler's noise levels (timesteps / 1000)",
                                   factory=lambda: (1.0, 0.75, 0.5, 0.25))
     eps: float = opt(1e-8, "added to the per-sample normalizer mean|p_real|", min=0.0)
+    gan_generator_weight: float = opt(0.0, "DMD2's GAN term for the generator (0 = off; needs real data)", min=0.0)
+    gan_critic_weight: float = opt(0.0, "weight of the discriminator loss in the critic update (0 = off)", min=0.0)
 
 
 @dataclass
@@ -79,7 +84,8 @@ class EvalConfig:
 
 @dataclass
 class OpsConfig:
-    backend: str = opt("auto", "fused-op implementation", choices=("auto", "triton", "reference"))
+    backend: str = opt("auto", "fused-op implementation (native needs the CMake build, see README)",
+                       choices=("auto", "triton", "reference", "native"))
 
 
 @dataclass

@@ -55,8 +55,9 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shard_blocks(net: nn.Module, world: World) -> nn.Module:
-    """FSDP2: fully_shard each down/up/mid block of a diffusers UNet, then the root."""
+def shard_blocks(net: nn.Module, world: World, root: nn.Module | None = None) -> nn.Module:
+    """FSDP2: fully_shard each down/up/mid block of a diffusers UNet, then the UNet, then `root`
+    (a module around the UNet that owns parameters of its own, e.g. the critic's GAN head)."""
     if not world.distributed:
         return net
     from torch.distributed.fsdp import fully_shard
@@ -67,6 +68,8 @@ def shard_blocks(net: nn.Module, world: World) -> nn.Module:
     for block in blocks:
         fully_shard(block)
     fully_shard(net)
+    if root is not None:
+        fully_shard(root)
     return net
 
 

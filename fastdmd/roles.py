@@ -44,25 +44,78 @@ class RealScore:
         return self.adapter.predict_cfg(self.net, x_t, sigma, labels, guidance_scale)
 
 
+class GanHead(nn.Module):
+    """DMD2's discriminator head: real-vs-generated logit from the critic's bottleneck features."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.GroupNorm(8, channels), nn.SiLU(),
+            nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.SiLU(),
+            nn.Conv2d(channels, 1, 1),
+        )
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.body(features).mean(dim=(1, 2, 3))
+
+
 class FakeScore(nn.Module):
-    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter):
+    """The critic; with `gan=True` it also carries DMD2's GAN head on its mid-block features, so one
+    forward gives both the denoising prediction and a real-vs-generated logit."""
+
+    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False):
         super().__init__()
         self.net, self.adapter = net, adapter
+        self.gan_head = GanHead(net.mid_block.resnets[-1].out_channels) if gan else None
+        self._mid_features = None
+        if gan:
+            net.mid_block.register_forward_hook(self._keep_mid_features)
+
+    def _keep_mid_features(self, module, inputs, output) -> None:
+        self._mid_features = output
 
     def predict(self, x_t, sigma, labels) -> torch.Tensor:
         return self.adapter.predict(self.net, x_t, sigma, labels)
 
+    def predict_and_logit(self, x_t, sigma, labels) -> tuple[torch.Tensor, torch.Tensor]:
+        pred = self.predict(x_t, sigma, labels)
+        return pred, self.gan_head(self._mid_features)
+
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, sigma, eps) with sigma ~ U(0, 1)."""
+        sigma = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        return self.adapter.add_noise(x0, sigma, eps), sigma, eps
+
     def denoising_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
         """The teacher's own training loss, on detached generator samples at sigma ~ U(0, 1)."""
         x0 = x0.detach()
-        sigma = torch.rand(x0.shape[0], generator=generator, device=x0.device)
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        pred = self.predict(self.adapter.add_noise(x0, sigma, eps), sigma, labels)
-        return F.mse_loss(pred, self.adapter.target(x0, eps))
+        x_t, sigma, eps = self.noised(x0, generator)
+        return F.mse_loss(self.predict(x_t, sigma, labels), self.adapter.target(x0, eps))
+
+    def critic_loss(self, x0, labels, real_x0, real_labels, gan_weight: float, generator) -> tuple[torch.Tensor, dict]:
+        """Denoising loss, plus (with the GAN head) gan_weight x the non-saturating discriminator loss:
+        softplus(-D(noised real)) + softplus(D(noised generated))."""
+        if self.gan_head is None or gan_weight == 0:
+            loss = self.denoising_loss(x0, labels, generator)
+            return loss, {"loss_critic": loss.item()}
+        x0 = x0.detach()
+        x_t, sigma, eps = self.noised(x0, generator)
+        pred, logit_fake = self.predict_and_logit(x_t, sigma, labels)
+        denoise = F.mse_loss(pred, self.adapter.target(x0, eps))
+        real_t, real_sigma, _ = self.noised(real_x0, generator)
+        _, logit_real = self.predict_and_logit(real_t, real_sigma, real_labels)
+        disc = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
+        return denoise + gan_weight * disc, {"loss_critic": denoise.item(), "loss_discriminator": disc.item()}
+
+    def generator_gan_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
+        """softplus(-D(noised x0)): differentiable w.r.t. x0 through the critic."""
+        x_t, sigma, _ = self.noised(x0, generator)
+        return F.softplus(-self.predict_and_logit(x_t, sigma, labels)[1]).mean()
 
 
-def build_roles(teacher: nn.Module, adapter: DigitsFlowAdapter) -> tuple[Generator, RealScore, FakeScore]:
+def build_roles(teacher: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False) -> tuple[Generator, RealScore, FakeScore]:
     """Generator and critic both start as copies of the teacher."""
     generator = Generator(copy.deepcopy(teacher).train().requires_grad_(True), adapter)
-    fake = FakeScore(copy.deepcopy(teacher).train().requires_grad_(True), adapter)
+    fake = FakeScore(copy.deepcopy(teacher).train().requires_grad_(True), adapter, gan=gan)
     return generator, RealScore(teacher, adapter), fake

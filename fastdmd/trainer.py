@@ -12,6 +12,7 @@ import hashlib
 import json
 import math
 import os
+import signal
 import time
 from datetime import datetime, timezone
 
@@ -38,9 +39,20 @@ from fastdmd.roles import Generator, build_roles
 from fastdmd.rollout import backward_simulation, euler_sample, few_step_sample, linear_sigmas
 
 
+class NonFiniteError(RuntimeError):
+    pass
+
+
 def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
     """Step t of rank r always draws the same numbers: resume needs no RNG state."""
     state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def shared_step_generator(seed: int, step: int) -> torch.Generator:
+    """The same numbers on every rank at step t, for choices that decide how many sharded forwards
+    a step runs (FSDP's collectives must match across ranks)."""
+    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -92,6 +104,15 @@ def make_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optim
                              weight_decay=cfg.weight_decay, fused=True)
 
 
+def lr_factor(updates_done: int, t) -> float:
+    """Linear warm-up, then constant or cosine decay reaching 0 after trainer.steps updates."""
+    warm = min(1.0, (updates_done + 1) / (t.warmup_steps + 1))
+    if t.lr_schedule == "constant":
+        return warm
+    progress = min(1.0, updates_done / max(1, t.steps))
+    return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 def default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
@@ -104,16 +125,21 @@ class Trainer:
         self.assets_dir = cfg.model.path or ASSETS_DIR
         teacher, self.classifier, self.manifest = load_digits_assets(self.assets_dir)
         self.adapter = DigitsFlowAdapter()
-        self.generator, self.real, self.fake = build_roles(teacher, self.adapter)
+        self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
+        self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan)
         shard_blocks(self.generator.net, world)
-        shard_blocks(self.fake.net, world)
+        shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
+        # Real digits, only for the GAN term: each rank draws from its own shard of the train split.
+        train = load_digits("train")
+        self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
         self.opt_g = make_optimizer(self.generator, t.lr_generator, t)
         self.opt_c = make_optimizer(self.fake, t.lr_critic, t)
-        warmup = lambda i: min(1.0, (i + 1) / (t.warmup_steps + 1))  # noqa: E731
-        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, warmup)
-        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, warmup)
+        self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
+        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
         self.step = 0
+        self.bad_steps = 0
+        self.stop_requested = False
         self.run_dir = cfg.run_dir
         self.test_set = load_digits("test")
 
@@ -149,40 +175,78 @@ class Trainer:
         labels = torch.randint(0, NUM_CLASSES, (t.batch_size,), generator=rng).to(dev)
         noise = torch.randn((t.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), generator=rng).to(dev)
         sigmas = cfg.dmd.generator_sigmas
-        k = int(torch.randint(0, len(sigmas), (1,), generator=rng))
+        k = int(torch.randint(0, len(sigmas), (1,), generator=shared_step_generator(t.seed, step)))
 
         with phase("rollout"):
             x_t, sigma = backward_simulation(self.generator, noise, labels, sigmas, k, rng)
         with phase("generator_fwd"):
             x0 = self.generator(x_t, sigma, labels)
         out = dmd_loss(x0, labels, self.real, self.fake, cfg.dmd, rng)
+        loss_g = out.loss
+        extra = {}
+        if cfg.dmd.gan_generator_weight > 0:
+            gan_g = self.fake.generator_gan_loss(x0, labels, rng)
+            loss_g = loss_g + cfg.dmd.gan_generator_weight * gan_g
+            extra["loss_gan_generator"] = gan_g.item()
         with phase("generator_bwd"):
-            out.loss.backward()
+            loss_g.backward()
         with phase("optimizer"):
             gnorm_g = self._clip(self.generator)
-            self.opt_g.step()
-            self.opt_g.zero_grad(set_to_none=True)
+            skipped_g = self._step_if_finite("generator", loss_g, gnorm_g, self.opt_g, step)
             self.sched_g.step()
-            if self.ema is not None:
+            if self.ema is not None and not skipped_g:
                 self.ema.update(self.generator)
         with phase("critic_update"):
-            critic_losses = []
+            self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
+            critic_logs, skipped_c = [], 0
             for _ in range(t.critic_updates):
-                loss_c = self.fake.denoising_loss(x0.detach(), labels, rng)
+                real_x0, real_labels = self._real_batch(rng) if self.use_gan else (None, None)
+                loss_c, logs = self.fake.critic_loss(x0.detach(), labels, real_x0, real_labels,
+                                                     cfg.dmd.gan_critic_weight, rng)
                 loss_c.backward()
-                self._clip(self.fake)
-                self.opt_c.step()
-                self.opt_c.zero_grad(set_to_none=True)
-                critic_losses.append(loss_c.item())
+                gnorm_c = self._clip(self.fake)
+                skipped_c += self._step_if_finite("critic", loss_c, gnorm_c, self.opt_c, step)
+                critic_logs.append(logs)
             self.sched_c.step()
-        return {
+        extra |= {k: float(np.mean([c[k] for c in critic_logs])) for k in critic_logs[0]}
+        self.bad_steps = self.bad_steps + 1 if (skipped_g or skipped_c) else 0
+        if self.bad_steps >= t.max_bad_steps:
+            last = latest_checkpoint(self.run_dir)
+            raise NonFiniteError(f"{self.bad_steps} consecutive steps had non-finite losses or gradients (last at step "
+                                 f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
+                                 f"check the teacher and data, then --resume.")
+        return extra | {
             "loss_dmd": out.loss.item(),
-            "loss_critic": float(np.mean(critic_losses)),
+            "skipped_generator_updates": float(skipped_g),
+            "skipped_critic_updates": float(skipped_c),
             "grad_norm_generator": gnorm_g,
-            "dmd_normalizer": out.normalizer.mean().item(),
+            "nonfinite_teacher_samples": float((~torch.isfinite(out.normalizer)).sum()),
+            "dmd_normalizer": out.normalizer.nanmean().item(),
             "dmd_grad_sq": out.grad_sq.mean().item(),
             "dmd_cosine": out.cosine.mean().item(),
         }
+
+    def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = self.real_shard
+        idx = torch.randint(0, len(labels), (self.cfg.trainer.batch_size,), generator=rng)
+        return images[idx].to(self.world.device), labels[idx].to(self.world.device)
+
+    def _step_if_finite(self, role: str, loss: torch.Tensor, grad_norm: float, opt, step: int) -> bool:
+        """Apply the update only when the loss and the gradient are finite on every rank; otherwise
+        drop the gradient (the optimizer state stays untouched) and say which phase produced it."""
+        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 0.0 if math.isfinite(grad_norm) else 1.0])
+        if self.world.distributed:
+            torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
+        if bad.any():
+            opt.zero_grad(set_to_none=True)
+            if self.world.is_main:
+                where = "loss (dmd_op)" if role == "generator" and bad[0] else \
+                    "loss" if bad[0] else "gradient (backward)"
+                tqdm.write(f"step {step}: non-finite {role} {where}; update skipped")
+            return True
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return False
 
     def _clip(self, module: torch.nn.Module) -> float:
         limit = self.cfg.trainer.grad_clip
@@ -202,35 +266,72 @@ class Trainer:
             self.resume()
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.recipe, dynamic_ncols=True, disable=not world.is_main)
+        previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
+        try:
+            finished = self._loop(bar, metrics_path)
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
+        bar.close()
+        self.save()
+        if not finished:
+            if world.is_main:
+                print(f"stopped by SIGTERM after step {self.step}; checkpoint saved. Resume with:\n"
+                      f"  python -m fastdmd.train --resume --run_dir {self.run_dir}")
+            return {}
+        return self.evaluate() if cfg.eval.at_end else {}
+
+    def _request_stop(self, signum, frame) -> None:
+        self.stop_requested = True
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop after the same step, or the next collective would hang."""
+        flag = torch.tensor([1.0 if self.stop_requested else 0.0])
+        if self.world.distributed:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def _loop(self, bar, metrics_path: str) -> bool:
+        """Train to trainer.steps; False when SIGTERM cut it short."""
+        t, world = self.cfg.trainer, self.world
         window, window_start = [], time.perf_counter()
         while self.step < t.steps:
+            if self._stop_agreed():
+                if window:
+                    self._log(window, time.perf_counter() - window_start, metrics_path, bar)
+                return False
             self.step += 1
             window.append(self.train_step(self.step))
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
-                elapsed = time.perf_counter() - window_start
-                row = mean_across_ranks({k: float(np.mean([w[k] for w in window])) for k in window[0]}, world)
-                row |= {"step": self.step, "lr_generator": self.sched_g.get_last_lr()[0],
-                        "samples_per_s": len(window) * t.batch_size * world.world_size / elapsed}
-                if world.is_main:
-                    with open(metrics_path, "a") as f:
-                        f.write(json.dumps(row) + "\n")
-                bar.set_postfix(dmd=f"{row['loss_dmd']:.4f}", critic=f"{row['loss_critic']:.3f}",
-                                img_s=f"{row['samples_per_s']:.0f}")
+                self._log(window, time.perf_counter() - window_start, metrics_path, bar)
                 window, window_start = [], time.perf_counter()
             if t.sample_every and self.step % t.sample_every == 0:
                 self._sample_grid()
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                 self.save()
-        bar.close()
-        self.save()
-        return self.evaluate() if cfg.eval.at_end else {}
+        return True
+
+    def _log(self, window: list[dict], elapsed: float, metrics_path: str, bar) -> None:
+        """One metrics.jsonl line per window: means across steps and ranks; skip counts summed."""
+        t, world = self.cfg.trainer, self.world
+        summed = ("skipped_", "nonfinite_")
+        row = {k: float(np.sum([w[k] for w in window]) if k.startswith(summed) else np.mean([w[k] for w in window]))
+               for k in window[0]}
+        row = mean_across_ranks(row, world)
+        row |= {"step": self.step, "lr_generator": self.sched_g.get_last_lr()[0],
+                "samples_per_s": len(window) * t.batch_size * world.world_size / elapsed}
+        if world.is_main:
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        bar.set_postfix(dmd=f"{row['loss_dmd']:.4f}", critic=f"{row['loss_critic']:.3f}",
+                        img_s=f"{row['samples_per_s']:.0f}")
 
     def _print_header(self) -> None:
         c = self.cfg
         n_params = sum(p.numel() for p in self.generator.parameters())
         print(f"fastdmd {c.recipe}: method={c.method} steps={c.trainer.steps} batch={c.trainer.batch_size}"
-              f"x{self.world.world_size} ranks, guidance g={c.dmd.guidance_scale}, generator {n_params / 1e6:.2f}M params")
+              f"x{self.world.world_size} ranks, guidance g={c.dmd.guidance_scale}, generator {n_params / 1e6:.2f}M params"
+              + (f", GAN term (generator {c.dmd.gan_generator_weight}, critic {c.dmd.gan_critic_weight})" if self.use_gan else ""))
         print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
               f"optimizer=torch AdamW(fused) threads={torch.get_num_threads()} run_dir={self.run_dir}")
 
@@ -239,6 +340,8 @@ class Trainer:
         if self.ema is not None:
             self.ema.swap(self.generator)
         state = get_model_state_dict(self.generator.net, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        # In one process the state dict shares storage with the live weights: copy before swapping back.
+        state = {k: v.clone() for k, v in state.items()}
         if self.ema is not None:
             self.ema.swap(self.generator)
         net = build_digits_unet()
@@ -280,8 +383,8 @@ class Trainer:
             if cached and os.path.exists(cached):
                 with open(cached) as f:
                     rows[name] = json.load(f) | {"cached": True}
-                images, labels = fn(*self._grid_inputs())
-                panels[name] = (images, labels)
+                noise, labels = self._grid_inputs()
+                panels[name] = (fn(noise, labels), labels)
                 continue
             score, images, labels = score_sampler(fn, self.classifier, self.test_set.images, e.num_samples,
                                                    e.batch_size, e.seed)

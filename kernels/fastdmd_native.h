@@ -16,8 +16,8 @@
 namespace fastdmd_native {
 
 // (loss, target, normalizer, grad_sq, cosine, residual_sq_sum, residual): as the Triton op
-// fastdmd::dmd_target. residual = x0 - target in fp32, written only when save_residual (else empty);
-// residual_sq_sum [B] is sum_j residual_ij^2, for the gradient of the loss w.r.t. the weights.
+// fastdmd::dmd_target. residual = x0 - target in fp32, written only when save_residual (else
+// empty); residual_sq_sum [B] is sum_j residual_ij^2, for the gradient of the loss w.r.t. weights.
 using DMDTargetOutputs =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // (advantages [N] fp32, valid [N] bool, group_mean [G, K] fp32, group_std [G, K] fp32).
@@ -37,7 +37,7 @@ inline SampleChunks sample_chunks(int64_t numel_per_sample, int64_t max_chunk) {
   return {numel_per_sample, chunk, (numel_per_sample + chunk - 1) / chunk};
 }
 
-// Throws c10::Error unless the tensors of dmd_target have consistent shapes and devices.
+// Throws c10::Error unless the tensors of dmd_target have consistent shapes, dtypes and devices.
 void guard_dmd_target_args(const at::Tensor& x0, const at::Tensor& x_t, const at::Tensor& real_cond,
                            const std::optional<at::Tensor>& real_uncond, const at::Tensor& fake,
                            const at::Tensor& a, const at::Tensor& b,

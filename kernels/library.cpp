@@ -78,8 +78,8 @@ GroupLayout group_layout(const at::Tensor& rewards, std::optional<int64_t> group
                                            /*descending=*/false);
   const at::Tensor sizes = std::get<2>(at::unique_consecutive(sorted_ids, /*return_inverse=*/false,
                                                               /*return_counts=*/true));
-  at::Tensor group_starts = at::zeros({sizes.numel() + 1}, sizes.options().dtype(at::kLong));
-  at::cumsum_out(group_starts.narrow(0, 1, sizes.numel()), sizes, 0);
+  const at::Tensor group_starts =
+      at::cat({at::zeros({1}, sizes.options()), at::cumsum(sizes, 0)}).to(at::kLong).contiguous();
   return {sizes.numel(), sizes.max().item<int64_t>(), rows.to(at::kLong).contiguous(),
           group_starts};
 }
@@ -100,8 +100,9 @@ void guard_group_advantages_args(const at::Tensor& rewards, std::optional<int64_
                 "fastdmd_native::group_advantages: group_size=", *group_size,
                 " must be positive and divide N=", rewards.size(0));
   } else {
+    const auto ids_dtype = group_ids->scalar_type();
     TORCH_CHECK(group_ids->dim() == 1 && group_ids->size(0) == rewards.size(0) &&
-                    (group_ids->scalar_type() == at::kInt || group_ids->scalar_type() == at::kLong) &&
+                    (ids_dtype == at::kInt || ids_dtype == at::kLong) &&
                     group_ids->device() == rewards.device(),
                 "fastdmd_native::group_advantages: group_ids must be an int32/int64 [N] tensor on "
                 "the rewards' device");

@@ -29,7 +29,7 @@ namespace {
 
 constexpr int64_t kTile = 1024;
 constexpr int64_t kChunk = 16 * kTile;
-// Inputs smaller than this run on the calling thread: starting a parallel region costs microseconds.
+// Inputs smaller than this run on the calling thread: a parallel region costs microseconds.
 constexpr int64_t kMinParallelElements = 1 << 16;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
@@ -41,14 +41,10 @@ struct Elements {
 
 Elements elements(const at::Tensor& t) { return {t.const_data_ptr(), t.scalar_type()}; }
 
-template <typename T>
-void convert(const T* src, int64_t n, float* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
-}
-
-template <typename T>
-void convert(const float* src, int64_t n, T* dst) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i]);  // round to nearest even
+// Float to bf16/fp16 rounds to nearest even.
+template <typename Src, typename Dst>
+void convert(const Src* src, int64_t n, Dst* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<Dst>(src[i]);
 }
 
 // dst[i] = float(src[offset + i]) for i < n.
@@ -93,7 +89,8 @@ void for_each_chunk(const SampleChunks& chunks, int64_t batch, bool backwards, c
       const int64_t chunk = item % chunks.num_chunks;
       const int64_t sample_start = sample * chunks.numel_per_sample;
       const int64_t begin = sample_start + chunk * chunks.chunk;
-      const int64_t end = sample_start + std::min(chunks.numel_per_sample, (chunk + 1) * chunks.chunk);
+      const int64_t end =
+          sample_start + std::min(chunks.numel_per_sample, (chunk + 1) * chunks.chunk);
       f(item, sample, begin, end);
     }
   });
@@ -239,7 +236,9 @@ DMDTargetOutputs dmd_target_cpu(const at::Tensor& x0, const at::Tensor& x_t,
   float* normalizer_out = normalizer.mutable_data_ptr<float>();
   for (int64_t sample = 0; sample < batch; ++sample) {
     double sum = 0.0;
-    for (int64_t k = 0; k < chunks.num_chunks; ++k) sum += abs_partials[sample * chunks.num_chunks + k];
+    for (int64_t k = 0; k < chunks.num_chunks; ++k) {
+      sum += abs_partials[sample * chunks.num_chunks + k];
+    }
     normalizer_out[sample] = static_cast<float>(sum / chunks.numel_per_sample + eps);
   }
 

@@ -31,7 +31,7 @@ def test_config_file_then_cli(tmp_path):
     (["--trainer.steps", "ten"], "trainer.steps = 'ten' has the wrong type; expected an integer"),
     (["--trainer.steps", "0"], "trainer.steps = 0 is out of range; it must be >= 1"),
     (["--trainer.adam_beta1", "1.5"], "it must be <= 0.999"),
-    (["--ops.backend", "cuda"], "choose one of ['auto', 'triton', 'reference']"),
+    (["--ops.backend", "cuda"], "choose one of ['auto', 'triton', 'reference', 'native']"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--dmd.sigma_min", "0.99"], "must be below dmd.sigma_max"),
     (["--dmd.generator_sigmas", "0.5,0.75"], "strictly decreasing"),

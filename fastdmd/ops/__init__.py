@@ -1,11 +1,13 @@
 """Fused ops of the DMD step, behind one switch.
 
     from fastdmd import ops
-    ops.backend = "reference"   # or "triton", or "auto" (default)
+    ops.backend = "reference"   # or "triton", "native", or "auto" (default)
 
 "auto" picks the fastest correct implementation for the inputs' device: the Triton kernels on
 CUDA, the PyTorch references on CPU (where Triton only runs in its slow interpreter). Both
 backends check their arguments with the same code (ops/checks.py) and raise the same ValueErrors.
+"native" runs the optional C++/CUDA build of kernels/ (ops/native.py says how to build it) for
+dmd_target and group_advantages; "auto" never picks it.
 The Triton implementation of op X lives in ops/X_triton.py, imported on first use (importing
 fastdmd.ops never needs a GPU); not in ops/X.py, because importing a submodule of that name would
 replace the function ops.X with the module.
@@ -16,12 +18,12 @@ from __future__ import annotations
 from fastdmd.ops import reference
 from fastdmd.ops.reference import DMDTarget, GroupAdvantages, PolicyLoss
 
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "reference", "native")
 backend = "auto"
 
 
 def resolve_backend(device) -> str:
-    """The backend ("triton" or "reference") that ops on tensors of `device` use."""
+    """The backend ("triton", "reference" or "native") that ops on tensors of `device` use."""
     if backend not in BACKENDS:
         raise ValueError(f"ops.backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -32,8 +34,11 @@ def resolve_backend(device) -> str:
 def dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale=1.0, weights=None,
                noise=None, c=None, eps=1e-8) -> DMDTarget:
     """See fastdmd.ops.reference.dmd_target for the math."""
-    if resolve_backend(getattr(x0, "device", None)) == "triton":
+    chosen = resolve_backend(getattr(x0, "device", None))
+    if chosen == "triton":
         from fastdmd.ops.dmd_target_triton import dmd_target as impl
+    elif chosen == "native":
+        from fastdmd.ops.native import dmd_target as impl
     else:
         impl = reference.dmd_target
     return impl(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise, c, eps)
@@ -42,8 +47,11 @@ def dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale=1.0, 
 def group_advantages(rewards, group_size=None, group_ids=None, weights=None, eps=1e-6,
                      clip=5.0) -> GroupAdvantages:
     """See fastdmd.ops.reference.group_advantages for the math."""
-    if resolve_backend(getattr(rewards, "device", None)) == "triton":
+    chosen = resolve_backend(getattr(rewards, "device", None))
+    if chosen == "triton":
         from fastdmd.ops.group_advantages_triton import group_advantages as impl
+    elif chosen == "native":
+        from fastdmd.ops.native import group_advantages as impl
     else:
         impl = reference.group_advantages
     return impl(rewards, group_size, group_ids, weights, eps, clip)
@@ -51,7 +59,11 @@ def group_advantages(rewards, group_size=None, group_ids=None, weights=None, eps
 
 def clipped_policy_loss(x_prev, mean, std, old_log_prob, advantages, clip_range) -> PolicyLoss:
     """See fastdmd.ops.reference.clipped_policy_loss for the math."""
-    if resolve_backend(getattr(x_prev, "device", None)) == "triton":
+    chosen = resolve_backend(getattr(x_prev, "device", None))
+    if chosen == "native":
+        raise ValueError("clipped_policy_loss has no native implementation; set "
+                         "fastdmd.ops.backend to 'triton', 'reference' or 'auto' for it")
+    if chosen == "triton":
         from fastdmd.ops.clipped_policy_loss_triton import clipped_policy_loss as impl
     else:
         impl = reference.clipped_policy_loss

@@ -4,7 +4,6 @@ reward is the same thing with a DINOv2 classifier: 0.05 * cross-entropy, i.e. -0
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 

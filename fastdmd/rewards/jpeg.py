@@ -20,8 +20,8 @@ class JpegCompressibility(Reward):
     integer factor with nearest neighbour (each pixel becomes an `upscale` x `upscale` block),
     encode with Pillow at `quality` (standard Huffman tables, no `optimize`), read the byte count.
     The upscale matters on 16x16 digits: at native size the image is 4 JPEG blocks and the fixed
-    header (about 330 bytes) dominates, so a noise image (582 bytes) lands inside the range of real
-    digits (462 to 597); at 4x, digits take 613 to 1434 bytes, noise 2953 and a blank image 380.
+    header (about 330 bytes) dominates, so a noise image (582 bytes) lands inside the range of 200
+    test digits (462 to 597); at 4x, they take 613 to 1434 bytes, noise 2953 and a blank image 380.
     Deterministic for a given Pillow/libjpeg build. Not differentiable: the scores are constants
     (`requires_grad` False); use it through group advantages, never by backprop.
     Channels: 1 (grayscale) or 3 (RGB).

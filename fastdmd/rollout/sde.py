@@ -21,8 +21,9 @@ so the group's reward differences come from the trained steps alone.
 
 Log-probs follow `ops.clipped_policy_loss` (the mean over elements of the Gaussian log-density,
 in fp32) and are computed by that op itself (`step_log_prob`), so rollout and update use one
-implementation. The CPS arithmetic runs in fp32 (fp64 kept): bf16 states would make the stored
-x' and the recomputed mean disagree by more than the noise std resolves.
+implementation. The CPS arithmetic runs in fp32 (fp64 kept) whatever the model's dtype, so the
+stored states, means and log-probs are exactly the fp32 values the update phase recomputes
+(METHODS.md: bf16 log-probs give NaN and on-policy ratios != 1).
 """
 
 from __future__ import annotations
