@@ -17,6 +17,7 @@ import shutil
 import warnings
 
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from fastdmd.distributed import World, barrier, broadcast_object
 
@@ -93,7 +94,8 @@ def load_checkpoint(path: str, state: dict, world: World) -> int:
     try:
         with _single_process_quiet(world):
             dcp.load(state, checkpoint_id=path)
-    except Exception as e:  # DCP raises several types for truncated or mismatched files
-        raise CheckpointError(f"could not load checkpoint {path}: {e}; delete it to resume from the one before, "
+    except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
+        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        raise CheckpointError(f"could not load checkpoint {path} ({reason}); delete it to resume from the one before, "
                               f"or check that the config matches the run that wrote it") from e
     return broadcast_object(step, world)

@@ -10,6 +10,7 @@ import sys
 
 import torch
 
+from fastdmd.checkpoint import CheckpointError
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.distributed import broadcast_object, init_world, shutdown
 from fastdmd.trainer import Trainer, default_run_dir
@@ -30,6 +31,10 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg.run_dir = broadcast_object(cfg.run_dir or default_run_dir(cfg), world)
         return Trainer(cfg, world).fit()
+    except (FileNotFoundError, CheckpointError) as e:
+        # Missing inputs and unusable checkpoints are the user's to fix: one line, no traceback.
+        print(f"fastdmd: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     finally:
         shutdown(world)
 

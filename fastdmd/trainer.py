@@ -256,14 +256,14 @@ class Trainer:
     # ----- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
         cfg, t, world = self.cfg, self.cfg.trainer, self.world
+        if cfg.resume:
+            self.resume()  # first: a resume with nothing to resume from must not create a run dir
         if world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
                 json.dump(to_dict(cfg), f, indent=2)
             self._print_header()
         barrier(world)
-        if cfg.resume:
-            self.resume()
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.recipe, dynamic_ncols=True, disable=not world.is_main)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)

@@ -35,9 +35,40 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert losses(read_metrics(part)) == losses(read_metrics(full))  # bitwise on CPU
 
 
-def test_resume_without_checkpoint_fails_clearly(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
-        main(TINY + ["--resume", "--run_dir", str(tmp_path), "--trainer.steps", "2"])
+def _truncate_checkpoint(run_dir):
+    ckpt = os.path.join(run_dir, "checkpoints", "step_0000002")
+    data = [f for f in os.listdir(ckpt) if f.endswith(".distcp")][0]
+    with open(os.path.join(ckpt, data), "r+b") as f:
+        f.truncate(100)
+
+
+def _drop_meta(run_dir):
+    os.remove(os.path.join(run_dir, "checkpoints", "step_0000002", "meta.json"))
+
+
+@pytest.mark.parametrize("damage, args, message", [
+    (None, ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
+    (None, ["--model.path", "/nonexistent/teacher"], "digits assets missing"),
+    ("truncate", ["--resume", "--trainer.steps", "3"], "could not load checkpoint"),
+    ("meta", ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
+])
+def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, damage, args, message):
+    run_dir = str(tmp_path / "run")
+    if damage:
+        main(TINY + ["--trainer.steps", "2", "--run_dir", run_dir])
+        {"truncate": _truncate_checkpoint, "meta": _drop_meta}[damage](run_dir)
+        capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(TINY + ["--run_dir", run_dir, *args])
+    assert done.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+
+
+def test_resume_needs_a_run_dir(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--resume"])
+    assert done.value.code == 2 and "--resume needs --run_dir" in capsys.readouterr().err
 
 
 def test_each_rank_and_step_draws_its_own_numbers():
