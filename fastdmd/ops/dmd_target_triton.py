@@ -43,6 +43,9 @@ import triton
 import triton.language as tl
 
 from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_kernel_device
+from fastdmd.ops.op_contracts import (
+    dmd_target_backward, dmd_target_backward_fake, dmd_target_fake, dmd_target_setup_context,
+)
 from fastdmd.ops.reference import DMDTarget
 from fastdmd.ops.sample_chunks import sample_chunks
 
@@ -260,14 +263,7 @@ def _dmd_target_op(
                               noise, c, eps, save_residual)
 
 
-@_dmd_target_op.register_fake
-def _dmd_target_fake(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise, c,
-                     eps, save_residual):
-    normalizer, grad_sq, cosine, residual_sq_sum = (
-        x0.new_empty((x0.shape[0],), dtype=torch.float32) for _ in range(4))
-    residual = x0.new_empty(x0.shape if save_residual else (0,), dtype=torch.float32)
-    return (x0.new_empty((), dtype=torch.float32), x0.new_empty(x0.shape), normalizer, grad_sq,
-            cosine, residual_sq_sum, residual)
+_dmd_target_op.register_fake(dmd_target_fake)
 
 
 @torch.library.custom_op("fastdmd::dmd_target_backward", mutates_args=())
@@ -285,30 +281,9 @@ def _dmd_target_backward_op(residual: torch.Tensor, d_loss: torch.Tensor,
     return d_x0
 
 
-@_dmd_target_backward_op.register_fake
-def _dmd_target_backward_fake(residual, d_loss, weights, x0_dtype):
-    return residual.new_empty(residual.shape, dtype=x0_dtype)
-
-
-def _dmd_target_setup_context(ctx, inputs, output):
-    x0, weights = inputs[0], inputs[8]
-    residual_sq_sum, residual = output[5], output[6]
-    ctx.save_for_backward(residual, weights, residual_sq_sum)
-    ctx.x0_dtype = x0.dtype
-    ctx.numel = x0.numel()
-
-
-def _dmd_target_backward(ctx, d_loss, *unused_output_grads):
-    residual, weights, residual_sq_sum = ctx.saved_tensors
-    d_x0 = d_weights = None
-    if ctx.needs_input_grad[0]:
-        d_x0 = _dmd_target_backward_op(residual, d_loss, weights, ctx.x0_dtype)
-    if ctx.needs_input_grad[8]:
-        d_weights = (d_loss * 0.5 / ctx.numel * residual_sq_sum).to(weights.dtype)
-    return d_x0, None, None, None, None, None, None, None, d_weights, None, None, None, None
-
-
-_dmd_target_op.register_autograd(_dmd_target_backward, setup_context=_dmd_target_setup_context)
+_dmd_target_backward_op.register_fake(dmd_target_backward_fake)
+_dmd_target_op.register_autograd(dmd_target_backward(_dmd_target_backward_op),
+                                 setup_context=dmd_target_setup_context)
 
 
 def dmd_target(

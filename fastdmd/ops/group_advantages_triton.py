@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from fastdmd.ops.checks import KERNEL_DTYPES, check_group_advantages_inputs, check_kernel_device
+from fastdmd.ops.op_contracts import group_advantages_fake
 from fastdmd.ops.reference import GroupAdvantages
 
 
@@ -126,17 +127,7 @@ def _group_advantages_op(
     return _launch_group_advantages(rewards, group_size, group_ids, weights, eps, clip)
 
 
-@_group_advantages_op.register_fake
-def _group_advantages_fake(rewards, group_size, group_ids, weights, eps, clip):
-    num_samples, num_rewards = rewards.shape
-    if group_ids is None:
-        num_groups = num_samples // group_size
-    else:
-        num_groups = torch.library.get_ctx().new_dynamic_size()
-    return (rewards.new_empty((num_samples,), dtype=torch.float32),
-            rewards.new_empty((num_samples,), dtype=torch.bool),
-            rewards.new_empty((num_groups, num_rewards), dtype=torch.float32),
-            rewards.new_empty((num_groups, num_rewards), dtype=torch.float32))
+_group_advantages_op.register_fake(group_advantages_fake)
 
 
 def group_advantages(

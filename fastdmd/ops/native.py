@@ -30,6 +30,9 @@ from typing import Optional
 import torch
 
 from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_group_advantages_inputs
+from fastdmd.ops.op_contracts import (
+    dmd_target_backward, dmd_target_backward_fake, dmd_target_fake, dmd_target_setup_context, group_advantages_fake,
+)
 from fastdmd.ops.reference import DMDTarget, GroupAdvantages
 
 LIBRARY_ENV = "FASTDMD_NATIVE_LIB"
@@ -92,54 +95,16 @@ def _check_device(device: torch.device) -> None:
                          f"fastdmd.ops.backend = 'triton'")
 
 
+def _native_dmd_target_backward(residual, d_loss, weights, x0_dtype):
+    return torch.ops.fastdmd_native.dmd_target_backward(residual, d_loss, weights, x0_dtype)
+
+
 def _register_fake_and_autograd() -> None:
-    torch.library.register_fake("fastdmd_native::dmd_target", _dmd_target_fake)
-    torch.library.register_fake("fastdmd_native::dmd_target_backward", _dmd_target_backward_fake)
-    torch.library.register_fake("fastdmd_native::group_advantages", _group_advantages_fake)
-    torch.library.register_autograd("fastdmd_native::dmd_target", _dmd_target_backward,
-                                    setup_context=_dmd_target_setup_context)
-
-
-def _dmd_target_fake(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise,
-                     c, eps, save_residual):
-    normalizer, grad_sq, cosine, residual_sq_sum = (
-        x0.new_empty((x0.shape[0],), dtype=torch.float32) for _ in range(4))
-    residual = x0.new_empty(x0.shape if save_residual else (0,), dtype=torch.float32)
-    return (x0.new_empty((), dtype=torch.float32), x0.new_empty(x0.shape), normalizer, grad_sq,
-            cosine, residual_sq_sum, residual)
-
-
-def _dmd_target_backward_fake(residual, d_loss, weights, x0_dtype):
-    return residual.new_empty(residual.shape, dtype=x0_dtype)
-
-
-def _dmd_target_setup_context(ctx, inputs, output):
-    x0, weights = inputs[0], inputs[8]
-    ctx.save_for_backward(output[6], weights, output[5])  # residual, weights, residual_sq_sum
-    ctx.x0_dtype = x0.dtype
-    ctx.numel = x0.numel()
-
-
-def _dmd_target_backward(ctx, d_loss, *unused_output_grads):
-    residual, weights, residual_sq_sum = ctx.saved_tensors
-    d_x0 = d_weights = None
-    if ctx.needs_input_grad[0]:
-        d_x0 = torch.ops.fastdmd_native.dmd_target_backward(residual, d_loss, weights, ctx.x0_dtype)
-    if ctx.needs_input_grad[8]:
-        d_weights = (d_loss * 0.5 / ctx.numel * residual_sq_sum).to(weights.dtype)
-    return d_x0, None, None, None, None, None, None, None, d_weights, None, None, None, None
-
-
-def _group_advantages_fake(rewards, group_size, group_ids, weights, eps, clip):
-    num_samples, num_rewards = rewards.shape
-    if group_ids is None:
-        num_groups = num_samples // group_size
-    else:
-        num_groups = torch.library.get_ctx().new_dynamic_size()
-    return (rewards.new_empty((num_samples,), dtype=torch.float32),
-            rewards.new_empty((num_samples,), dtype=torch.bool),
-            rewards.new_empty((num_groups, num_rewards), dtype=torch.float32),
-            rewards.new_empty((num_groups, num_rewards), dtype=torch.float32))
+    torch.library.register_fake("fastdmd_native::dmd_target", dmd_target_fake)
+    torch.library.register_fake("fastdmd_native::dmd_target_backward", dmd_target_backward_fake)
+    torch.library.register_fake("fastdmd_native::group_advantages", group_advantages_fake)
+    torch.library.register_autograd("fastdmd_native::dmd_target", dmd_target_backward(_native_dmd_target_backward),
+                                    setup_context=dmd_target_setup_context)
 
 
 def dmd_target(
