@@ -18,6 +18,9 @@ from dataclasses import dataclass
 from typing import Any
 
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
+METHODS = ("dmd2", "dmdr", "gdmd", "gndm", "gndmr", "rtdmd", "drpo")
+GROUP_METHODS = ("gndm", "gndmr", "rtdmd", "drpo")  # methods that draw groups of samples per class
+REWARD_NAMES = ("classifier_log_prob", "jpeg", "distribution_matching")
 
 
 class ConfigError(ValueError):
@@ -35,6 +38,8 @@ def opt(default, help: str, *, min=None, max=None, choices=None, factory=None):
 class ModelConfig:
     family: str = opt("digits", "model family", choices=("digits",))
     path: str = opt("", "folder with the teacher weights (digits: empty = the shipped assets)")
+    init_generator: str = opt("", "start the generator (and the frozen base of DrPO) from a DMD2 run's final "
+                              "weights: a run directory, or its checkpoints/step_N folder (empty = the teacher)")
 
 
 @dataclass
@@ -73,6 +78,80 @@ class DMDConfig:
 
 
 @dataclass
+class RewardConfig:
+    names: str = opt("classifier_log_prob", "comma-separated rewards: classifier_log_prob (differentiable), "
+                     "jpeg (compressibility), distribution_matching (R_dm from the DMD statistics)")
+    weights: tuple = opt(None, "one weight per reward (default 1 each)", factory=tuple)
+    group_size: int = opt(8, "samples per group (same class) for group-normalized advantages", min=2)
+    clip: float = opt(5.0, "advantages are clipped to [-clip, clip]", min=0.0)
+
+
+@dataclass
+class DMDRConfig:
+    reward_weight: float = opt(0.05, "weight of the reward loss -log p(label | x0) (DMDR ImageNet: 0.05 x CE)", min=0.0)
+    dm_weight: float = opt(1.0, "lambda_dm: weight of the DMD regularizer", min=0.0)
+    cold_start: int = opt(100, "generator steps of plain DMD before the reward switches on", min=0)
+    renoise: bool = opt(True, "dynamic renoise sampling: DM noise levels from the annealed Beta schedule")
+    renoise_steps: int = opt(400, "steps over which the renoise Beta anneals to uniform", min=1)
+    distribution_guidance: bool = opt(True, "dynamic distribution guidance: the critic is a LoRA on the teacher "
+                                      "and the real score adds that LoRA at a decaying scale")
+    lora_rank: int = opt(8, "rank of the critic's LoRA (with distribution_guidance)", min=1)
+    fake_lora_scale: float = opt(2.0, "LoRA scale of the fake score (lora_alpha / rank)", min=0.0)
+    real_lora_scale: float = opt(0.75, "LoRA scale added to the real score at step 0, cosine-decayed to 0", min=0.0)
+    guidance_steps: int = opt(400, "steps over which the real score's LoRA scale decays to 0", min=1)
+
+
+@dataclass
+class GDMDConfig:
+    num_targets: int = opt(4, "K: DMD targets per sample, each at its own noise level", min=2, max=16)
+    weight_mode: str = opt("linear", "w(A): linear max(0, 1 + lam A), softmax K softmax(A / tau), signed 1 + lam A",
+                           choices=("linear", "softmax", "signed"))
+    lam: float = opt(0.5, "slope of the linear weight modes", min=0.0)
+    tau: float = opt(1.0, "softmax temperature", min=1e-6)
+
+
+@dataclass
+class GNDMConfig:
+    normalization: str = opt("group_normalizer", "group form: group_normalizer (a: per-sample normalizer -> group "
+                             "mean), baseline (b: subtract the group-mean gradient), norm_scale (c: gradient "
+                             "norms standardized within the group), none", choices=("group_normalizer", "baseline",
+                                                                                   "norm_scale", "none"))
+    pg_weight: float = opt(0.0, "weight of the policy-gradient term on fused R_dm + reward advantages (0 = GNDM; "
+                           "> 0 = GNDMR)", min=0.0)
+    adaptive_fusion: bool = opt(True, "GNDMR: rescale each reward's fusion weight by its within-group spread "
+                                "relative to its running average")
+    policy_updates: int = opt(2, "importance sampling: clipped-ratio updates per stochastic rollout", min=1, max=8)
+    clip_range: float = opt(0.2, "PPO clip of the importance ratio", min=0.0)
+    eta: float = opt(0.7, "CPS noise of the stochastic rollout steps", min=0.01, max=1.0)
+
+
+@dataclass
+class RTDMDConfig:
+    stage1_steps: int = opt(200, "AC-DMD steps before the hybrid policy-gradient stage", min=0)
+    eta: float = opt(0.9, "CPS noise of the rollout and of the AC-DMD steps", min=0.01, max=1.0)
+    consistency_weight: float = opt(0.01, "critic consistency regularizer (0 disables)", min=0.0)
+    consistency_max_delta: float = opt(0.2, "largest sigma gap t - t' of the consistency pair", min=0.001, max=0.5)
+    clip_range: float = opt(1e-3, "PPO clip of stage 2 (published: 1e-5 at lr 3e-6)", min=0.0)
+    subgrpo_trained: int = opt(2, "stochastic steps trained per step (SubGRPO; the others share noise per group)",
+                               min=1)
+    last_step_dmd_weight: float = opt(1.0, "stage 2: AC-DMD weight on the deterministic last step (published 1e-3 "
+                                      "against their loss scales; 1 keeps stage 1's strength on digits)", min=0.0)
+    reward_backprop_weight: float = opt(0.1, "stage 2: weight of mean(relu(margin - reward)) through the last step",
+                                        min=0.0)
+    reward_margin: float = opt(0.0, "stage 2: the reward margin of relu(margin - reward) "
+                               "(classifier log-prob <= 0, so 0 means 'until certain')")
+
+
+@dataclass
+class DrPOConfig:
+    num_ranked: int = opt(2, "top and bottom samples of each group used as positives and negatives", min=1)
+    pos_weight: float = opt(3000.0, "eta: weight of positives and negatives in the preference drift", min=0.0)
+    ref_weight: float = opt(0.2, "weight of the base-model drift L_ref", min=0.0)
+    features: str = opt("classifier", "feature space of the drift: classifier (pooled conv features) or pixels",
+                        choices=("classifier", "pixels"))
+
+
+@dataclass
 class EvalConfig:
     num_samples: int = opt(1000, "samples per sampler for FD and accuracy (balanced classes)", min=10, max=4000)
     teacher_steps: int = opt(50, "Euler steps of the teacher's many-step baseline", min=1)
@@ -91,13 +170,19 @@ class OpsConfig:
 @dataclass
 class Config:
     recipe: str = opt("digits-dmd2", "named recipe in fastdmd/recipes")
-    method: str = opt("dmd2", "training method", choices=("dmd2",))
+    method: str = opt("dmd2", "training method (fastdmd/objectives)", choices=METHODS)
     run_dir: str = opt("", "output folder (default: runs/<recipe>-<date>-<time>)")
     resume: bool = opt(False, "continue from the last complete checkpoint in run_dir")
     threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
     model: ModelConfig = opt(None, "", factory=ModelConfig)
     trainer: TrainerConfig = opt(None, "", factory=TrainerConfig)
     dmd: DMDConfig = opt(None, "", factory=DMDConfig)
+    reward: RewardConfig = opt(None, "", factory=RewardConfig)
+    dmdr: DMDRConfig = opt(None, "", factory=DMDRConfig)
+    gdmd: GDMDConfig = opt(None, "", factory=GDMDConfig)
+    gndm: GNDMConfig = opt(None, "", factory=GNDMConfig)
+    rtdmd: RTDMDConfig = opt(None, "", factory=RTDMDConfig)
+    drpo: DrPOConfig = opt(None, "", factory=DrPOConfig)
     eval: EvalConfig = opt(None, "", factory=EvalConfig)
     ops: OpsConfig = opt(None, "", factory=OpsConfig)
 
@@ -108,6 +193,27 @@ class Config:
         sig = self.dmd.generator_sigmas
         if not sig or any(not 0.0 < s <= 1.0 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
             raise ConfigError(f"dmd.generator_sigmas must be strictly decreasing values in (0, 1], got {sig}")
+        names = [n.strip() for n in self.reward.names.split(",") if n.strip()]
+        unknown = [n for n in names if n not in REWARD_NAMES]
+        if not names or unknown:
+            raise ConfigError(f"reward.names = {self.reward.names!r}: unknown reward(s) {unknown}; "
+                              f"choose from {list(REWARD_NAMES)}")
+        if self.reward.weights and len(self.reward.weights) != len(names):
+            raise ConfigError(f"reward.weights has {len(self.reward.weights)} values for {len(names)} rewards "
+                              f"{names}; give one weight per reward")
+        if self.method == "gndmr" and self.gndm.pg_weight == 0:
+            raise ConfigError("method gndmr needs gndm.pg_weight > 0 (the policy-gradient term); "
+                              "with gndm.pg_weight = 0 use method gndm")
+        if self.method == "gndm" and self.gndm.pg_weight > 0:
+            raise ConfigError(f"gndm.pg_weight = {self.gndm.pg_weight} adds the policy gradient of GNDMR; "
+                              f"use --method gndmr (or --recipe digits-gndmr), or set gndm.pg_weight 0")
+        if self.method == "drpo" and not self.model.init_generator:
+            raise ConfigError("method drpo starts from a distilled generator and needs model.init_generator: run "
+                              "`python -m fastdmd.train --run_dir runs/dmd2` first, then add "
+                              "`--model.init_generator runs/dmd2`")
+        if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
+            raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
+                              f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")
         return self
 
 

@@ -32,9 +32,10 @@ class SamplerScore:
     fd: float
     accuracy: float
     samples_per_s: float
+    rewards: dict[str, float]  # mean score of each reward model given to score_sampler
 
     def as_dict(self) -> dict:
-        return {"fd": self.fd, "accuracy": self.accuracy, "samples_per_s": self.samples_per_s}
+        return {"fd": self.fd, "accuracy": self.accuracy, "samples_per_s": self.samples_per_s, "rewards": self.rewards}
 
 
 @torch.no_grad()
@@ -45,9 +46,11 @@ def score_sampler(
     num_samples: int,
     batch_size: int,
     seed: int,
+    rewards: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] | None = None,
 ) -> tuple[SamplerScore, torch.Tensor, torch.Tensor]:
     """Draw num_samples with balanced labels from sample_fn(noise, labels), score FD against
-    real_images on classifier features and accuracy on the requested labels."""
+    real_images on classifier features, accuracy on the requested labels and the mean of each
+    reward(images, labels)."""
     labels = balanced_labels(num_samples)
     noise = torch.randn((num_samples, *real_images.shape[1:]), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
@@ -63,4 +66,7 @@ def score_sampler(
                             for i in range(0, len(real_images), batch_size)])
     fd = frechet_distance(torch.cat(feats), real_feats)
     accuracy = (torch.cat(logits).argmax(1) == labels).float().mean().item()
-    return SamplerScore(fd, accuracy, num_samples / elapsed), images, labels
+    means = {name: torch.cat([fn(images[i:i + batch_size], labels[i:i + batch_size])
+                              for i in range(0, num_samples, batch_size)]).mean().item()
+             for name, fn in (rewards or {}).items()}
+    return SamplerScore(fd, accuracy, num_samples / elapsed, means), images, labels

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from fastdmd.models.digits import DigitsFlowAdapter
+from fastdmd.models.lora import add_lora, lora_scale
 
 
 class Generator(nn.Module):
@@ -59,13 +60,31 @@ class GanHead(nn.Module):
         return self.body(features).mean(dim=(1, 2, 3))
 
 
+class LoraRealScore(RealScore):
+    """DMDR's real score: the teacher plus the critic's LoRA at a scale that decays over training
+    (the critic's network is the frozen teacher with a LoRA, so scale 0 is the teacher itself)."""
+
+    def __init__(self, critic_net: nn.Module, adapter: DigitsFlowAdapter, scale: float):
+        self.net, self.adapter, self.scale = critic_net, adapter, scale
+
+    @torch.no_grad()
+    def predict(self, x_t, sigma, labels, guidance_scale: float):
+        with lora_scale(self.net, self.scale):
+            return super().predict(x_t, sigma, labels, guidance_scale)
+
+
 class FakeScore(nn.Module):
     """The critic; with `gan=True` it also carries DMD2's GAN head on its mid-block features, so one
-    forward gives both the denoising prediction and a real-vs-generated logit."""
+    forward gives both the denoising prediction and a real-vs-generated logit. With `lora_rank` the
+    critic is the frozen teacher plus a trainable LoRA used at `lora_multiplier` (DMDR)."""
 
-    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False):
+    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False, lora_rank: int = 0,
+                 lora_multiplier: float = 1.0):
         super().__init__()
+        if lora_rank:
+            add_lora(net, lora_rank)
         self.net, self.adapter = net, adapter
+        self.lora_multiplier = lora_multiplier if lora_rank else None
         self.gan_head = GanHead(net.mid_block.resnets[-1].out_channels) if gan else None
         self._mid_features = None
         if gan:
@@ -75,29 +94,36 @@ class FakeScore(nn.Module):
         self._mid_features = output
 
     def predict(self, x_t, sigma, labels) -> torch.Tensor:
-        return self.adapter.predict(self.net, x_t, sigma, labels)
+        if self.lora_multiplier is None:
+            return self.adapter.predict(self.net, x_t, sigma, labels)
+        with lora_scale(self.net, self.lora_multiplier):
+            return self.adapter.predict(self.net, x_t, sigma, labels)
 
     def predict_and_logit(self, x_t, sigma, labels) -> tuple[torch.Tensor, torch.Tensor]:
         pred = self.predict(x_t, sigma, labels)
         return pred, self.gan_head(self._mid_features)
 
-    def noised(self, x0: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(x_t, sigma, eps) with sigma ~ U(0, 1)."""
-        sigma = torch.rand(x0.shape[0], generator=generator, device=x0.device)
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None,
+               sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(x_t, sigma, eps) with sigma ~ U(0, 1) unless given."""
+        if sigma is None:
+            sigma = torch.rand(x0.shape[0], generator=generator, device=x0.device)
         eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         return self.adapter.add_noise(x0, sigma, eps), sigma, eps
 
-    def denoising_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-        """The teacher's own training loss, on detached generator samples at sigma ~ U(0, 1)."""
+    def denoising_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator | None,
+                       sigma: torch.Tensor | None = None) -> torch.Tensor:
+        """The teacher's own training loss, on detached generator samples at sigma ~ U(0, 1) unless given."""
         x0 = x0.detach()
-        x_t, sigma, eps = self.noised(x0, generator)
+        x_t, sigma, eps = self.noised(x0, generator, sigma)
         return F.mse_loss(self.predict(x_t, sigma, labels), self.adapter.target(x0, eps))
 
-    def critic_loss(self, x0, labels, real_x0, real_labels, gan_weight: float, generator) -> tuple[torch.Tensor, dict]:
+    def critic_loss(self, x0, labels, real_x0, real_labels, gan_weight: float, generator,
+                    sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Denoising loss, plus (with the GAN head) gan_weight x the non-saturating discriminator loss:
         softplus(-D(noised real)) + softplus(D(noised generated))."""
         if self.gan_head is None or gan_weight == 0:
-            loss = self.denoising_loss(x0, labels, generator)
+            loss = self.denoising_loss(x0, labels, generator, sigma)
             return loss, {"loss_critic": loss.item()}
         x0 = x0.detach()
         x_t, sigma, eps = self.noised(x0, generator)
@@ -114,8 +140,10 @@ class FakeScore(nn.Module):
         return F.softplus(-self.predict_and_logit(x_t, sigma, labels)[1]).mean()
 
 
-def build_roles(teacher: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False) -> tuple[Generator, RealScore, FakeScore]:
-    """Generator and critic both start as copies of the teacher."""
+def build_roles(teacher: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False, critic: bool = True,
+                lora_rank: int = 0, lora_multiplier: float = 1.0) -> tuple[Generator, RealScore, FakeScore | None]:
+    """Generator and critic both start as copies of the teacher (no critic when `critic` is False)."""
     generator = Generator(copy.deepcopy(teacher).train().requires_grad_(True), adapter)
-    fake = FakeScore(copy.deepcopy(teacher).train().requires_grad_(True), adapter, gan=gan)
+    fake = FakeScore(copy.deepcopy(teacher).train().requires_grad_(True), adapter, gan=gan, lora_rank=lora_rank,
+                     lora_multiplier=lora_multiplier) if critic else None
     return generator, RealScore(teacher, adapter), fake

@@ -8,6 +8,7 @@ One generator step (DESIGN.md, "One training step"):
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
@@ -32,11 +33,16 @@ from fastdmd.data.digits import IMAGE_SIZE, NUM_CLASSES
 from fastdmd.distributed import World, barrier, mean_across_ranks, shard_blocks
 from fastdmd.metrics import score_sampler
 from fastdmd.models.digits import ASSETS_DIR, TEACHER_FILE, DigitsFlowAdapter, build_digits_unet, load_digits_assets
-from fastdmd.objectives.dmd2 import dmd_loss
+from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
+from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
+from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
 from fastdmd.profiling import phase
 from fastdmd.roles import Generator, build_roles
-from fastdmd.rollout import backward_simulation, euler_sample, few_step_sample, linear_sigmas
+from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
+
+
+EVAL_VERSION = 2  # bump when the evaluation's figures change meaning (invalidates cached teacher rows)
 
 
 class NonFiniteError(RuntimeError):
@@ -100,7 +106,8 @@ class RoleState(Stateful):
 
 
 def make_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(module.parameters(), lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+    params = [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
+    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                              weight_decay=cfg.weight_decay, fused=True)
 
 
@@ -126,17 +133,31 @@ class Trainer:
         teacher, self.classifier, self.manifest = load_digits_assets(self.assets_dir)
         self.adapter = DigitsFlowAdapter()
         self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
-        self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan)
+        critic = OBJECTIVES[cfg.method].uses_critic
+        lora = cfg.dmdr.lora_rank if cfg.method == "dmdr" and cfg.dmdr.distribution_guidance else 0
+        self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan, critic=critic,
+                                                           lora_rank=lora, lora_multiplier=cfg.dmdr.fake_lora_scale)
+        base = None
+        if cfg.model.init_generator:
+            self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
+        if cfg.method == "drpo":
+            base = Generator(copy.deepcopy(self.generator.net).eval().requires_grad_(False), self.adapter)
         shard_blocks(self.generator.net, world)
-        shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
+        if self.fake is not None:
+            shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
         # Real digits, only for the GAN term: each rank draws from its own shard of the train split.
         train = load_digits("train")
         self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
+        self.reward = build_reward(cfg.reward, self.classifier)
+        self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
+                                                    self.classifier, base, self._real_batch))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
         self.opt_g = make_optimizer(self.generator, t.lr_generator, t)
-        self.opt_c = make_optimizer(self.fake, t.lr_critic, t)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
-        self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
+        self.opt_c = self.sched_c = None
+        if self.fake is not None:
+            self.opt_c = make_optimizer(self.fake, t.lr_critic, t)
+            self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
         self.step = 0
         self.bad_steps = 0
         self.stop_requested = False
@@ -145,9 +166,13 @@ class Trainer:
 
     # ----- state -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
-        state = {"generator": RoleState(self.generator, self.opt_g), "critic": RoleState(self.fake, self.opt_c)}
+        state = {"generator": RoleState(self.generator, self.opt_g)}
+        if self.fake is not None:
+            state["critic"] = RoleState(self.fake, self.opt_c)
         if self.ema is not None:
             state["generator_ema"] = self.ema
+        if self.objective.state_dict():
+            state["objective"] = self.objective
         return state
 
     def save(self) -> str:
@@ -160,7 +185,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
         self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
-        for sched in (self.sched_g, self.sched_c):
+        for sched in filter(None, (self.sched_g, self.sched_c)):
             sched.last_epoch = self.step - 1
             sched.step()
         if self.world.is_main:
@@ -172,59 +197,45 @@ class Trainer:
         cfg, t = self.cfg, self.cfg.trainer
         rng = step_generator(t.seed, self.world.rank, step)
         dev = self.world.device
-        labels = torch.randint(0, NUM_CLASSES, (t.batch_size,), generator=rng).to(dev)
+        n = self.objective.group_size
+        labels = torch.randint(0, NUM_CLASSES, (t.batch_size // n,), generator=rng).repeat_interleave(n).to(dev)
         noise = torch.randn((t.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), generator=rng).to(dev)
-        sigmas = cfg.dmd.generator_sigmas
-        k = int(torch.randint(0, len(sigmas), (1,), generator=shared_step_generator(t.seed, step)))
+        k = int(torch.randint(0, len(cfg.dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step)))
+        batch = Batch(step, labels, noise, k, rng)
 
-        with phase("rollout"):
-            x_t, sigma = backward_simulation(self.generator, noise, labels, sigmas, k, rng)
-        with phase("generator_fwd"):
-            x0 = self.generator(x_t, sigma, labels)
-        out = dmd_loss(x0, labels, self.real, self.fake, cfg.dmd, rng)
-        loss_g = out.loss
-        extra = {}
-        if cfg.dmd.gan_generator_weight > 0:
-            gan_g = self.fake.generator_gan_loss(x0, labels, rng)
-            loss_g = loss_g + cfg.dmd.gan_generator_weight * gan_g
-            extra["loss_gan_generator"] = gan_g.item()
-        with phase("generator_bwd"):
-            loss_g.backward()
-        with phase("optimizer"):
-            gnorm_g = self._clip(self.generator)
-            skipped_g = self._step_if_finite("generator", loss_g, gnorm_g, self.opt_g, step)
-            self.sched_g.step()
-            if self.ema is not None and not skipped_g:
-                self.ema.update(self.generator)
-        with phase("critic_update"):
-            self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
-            critic_logs, skipped_c = [], 0
-            for _ in range(t.critic_updates):
-                real_x0, real_labels = self._real_batch(rng) if self.use_gan else (None, None)
-                loss_c, logs = self.fake.critic_loss(x0.detach(), labels, real_x0, real_labels,
-                                                     cfg.dmd.gan_critic_weight, rng)
-                loss_c.backward()
-                gnorm_c = self._clip(self.fake)
-                skipped_c += self._step_if_finite("critic", loss_c, gnorm_c, self.opt_c, step)
-                critic_logs.append(logs)
-            self.sched_c.step()
-        extra |= {k: float(np.mean([c[k] for c in critic_logs])) for k in critic_logs[0]}
+        logs, skipped_g = [], 0
+        for update in self.objective.generator_updates(batch):
+            with phase("generator_bwd"):
+                update.loss.backward()
+            with phase("optimizer"):
+                gnorm_g = self._clip(self.generator)
+                skipped = self._step_if_finite("generator", update.loss, gnorm_g, self.opt_g, step)
+                skipped_g += skipped
+                if self.ema is not None and not skipped:
+                    self.ema.update(self.generator)
+            logs.append(update.logs | {"loss_generator": update.loss.item(), "grad_norm_generator": gnorm_g})
+        self.sched_g.step()
+        row = {key: float(np.mean([u[key] for u in logs])) for key in logs[0]}
+        skipped_c = 0
+        if self.fake is not None:
+            with phase("critic_update"):
+                self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
+                critic_logs = []
+                for _ in range(t.critic_updates):
+                    loss_c, c_logs = self.objective.critic_loss(step, rng)
+                    loss_c.backward()
+                    gnorm_c = self._clip(self.fake)
+                    skipped_c += self._step_if_finite("critic", loss_c, gnorm_c, self.opt_c, step)
+                    critic_logs.append(c_logs)
+                self.sched_c.step()
+            row |= {key: float(np.mean([c[key] for c in critic_logs])) for key in critic_logs[0]}
         self.bad_steps = self.bad_steps + 1 if (skipped_g or skipped_c) else 0
         if self.bad_steps >= t.max_bad_steps:
             last = latest_checkpoint(self.run_dir)
             raise NonFiniteError(f"{self.bad_steps} consecutive steps had non-finite losses or gradients (last at step "
                                  f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
                                  f"check the teacher and data, then --resume.")
-        return extra | {
-            "loss_dmd": out.loss.item(),
-            "skipped_generator_updates": float(skipped_g),
-            "skipped_critic_updates": float(skipped_c),
-            "grad_norm_generator": gnorm_g,
-            "nonfinite_teacher_samples": float((~torch.isfinite(out.normalizer)).sum()),
-            "dmd_normalizer": out.normalizer.nanmean().item(),
-            "dmd_grad_sq": out.grad_sq.mean().item(),
-            "dmd_cosine": out.cosine.mean().item(),
-        }
+        return row | {"skipped_generator_updates": float(skipped_g), "skipped_critic_updates": float(skipped_c)}
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard
@@ -323,8 +334,9 @@ class Trainer:
         if world.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(dmd=f"{row['loss_dmd']:.4f}", critic=f"{row['loss_critic']:.3f}",
-                        img_s=f"{row['samples_per_s']:.0f}")
+        shown = {"loss": row["loss_generator"]} | ({"critic": row["loss_critic"]} if "loss_critic" in row else {}) \
+            | ({"reward": row["reward"]} if "reward" in row else {})
+        bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()} | {"img_s": f"{row['samples_per_s']:.0f}"})
 
     def _print_header(self) -> None:
         c = self.cfg
@@ -334,6 +346,9 @@ class Trainer:
               + (f", GAN term (generator {c.dmd.gan_generator_weight}, critic {c.dmd.gan_critic_weight})" if self.use_gan else ""))
         print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
               f"optimizer=torch AdamW(fused) threads={torch.get_num_threads()} run_dir={self.run_dir}")
+        if c.method != "dmd2":
+            print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
+                  + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))
 
     # ----- evaluation (rank 0 on unsharded copies; every rank joins the state-dict gather) ------
     def _plain_generator(self) -> Generator:
@@ -387,7 +402,7 @@ class Trainer:
                 panels[name] = (fn(noise, labels), labels)
                 continue
             score, images, labels = score_sampler(fn, self.classifier, self.test_set.images, e.num_samples,
-                                                   e.batch_size, e.seed)
+                                                   e.batch_size, e.seed, self._eval_rewards())
             rows[name] = score.as_dict()
             panels[name] = (images, labels)
             if cached:
@@ -424,8 +439,13 @@ class Trainer:
                 taken[y] += 1
             return train.images[torch.stack(picks)]
 
-        score, _, _ = score_sampler(real_digits, self.classifier, self.test_set.images, e.num_samples, e.batch_size, e.seed)
-        return {"fd": score.fd, "accuracy": score.accuracy, "samples_per_s": None}
+        score, _, _ = score_sampler(real_digits, self.classifier, self.test_set.images, e.num_samples, e.batch_size,
+                                    e.seed, self._eval_rewards())
+        return score.as_dict() | {"samples_per_s": None}
+
+    def _eval_rewards(self) -> dict:
+        """The rewards every summary reports: prompt alignment and compressibility (aesthetic-like)."""
+        return {"classifier_log_prob": ClassifierLogProb(self.classifier), "jpeg": JpegCompressibility()}
 
     def _grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
         labels = torch.arange(100) % NUM_CLASSES
@@ -436,19 +456,21 @@ class Trainer:
         digest = hashlib.sha256()
         with open(os.path.join(self.assets_dir, TEACHER_FILE), "rb") as f:
             digest.update(f.read())
-        digest.update(json.dumps([name, self.cfg.dmd.guidance_scale, e.num_samples, e.batch_size, e.seed,
+        digest.update(json.dumps([EVAL_VERSION, name, self.cfg.dmd.guidance_scale, e.num_samples, e.batch_size, e.seed,
                                   torch.__version__]).encode())
         root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
         return os.path.join(root, "fastdmd", "teacher_eval", digest.hexdigest()[:24] + ".json")
 
 
 def summary_table(summary: dict) -> str:
-    lines = [f"| sampler (g = {summary['guidance_scale']}) | FD (lower is better) | class accuracy | samples/s |",
-             "|---|---:|---:|---:|"]
+    lines = [f"| sampler (g = {summary['guidance_scale']}) | FD (lower is better) | class accuracy "
+             f"| log p(label) | JPEG score | samples/s |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in summary["samplers"].items():
         note = " (cached)" if r.get("cached") else ""
         speed = "-" if r["samples_per_s"] is None else f"{r['samples_per_s']:.0f}{note}"
-        lines.append(f"| {name} | {r['fd']:.4f} | {r['accuracy']:.3f} | {speed} |")
+        rewards = r.get("rewards", {})
+        cols = [f"{rewards[k]:.3f}" if k in rewards else "-" for k in ("classifier_log_prob", "jpeg")]
+        lines.append(f"| {name} | {r['fd']:.4f} | {r['accuracy']:.3f} | {' | '.join(cols)} | {speed} |")
     return "\n".join(lines)
 
 

@@ -24,5 +24,13 @@ from fastdmd.rewards.digits import ClassifierLogProb
 from fastdmd.rewards.distribution_matching import DM_PROXIES, DistributionMatchingReward
 from fastdmd.rewards.jpeg import JpegCompressibility
 
-__all__ = ["ClassifierLogProb", "CombinedReward", "DM_PROXIES", "DistributionMatchingReward",
+__all__ = ["build_reward", "ClassifierLogProb", "CombinedReward", "DM_PROXIES", "DistributionMatchingReward",
            "JpegCompressibility", "Reward", "RewardScores"]
+
+
+def build_reward(cfg, classifier) -> CombinedReward:
+    """The CombinedReward named by a RewardConfig (reward.names, reward.weights)."""
+    made = {"classifier_log_prob": lambda: ClassifierLogProb(classifier), "jpeg": JpegCompressibility,
+            "distribution_matching": DistributionMatchingReward}
+    names = [n.strip() for n in cfg.names.split(",") if n.strip()]
+    return CombinedReward([made[n]() for n in names], list(cfg.weights) or None)

@@ -1,0 +1,101 @@
+"""The six methods side by side on digits: run each recipe `digits-<method>` with
+`python -m fastdmd.train` (DMD2 first: DrPO starts from its student), then tabulate the final
+student's FD, class accuracy, rewards (classifier log-prob of the label, JPEG score) and wall time
+against the teacher. Writes benchmarks/results/methods_digits.{json,md}.
+
+    python benchmarks/methods_digits.py                       # all methods, seed 0
+    python benchmarks/methods_digits.py --methods dmd2 gndm --extra --trainer.steps 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+
+from fastdmd.config import METHODS
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def run_method(method: str, root: str, seed: int, extra: list[str]) -> dict:
+    run_dir = os.path.join(root, method)
+    cmd = [sys.executable, "-m", "fastdmd.train", "--recipe", f"digits-{method}", "--trainer.seed", str(seed),
+           "--run_dir", run_dir, *extra]
+    if method == "drpo":
+        cmd += ["--model.init_generator", os.path.join(root, "dmd2")]
+    print("$", shlex.join(cmd), flush=True)
+    os.makedirs(run_dir, exist_ok=True)
+    start = time.perf_counter()
+    with open(os.path.join(run_dir, "train.log"), "w") as log:
+        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
+    wall = time.perf_counter() - start
+    if done.returncode != 0:
+        raise SystemExit(f"{method} failed (exit {done.returncode}); see {run_dir}/train.log")
+    with open(os.path.join(run_dir, "summary.json")) as f:
+        summary = json.load(f)
+    return {"method": method, "command": shlex.join(cmd), "wall_time_s": round(wall, 1), "summary": summary}
+
+
+def table(runs: list[dict]) -> str:
+    def row(name, r, wall="-"):
+        rw = r.get("rewards", {})
+        return (f"| {name} | {r['fd']:.4f} | {r['accuracy']:.3f} | {rw.get('classifier_log_prob', float('nan')):.3f} "
+                f"| {rw.get('jpeg', float('nan')):.3f} | {wall} |")
+
+    lines = ["| sampler | FD (lower is better) | class accuracy | log p(label) | JPEG score | wall time (s) |",
+             "|---|---:|---:|---:|---:|---:|"]
+    samplers = runs[0]["summary"]["samplers"]
+    names = list(samplers)
+    for name in names[:2]:
+        lines.append(row(name, samplers[name]))
+    for run in runs:
+        student = next(n for n in run["summary"]["samplers"] if n.startswith("student"))
+        lines.append(row(f"{run['method']} ({student}, {run['summary']['steps']} steps)",
+                         run["summary"]["samplers"][student], f"{run['wall_time_s']:.0f}"))
+    lines.append(row(names[-1], samplers[names[-1]]))
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs-root", default="runs/methods")
+    p.add_argument("--out", default=os.path.join(RESULTS, "methods_digits"))
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="more flags for every fastdmd.train run")
+    args = p.parse_args()
+    methods = sorted(args.methods, key=lambda m: m != "dmd2")  # DrPO needs the DMD2 student first
+    if "drpo" in methods and "dmd2" not in methods and not os.path.isdir(os.path.join(args.runs_root, "dmd2")):
+        raise SystemExit(f"drpo starts from the DMD2 run {args.runs_root}/dmd2: include dmd2 in --methods")
+    runs = [run_method(m, args.runs_root, args.seed, args.extra) for m in methods]
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": f"cpu ({platform.machine()}, {os.cpu_count()} cores)",
+        "torch": torch.__version__,
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "seed": args.seed,
+        "runs": runs,
+    }
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    text = (f"# The methods on digits, seed {args.seed}\n\n{record['date']}, {record['device']}, torch {record['torch']}; "
+            f"command: `{record['command']}`\n\nEach row is the final (EMA) student of `python -m fastdmd.train "
+            f"--recipe digits-<method>`, scored on 1,000 samples against the held-out digits; wall time is the "
+            f"whole run including evaluation.\n\n{table(runs)}\n")
+    with open(args.out + ".md", "w") as f:
+        f.write(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

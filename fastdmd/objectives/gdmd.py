@@ -1,0 +1,46 @@
+"""GDMD-like (METHODS.md, "GDMD"; our reading: the paper's method section and code are not public).
+
+The DMD gradient read as an implicit target: for each sample, K targets T_k = sg(x0) - grad_k at K
+noise levels; the rewards score the targets (not the raw sample); the K targets of a sample form
+one group, whose standardized, clipped advantages A_k (`ops.group_advantages`, group_size = K)
+become per-target weights w(A_k) (`gdmd.weight_mode`, fastdmd.objectives.weights):
+
+    loss = (1/K) sum_k 0.5 * mean(w(A_k) * (x0 - T_k)^2)
+
+so a sample is pulled harder toward the targets the reward prefers. The models run once per
+target; the op runs twice per target: without grad to build T_k, then with the weights.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from fastdmd import ops
+from fastdmd.objectives.base import Batch, Objective, Update
+from fastdmd.objectives.dmd2 import dmd_logs, dmd_op, dmd_predictions
+from fastdmd.objectives.weights import gdmd_weights
+from fastdmd.profiling import phase
+
+
+class GDMD(Objective):
+    def generator_updates(self, batch: Batch) -> Iterator[Update]:
+        cfg, c, roles = self.cfg, self.cfg.gdmd, self.roles
+        x0 = self.generate(batch)
+        inputs = [dmd_predictions(x0, batch.labels, roles.real, roles.fake, cfg.dmd, batch.rng) for _ in range(c.num_targets)]
+        with torch.no_grad(), phase("reward"):
+            plain = [dmd_op(x0.detach(), inp, cfg.dmd) for inp in inputs]
+            scored = [roles.reward.scores(out.target, batch.labels, out) for out in plain]
+            scores = torch.stack([s.per_reward for s in scored], dim=1)
+            batch_size, k, r = scores.shape
+            adv = ops.group_advantages(scores.reshape(batch_size * k, r), group_size=k, weights=scored[0].weights,
+                                       clip=cfg.reward.clip)
+            weights = gdmd_weights(adv.advantages.reshape(batch_size, k), c.weight_mode, c.lam, c.tau)
+        outs = [dmd_op(x0, inp, cfg.dmd, weights=weights[:, i].contiguous()) for i, inp in enumerate(inputs)]
+        loss = torch.stack([o.loss for o in outs]).mean()
+        self.remember(x0, batch.labels)
+        logs = {key: float(np.mean([dmd_logs(o)[key] for o in plain])) for key in dmd_logs(plain[0])}
+        yield Update(loss, logs | {"reward_targets": torch.stack([s.total for s in scored]).mean().item(), "gdmd_weight_max": weights.max().item(),
+                                   "gdmd_weight_min": weights.min().item()})

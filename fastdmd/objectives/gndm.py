@@ -1,0 +1,135 @@
+"""GNDM and GNDMR (METHODS.md, "GNDM / GNDMR"; R_dm-inspired, our reading: no public code or
+method section).
+
+Distribution matching read as a reward R_dm = log p_real - log p_fake, whose gradient the DMD
+update already ascends. The batch holds groups of `reward.group_size` samples of one class, and
+group statistics stabilize the per-sample estimate (`gndm.normalization`):
+- "group_normalizer" (a, default): DMD2's per-sample normalizer mean|x0 - x0_real| is replaced by
+  its group mean, i.e. per-sample weights normalizer_i / mean_group(normalizer) on the op's grad;
+- "baseline" (b): the group-mean gradient is subtracted from each sample's gradient, so only the
+  sample's deviation from its group is matched;
+- "norm_scale" (c): each sample's gradient is rescaled to the group-mean gradient norm;
+- "none": plain DMD2 on the grouped batch.
+
+GNDMR (`gndm.pg_weight > 0`) adds a policy gradient on the fused group advantages of R_dm and
+external rewards (reward.names, e.g. distribution_matching,classifier_log_prob): the batch comes
+from the stochastic CPS sampler (fastdmd.rollout.sde) with fp32 log-probs, the deterministic last
+step is recomputed with grad for the DM loss, and importance sampling reuses one rollout for
+`gndm.policy_updates` updates with PPO-clipped ratios p_theta / p_theta_old.
+Adaptive fusion (ours, `gndm.adaptive_fusion`): the fusion weight of reward k is its configured
+weight times min(1, s_k / s̄_k), where s_k is the mean within-group std of reward k this step and
+s̄_k its running average (0.9 decay); the weights are then rescaled to their configured sum. A
+reward whose groups stop separating samples (saturated or converged) loses weight to the others,
+which keeps the fused advantage from being dominated by the amplified noise of a flat reward.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from fastdmd import ops
+from fastdmd.objectives.base import Batch, Objective, Update
+from fastdmd.objectives.dmd2 import dmd_logs, dmd_op, dmd_predictions
+from fastdmd.profiling import phase
+from fastdmd.rollout.sde import policy_loss, sde_rollout
+
+FUSION_EMA_DECAY = 0.9
+
+
+def group_mean(values: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Each sample's value replaced by the (NaN-ignoring) mean of its contiguous group; any [B, ...] shape."""
+    grouped = values.reshape(-1, group_size, *values.shape[1:])
+    return grouped.nanmean(dim=1, keepdim=True).expand_as(grouped).reshape(values.shape)
+
+
+class GNDM(Objective):
+    def __init__(self, cfg, roles):
+        super().__init__(cfg, roles)
+        self.group_size = cfg.reward.group_size
+        # NaN until the first GNDMR step; a tensor from the start so that a resume loads it in place.
+        self.spread_ema = torch.full((len(cfg.reward.names.split(",")),), float("nan"))
+
+    def dm_loss(self, x0: torch.Tensor, labels: torch.Tensor, rng) -> tuple[torch.Tensor, ops.DMDTarget]:
+        """The group-normalized DMD loss and the op's per-sample statistics (unweighted)."""
+        cfg, n, form = self.cfg, self.group_size, self.cfg.gndm.normalization
+        inputs = dmd_predictions(x0, labels, self.roles.real, self.roles.fake, cfg.dmd, rng)
+        if form == "none":
+            out = dmd_op(x0, inputs, cfg.dmd)
+            return out.loss, out
+        with torch.no_grad():
+            plain = dmd_op(x0.detach(), inputs, cfg.dmd)
+        if form == "baseline":
+            grad = x0.detach() - plain.target
+            target = plain.target + group_mean(grad.float(), n).to(grad.dtype)
+            return 0.5 * (x0.float() - target.float()).pow(2).mean(), plain
+        if form == "group_normalizer":
+            weights = plain.normalizer / group_mean(plain.normalizer, n)
+        else:  # norm_scale
+            norm = plain.grad_sq.sqrt()
+            weights = group_mean(norm, n) / norm.clamp_min(1e-12)
+        weights = torch.nan_to_num(weights, nan=0.0, posinf=0.0)
+        return dmd_op(x0, inputs, cfg.dmd, weights=weights).loss, plain
+
+    def generator_updates(self, batch: Batch) -> Iterator[Update]:
+        if self.cfg.gndm.pg_weight == 0:
+            x0 = self.generate(batch)
+            loss, out = self.dm_loss(x0, batch.labels, batch.rng)
+            self.remember(x0, batch.labels)
+            yield Update(loss, dmd_logs(out))
+            return
+        yield from self._with_policy_gradient(batch)
+
+    def _velocity(self, x, sigma, labels):
+        gen = self.roles.generator
+        return gen.adapter.predict(gen.net, x, sigma, labels)
+
+    def _with_policy_gradient(self, batch: Batch) -> Iterator[Update]:
+        cfg, c, gen = self.cfg, self.cfg.gndm, self.roles.generator
+        sigmas = cfg.dmd.generator_sigmas
+        with phase("rollout"):
+            rollout = sde_rollout(self._velocity, batch.noise, batch.labels, sigmas, c.eta, batch.rng)
+        last = len(sigmas) - 1
+        with phase("generator_fwd"):
+            x0 = gen(rollout.trajectory[last], torch.full((batch.labels.shape[0],), sigmas[last],
+                                                          device=batch.noise.device), batch.labels)
+        loss_dm, out = self.dm_loss(x0, batch.labels, batch.rng)
+        with torch.no_grad(), phase("reward"):
+            scores = self.roles.reward.scores(x0.detach(), batch.labels, out)
+            weights = self.fusion_weights(scores.per_reward, scores.weights)
+            adv = ops.group_advantages(scores.per_reward, group_size=self.group_size, weights=weights,
+                                       clip=cfg.reward.clip)
+        self.remember(x0, batch.labels)
+        logs = dmd_logs(out) | {"reward": scores.total.mean().item()} | \
+            {f"fusion_weight_{i}": float(w) for i, w in enumerate(weights.tolist())}
+        for update in range(c.policy_updates):
+            with phase("generator_fwd"):
+                pols = [policy_loss(self._velocity, rollout, i, batch.labels, adv.advantages, c.clip_range)
+                        for i in rollout.stochastic]
+            pg = torch.stack([p.loss.mean() for p in pols]).mean()
+            loss = c.pg_weight * pg + (loss_dm if update == 0 else 0.0)
+            yield Update(loss, logs | {"loss_policy": pg.item(),
+                                       "ratio_max_dev": max((p.ratio - 1).abs().max().item() for p in pols),
+                                       "clip_frac": torch.stack([p.clip_frac.mean() for p in pols]).mean().item()})
+
+    def fusion_weights(self, per_reward: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.gndm.adaptive_fusion:
+            return base
+        stats = ops.group_advantages(per_reward, group_size=self.group_size, weights=base, clip=self.cfg.reward.clip)
+        spread = stats.group_std.mean(dim=0)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(spread)
+            spread /= torch.distributed.get_world_size()
+        if torch.isnan(self.spread_ema).all():
+            self.spread_ema = spread.clone()
+        weights = base * (spread / self.spread_ema.clamp_min(1e-12)).clamp(max=1.0)
+        weights = weights * base.sum() / weights.sum().clamp_min(1e-12)
+        self.spread_ema.mul_(FUSION_EMA_DECAY).add_((1 - FUSION_EMA_DECAY) * spread)
+        return weights
+
+    def state_dict(self) -> dict:
+        return {"spread_ema": self.spread_ema}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.spread_ema = state["spread_ema"].clone()
