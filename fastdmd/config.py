@@ -36,8 +36,16 @@ def opt(default, help: str, *, min=None, max=None, choices=None, factory=None):
 
 @dataclass
 class ModelConfig:
-    family: str = opt("digits", "model family", choices=("digits",))
-    path: str = opt("", "folder with the teacher weights (digits: empty = the shipped assets)")
+    family: str = opt("digits", "model family (fastdmd/models/family.py)", choices=("digits", "sd3"))
+    path: str = opt("", "folder with the teacher weights (digits: empty = the shipped assets; sd3: a local "
+                    "diffusers directory with transformer/ and scheduler/)")
+    prompts: str = opt("", "sd3: text file with one training prompt per line")
+    prompt_cache: str = opt("", "sd3: safetensors file of the prompts' embeddings (made once with the text encoders; "
+                            "empty = ~/.cache/fastdmd/prompts/<hash>)")
+    max_sequence_length: int = opt(77, "sd3: T5 tokens per prompt", min=1, max=512)
+    resolution: int = opt(0, "sd3: image resolution in pixels (0 = the transformer's sample_size x 8)", min=0)
+    dtype: str = opt("float32", "dtype of the frozen teacher (the trained roles keep fp32 master weights)",
+                     choices=("float32", "bfloat16"))
     init_generator: str = opt("", "start the generator (and the frozen base of DrPO) from a DMD2 run's final "
                               "weights: a run directory, or its checkpoints/step_N folder (empty = the teacher)")
 
@@ -207,6 +215,19 @@ class Config:
         if self.method == "gndm" and self.gndm.pg_weight > 0:
             raise ConfigError(f"gndm.pg_weight = {self.gndm.pg_weight} adds the policy gradient of GNDMR; "
                               f"use --method gndmr (or --recipe digits-gndmr), or set gndm.pg_weight 0")
+        if self.model.family != "digits":
+            if not self.model.path:
+                raise ConfigError(f"model.family {self.model.family} needs model.path: a local diffusers directory "
+                                  f"(transformer/, scheduler/, optionally vae/ and the text encoders)")
+            if not self.model.prompts:
+                raise ConfigError(f"model.family {self.model.family} needs model.prompts: a text file with one "
+                                  f"prompt per line")
+            digits_only = [n for n in ("classifier_log_prob",) if n in self.reward.names] if self.method != "dmd2" else []
+            if digits_only or self.method == "drpo":
+                raise ConfigError(f"reward {digits_only or 'drpo features'} needs the digits classifier; on "
+                                  f"{self.model.family} use the CLIP-family rewards (reward.names) or method dmd2")
+            if self.dmd.gan_generator_weight > 0 or self.dmd.gan_critic_weight > 0:
+                raise ConfigError("the GAN term needs real images, which only the digits family has")
         if self.method == "drpo" and not self.model.init_generator:
             raise ConfigError("method drpo starts from a distilled generator and needs model.init_generator: run "
                               "`python -m fastdmd.train --run_dir runs/dmd2` first, then add "

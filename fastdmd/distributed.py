@@ -56,13 +56,15 @@ def barrier(world: World) -> None:
 
 
 def shard_blocks(net: nn.Module, world: World, root: nn.Module | None = None) -> nn.Module:
-    """FSDP2: fully_shard each down/up/mid block of a diffusers UNet, then the UNet, then `root`
-    (a module around the UNet that owns parameters of its own, e.g. the critic's GAN head)."""
+    """FSDP2: fully_shard each block (down/up/mid blocks of a diffusers UNet, the transformer blocks of
+    SD3 / FLUX), then the network, then `root` (a module around the network that owns parameters of
+    its own, e.g. the critic's GAN head)."""
     if not world.distributed:
         return net
     from torch.distributed.fsdp import fully_shard
 
-    blocks = [*getattr(net, "down_blocks", []), *getattr(net, "up_blocks", [])]
+    blocks = [*getattr(net, "down_blocks", []), *getattr(net, "up_blocks", []),
+              *getattr(net, "transformer_blocks", []), *getattr(net, "single_transformer_blocks", [])]
     if getattr(net, "mid_block", None) is not None:
         blocks.append(net.mid_block)
     for block in blocks:

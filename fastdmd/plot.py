@@ -23,11 +23,13 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def _tile(images: torch.Tensor, labels: torch.Tensor, classes: list[int], per_class: int) -> torch.Tensor:
-    """One row per class in `classes`, `per_class` samples each, as one [H*rows, W*per_class] image in [0, 1]."""
+    """One row per class in `classes`, `per_class` samples each, as one [H*rows, W*per_class] image in
+    [0, 1] (grayscale), or [H*rows, W*per_class, 3] for RGB samples."""
     rows = []
     for c in classes:
         picked = _to_unit(images[labels == c][:per_class])
-        rows.append(torch.cat(list(picked[:, 0]), dim=1))
+        pictures = picked[:, 0] if picked.shape[1] != 3 else picked.permute(0, 2, 3, 1)
+        rows.append(torch.cat(list(pictures), dim=1))
     return torch.cat(rows, dim=0)
 
 

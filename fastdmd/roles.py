@@ -16,12 +16,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from fastdmd.models.digits import DigitsFlowAdapter
+from fastdmd.models.flow import FlowAdapter
 from fastdmd.models.lora import add_lora, lora_scale
 
 
 class Generator(nn.Module):
-    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter):
+    def __init__(self, net: nn.Module, adapter: FlowAdapter):
         super().__init__()
         self.net, self.adapter = net, adapter
 
@@ -30,7 +30,7 @@ class Generator(nn.Module):
 
 
 class RealScore:
-    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter):
+    def __init__(self, net: nn.Module, adapter: FlowAdapter):
         self.net, self.adapter = net.eval().requires_grad_(False), adapter
 
     @torch.no_grad()
@@ -64,7 +64,7 @@ class LoraRealScore(RealScore):
     """DMDR's real score: the teacher plus the critic's LoRA at a scale that decays over training
     (the critic's network is the frozen teacher with a LoRA, so scale 0 is the teacher itself)."""
 
-    def __init__(self, critic_net: nn.Module, adapter: DigitsFlowAdapter, scale: float):
+    def __init__(self, critic_net: nn.Module, adapter: FlowAdapter, scale: float):
         self.net, self.adapter, self.scale = critic_net, adapter, scale
 
     @torch.no_grad()
@@ -78,7 +78,7 @@ class FakeScore(nn.Module):
     forward gives both the denoising prediction and a real-vs-generated logit. With `lora_rank` the
     critic is the frozen teacher plus a trainable LoRA used at `lora_multiplier` (DMDR)."""
 
-    def __init__(self, net: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False, lora_rank: int = 0,
+    def __init__(self, net: nn.Module, adapter: FlowAdapter, gan: bool = False, lora_rank: int = 0,
                  lora_multiplier: float = 1.0):
         super().__init__()
         if lora_rank:
@@ -140,10 +140,10 @@ class FakeScore(nn.Module):
         return F.softplus(-self.predict_and_logit(x_t, sigma, labels)[1]).mean()
 
 
-def build_roles(teacher: nn.Module, adapter: DigitsFlowAdapter, gan: bool = False, critic: bool = True,
+def build_roles(teacher: nn.Module, adapter: FlowAdapter, gan: bool = False, critic: bool = True,
                 lora_rank: int = 0, lora_multiplier: float = 1.0) -> tuple[Generator, RealScore, FakeScore | None]:
-    """Generator and critic both start as copies of the teacher (no critic when `critic` is False)."""
-    generator = Generator(copy.deepcopy(teacher).train().requires_grad_(True), adapter)
-    fake = FakeScore(copy.deepcopy(teacher).train().requires_grad_(True), adapter, gan=gan, lora_rank=lora_rank,
+    """Generator and critic both start as fp32 copies of the teacher (no critic when `critic` is False)."""
+    generator = Generator(copy.deepcopy(teacher).float().train().requires_grad_(True), adapter)
+    fake = FakeScore(copy.deepcopy(teacher).float().train().requires_grad_(True), adapter, gan=gan, lora_rank=lora_rank,
                      lora_multiplier=lora_multiplier) if critic else None
     return generator, RealScore(teacher, adapter), fake

@@ -13,6 +13,7 @@ import torch
 from fastdmd.checkpoint import CheckpointError
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.distributed import broadcast_object, init_world, shutdown
+from fastdmd.runs import UsageError
 from fastdmd.trainer import Trainer, default_run_dir
 
 
@@ -31,7 +32,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         cfg.run_dir = broadcast_object(cfg.run_dir or default_run_dir(cfg), world)
         return Trainer(cfg, world).fit()
-    except (FileNotFoundError, CheckpointError) as e:
+    except (FileNotFoundError, CheckpointError, ConfigError, UsageError) as e:
         # Missing inputs and unusable checkpoints are the user's to fix: one line, no traceback.
         print(f"fastdmd: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -29,10 +29,10 @@ from fastdmd import ops
 from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
-from fastdmd.data.digits import IMAGE_SIZE, NUM_CLASSES
+from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.distributed import World, barrier, mean_across_ranks, shard_blocks
 from fastdmd.metrics import score_sampler
-from fastdmd.models.digits import ASSETS_DIR, TEACHER_FILE, DigitsFlowAdapter, build_digits_unet, load_digits_assets
+from fastdmd.models.family import load_family
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
@@ -129,9 +129,8 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         ops.backend = cfg.ops.backend
-        self.assets_dir = cfg.model.path or ASSETS_DIR
-        teacher, self.classifier, self.manifest = load_digits_assets(self.assets_dir)
-        self.adapter = DigitsFlowAdapter()
+        self.family = load_family(cfg.model, world.device)
+        teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
         critic = OBJECTIVES[cfg.method].uses_critic
         lora = cfg.dmdr.lora_rank if cfg.method == "dmdr" and cfg.dmdr.distribution_guidance else 0
@@ -145,10 +144,10 @@ class Trainer:
         shard_blocks(self.generator.net, world)
         if self.fake is not None:
             shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
-        # Real digits, only for the GAN term: each rank draws from its own shard of the train split.
-        train = load_digits("train")
-        self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
-        self.reward = build_reward(cfg.reward, self.classifier)
+        if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
+            train = load_digits("train")
+            self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
+        self.reward = build_reward(cfg.reward, self.classifier) if cfg.method != "dmd2" else None
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
@@ -162,7 +161,7 @@ class Trainer:
         self.bad_steps = 0
         self.stop_requested = False
         self.run_dir = cfg.run_dir
-        self.test_set = load_digits("test")
+        self.test_set = load_digits("test") if self.classifier is not None else None
 
     # ----- state -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -198,8 +197,9 @@ class Trainer:
         rng = step_generator(t.seed, self.world.rank, step)
         dev = self.world.device
         n = self.objective.group_size
-        labels = torch.randint(0, NUM_CLASSES, (t.batch_size // n,), generator=rng).repeat_interleave(n).to(dev)
-        noise = torch.randn((t.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), generator=rng).to(dev)
+        conditions = self.family.num_conditions
+        labels = torch.randint(0, conditions, (t.batch_size // n,), generator=rng).repeat_interleave(n).to(dev)
+        noise = torch.randn((t.batch_size, *self.family.sample_shape), generator=rng).to(dev)
         k = int(torch.randint(0, len(cfg.dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step)))
         batch = Batch(step, labels, noise, k, rng)
 
@@ -359,7 +359,7 @@ class Trainer:
         state = {k: v.clone() for k, v in state.items()}
         if self.ema is not None:
             self.ema.swap(self.generator)
-        net = build_digits_unet()
+        net = self.family.build_net()
         if self.world.is_main:
             net.load_state_dict(state)
         return Generator(net.eval(), self.adapter)
@@ -368,10 +368,11 @@ class Trainer:
         gen = self._plain_generator()
         if not self.world.is_main:
             return
-        labels = torch.arange(100) % NUM_CLASSES
-        noise = torch.randn((100, 1, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(self.cfg.eval.seed))
-        images = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0))
+        noise, labels = self._grid_inputs()
+        images = self.family.decode(few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas,
+                                                    torch.Generator().manual_seed(0)))
         os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+        labels = labels.cpu()
         save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}": (images, labels)},
                    os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
 
@@ -380,6 +381,8 @@ class Trainer:
         if not self.world.is_main:
             barrier(self.world)
             return {}
+        if self.classifier is None:
+            return self._evaluate_samples(gen)
         e, g = self.cfg.eval, self.cfg.dmd.guidance_scale
         n_steps = len(self.cfg.dmd.generator_sigmas)
         real_v = lambda x, s, y: self.real.velocity(x, s, y, g)  # noqa: E731
@@ -424,6 +427,27 @@ class Trainer:
         barrier(self.world)
         return summary
 
+    def _evaluate_samples(self, gen: Generator) -> dict:
+        """Families without a metric model (SD3): teacher and student grids on the same noise, student speed."""
+        e, g, fam = self.cfg.eval, self.cfg.dmd.guidance_scale, self.family
+        noise, labels = self._grid_inputs()
+        start = time.perf_counter()
+        student = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed))
+        speed = len(labels) / (time.perf_counter() - start)
+        teacher = euler_sample(lambda x, s: self.real.velocity(x, s, labels, g), noise, linear_sigmas(e.teacher_steps))
+        n_steps = len(self.cfg.dmd.generator_sigmas)
+        save_grids({f"teacher {e.teacher_steps}-step Euler": (fam.decode(teacher), labels.cpu()),
+                    f"student {n_steps}-step": (fam.decode(student), labels.cpu())},
+                   os.path.join(self.run_dir, "samples_final.png"))
+        summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g, "family": fam.name,
+                   "student_samples_per_s": speed, "rows": {str(i): fam.condition_names[i] for i in sorted(set(labels.tolist()))},
+                   "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s; grids (rows = prompts {summary['rows']}) in "
+              f"{self.run_dir}/samples_final.png")
+        return summary
+
     def _real_floor(self) -> dict:
         """FD and accuracy of real train digits against the held-out ones: what a perfect sampler scores."""
         e = self.cfg.eval
@@ -448,13 +472,15 @@ class Trainer:
         return {"classifier_log_prob": ClassifierLogProb(self.classifier), "jpeg": JpegCompressibility()}
 
     def _grid_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        labels = torch.arange(100) % NUM_CLASSES
-        return torch.randn((100, 1, IMAGE_SIZE, IMAGE_SIZE), generator=torch.Generator().manual_seed(self.cfg.eval.seed)), labels
+        conditions = min(self.family.num_conditions, 10)
+        labels = torch.arange(10 * conditions) % conditions
+        noise = torch.randn((len(labels), *self.family.sample_shape), generator=torch.Generator().manual_seed(self.cfg.eval.seed))
+        return noise.to(self.world.device), labels.to(self.world.device)
 
     def _teacher_cache(self, name: str) -> str:
         e = self.cfg.eval
         digest = hashlib.sha256()
-        with open(os.path.join(self.assets_dir, TEACHER_FILE), "rb") as f:
+        with open(self.family.teacher_file, "rb") as f:
             digest.update(f.read())
         digest.update(json.dumps([EVAL_VERSION, name, self.cfg.dmd.guidance_scale, e.num_samples, e.batch_size, e.seed,
                                   torch.__version__]).encode())

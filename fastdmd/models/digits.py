@@ -1,16 +1,13 @@
-"""The digits family: a small class-conditional diffusers UNet trained with rectified flow, and a
-small CNN classifier whose features define FD and whose log-probabilities are a reward.
-
-Flow convention (diffusers' FlowMatchEulerDiscreteScheduler): x_t = (1 - s) x0 + s eps, the model
-predicts the velocity v = eps - x0 at timestep 1000 * s, so x0_pred = x_t - s * v (a = 1, b = -s).
-Label NULL_LABEL (10) is the unconditional class used for classifier-free guidance.
+"""The digits family: a small class-conditional diffusers UNet trained with rectified flow
+(fastdmd.models.flow), and a small CNN classifier whose features define FD and whose
+log-probabilities are a reward. Label NULL_LABEL (10) is the unconditional class used for
+classifier-free guidance.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -19,6 +16,7 @@ from diffusers import UNet2DModel
 from safetensors.torch import load_file
 
 from fastdmd.data.digits import IMAGE_SIZE, NUM_CLASSES
+from fastdmd.models.flow import FlowAdapter
 
 NULL_LABEL = NUM_CLASSES
 ASSETS_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets")
@@ -43,44 +41,13 @@ def build_digits_unet(**overrides) -> UNet2DModel:
     return UNet2DModel(**{**UNET_CONFIG, **overrides})
 
 
-@dataclass(frozen=True)
-class DigitsFlowAdapter:
-    """Rectified-flow parametrization of the digits UNet (velocity prediction)."""
+class DigitsFlowAdapter(FlowAdapter):
+    """The digits UNet's conditioning: class embeddings, NULL_LABEL for the unconditional input."""
 
-    num_train_timesteps: int = 1000
-
-    def add_noise(self, x0: torch.Tensor, sigma: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        s = sigma.view(-1, *([1] * (x0.dim() - 1)))
-        return (1 - s) * x0 + s * eps
-
-    def x0_coeffs(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-sample (a, b) with x0_pred = a * x_t + b * pred."""
-        return torch.ones_like(sigma), -sigma
-
-    def to_x0(self, x_t: torch.Tensor, sigma: torch.Tensor, pred: torch.Tensor) -> torch.Tensor:
-        a, b = self.x0_coeffs(sigma)
-        shape = (-1, *([1] * (x_t.dim() - 1)))
-        return a.view(shape) * x_t + b.view(shape) * pred
-
-    def target(self, x0: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-        """What the model is trained to predict (the velocity)."""
-        return eps - x0
+    null_index = NULL_LABEL
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return model(x_t, sigma * self.num_train_timesteps, class_labels=labels).sample
-
-    def predict_cfg(self, model, x_t, sigma, labels, guidance_scale: float) -> torch.Tensor:
-        """pred_cfg = uncond + g * (cond - uncond); g = 1 skips the unconditional forward."""
-        if guidance_scale == 1.0:
-            return self.predict(model, x_t, sigma, labels)
-        cond, uncond = self.predict_cond_uncond(model, x_t, sigma, labels)
-        return uncond + guidance_scale * (cond - uncond)
-
-    def predict_cond_uncond(self, model, x_t, sigma, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional and unconditional predictions batched as one forward."""
-        null = torch.full_like(labels, NULL_LABEL)
-        out = self.predict(model, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
-        return out.chunk(2)
 
 
 class DigitsClassifier(nn.Module):

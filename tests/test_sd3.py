@@ -1,0 +1,114 @@
+"""The SD3 family through the same loading path a user takes: a tiny random SD3 transformer, VAE and
+scheduler saved with save_pretrained to a temp dir, a prompt file and a prompt-embedding cache."""
+
+import json
+import os
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+from fastdmd.config import ConfigError, parse_args
+from fastdmd.models import sd3
+from fastdmd.models.family import load_family
+from fastdmd.train import main
+
+JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 6
+PROMPTS = ["a red square", "a blue circle", "a green triangle"]
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("sd3-tiny")
+    torch.manual_seed(0)
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                          caption_projection_dim=16, pooled_projection_dim=POOLED_DIM,
+                          pos_embed_max_size=8).save_pretrained(root / "transformer")
+    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    cache = root / "prompt_embeds.safetensors"
+    gen = torch.Generator().manual_seed(1)
+    sd3.save_prompt_cache(str(cache), PROMPTS, torch.randn(len(PROMPTS) + 1, TOKENS, JOINT_DIM, generator=gen),
+                          torch.randn(len(PROMPTS) + 1, POOLED_DIM, generator=gen))
+    return root
+
+
+def args_for(root, run_dir, *extra):
+    return ["--recipe", "sd3-dmd2", "--model.path", str(root), "--model.prompts", str(root / "prompts.txt"),
+            "--model.prompt_cache", str(root / "prompt_embeds.safetensors"), "--model.resolution", "0",
+            "--model.dtype", "float32", "--trainer.batch_size", "2", "--trainer.critic_updates", "1",
+            "--trainer.log_every", "1", "--trainer.sample_every", "0", "--eval.teacher_steps", "2",
+            "--trainer.warmup_steps", "0", "--run_dir", str(run_dir), "--threads", "1", *extra]
+
+
+def test_family_loads_the_transformer_prompts_and_vae(sd3_dir):
+    cfg = parse_args(args_for(sd3_dir, "unused"))
+    fam = load_family(cfg.model)
+    assert fam.sample_shape == (4, 8, 8) and fam.condition_names == PROMPTS
+    assert fam.adapter.null_index == len(PROMPTS)  # the empty prompt
+    x, s, y = torch.randn(2, 4, 8, 8), torch.tensor([0.5, 0.9]), torch.tensor([0, 2])
+    with torch.no_grad():
+        v = fam.adapter.predict(fam.teacher, x, s, y)
+        direct = fam.teacher(hidden_states=x, encoder_hidden_states=fam.adapter.prompt_embeds[y],
+                             pooled_projections=fam.adapter.pooled[y], timestep=s * 1000).sample
+        cond, uncond = fam.adapter.predict_cond_uncond(fam.teacher, x, s, y)
+    torch.testing.assert_close(v, direct)
+    torch.testing.assert_close(cond, v)
+    assert (uncond - cond).abs().max() > 0  # the empty prompt conditions differently
+    images = fam.decode(torch.randn(2, 4, 8, 8))
+    assert images.shape == (2, 3, 16, 16) and images.abs().max() <= 1
+
+
+def test_trains_checkpoints_and_resumes_through_the_cli(sd3_dir, tmp_path):
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "2", "--trainer.checkpoint_every", "1",
+                  "--trainer.lr_schedule", "constant", "--eval.at_end", "true"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(torch.isfinite(torch.tensor(r["loss_dmd"])) for r in rows) and rows[1]["loss_dmd"] > 0
+    assert os.path.exists(tmp_path / "run" / "samples_final.png")
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["family"] == "sd3" and summary["rows"]["0"] == PROMPTS[0]
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "3", "--trainer.lr_schedule", "constant",
+                  "--eval.at_end", "false", "--resume"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
+
+
+def test_prompt_cache_for_other_prompts_is_refused(sd3_dir, tmp_path):
+    other = tmp_path / "other.txt"
+    other.write_text("a yellow star\n")
+    cfg = parse_args(args_for(sd3_dir, "unused", "--model.prompts", str(other)))
+    with pytest.raises(ValueError, match="made for other prompts"):
+        load_family(cfg.model)
+
+
+def test_without_cache_or_text_encoders_the_error_says_what_to_add(sd3_dir, tmp_path):
+    cfg = parse_args(args_for(sd3_dir, "unused", "--model.prompt_cache", str(tmp_path / "none.safetensors")))
+    with pytest.raises(FileNotFoundError, match="text_encoder"):
+        load_family(cfg.model)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda root: ["--model.path", str(root / "missing")], "missing"),
+    (lambda root: ["--model.path", str(root / "vae")], "transformer/config.json"),
+    (lambda root: ["--model.prompts", str(root / "nothing.txt")], "one prompt per line"),
+    (lambda root: ["--model.prompts", str(root / "vae" / "config.json")], "made for other prompts"),
+])
+def test_bad_paths_fail_with_one_line_naming_what_is_expected(sd3_dir, tmp_path, capsys, change, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main(args_for(sd3_dir, tmp_path / "run", *change(sd3_dir)))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_config_requires_path_and_prompts():
+    with pytest.raises(ConfigError, match="model.path"):
+        parse_args(["--recipe", "sd3-dmd2"])
+    with pytest.raises(ConfigError, match="digits classifier"):
+        parse_args(["--recipe", "sd3-dmd2", "--model.path", "x", "--model.prompts", "p", "--method", "dmdr"])
