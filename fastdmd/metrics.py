@@ -51,22 +51,23 @@ def score_sampler(
     """Draw num_samples with balanced labels from sample_fn(noise, labels), score FD against
     real_images on classifier features, accuracy on the requested labels and the mean of each
     reward(images, labels)."""
+    device = next(classifier.parameters()).device  # samplers run where the classifier (and the models) live
     labels = balanced_labels(num_samples)
     noise = torch.randn((num_samples, *real_images.shape[1:]), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    images = torch.cat([sample_fn(noise[i:i + batch_size], labels[i:i + batch_size])
+    images = torch.cat([sample_fn(noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
                         for i in range(0, num_samples, batch_size)])
     elapsed = time.perf_counter() - start
     feats, logits = [], []
     for i in range(0, num_samples, batch_size):
-        batch = images[i:i + batch_size].clamp(-1, 1)
-        feats.append(classifier.fd_features(batch))
-        logits.append(classifier(batch))
-    real_feats = torch.cat([classifier.fd_features(real_images[i:i + batch_size])
+        batch = images[i:i + batch_size].clamp(-1, 1).to(device)
+        feats.append(classifier.fd_features(batch).cpu())
+        logits.append(classifier(batch).cpu())
+    real_feats = torch.cat([classifier.fd_features(real_images[i:i + batch_size].to(device)).cpu()
                             for i in range(0, len(real_images), batch_size)])
     fd = frechet_distance(torch.cat(feats), real_feats)
     accuracy = (torch.cat(logits).argmax(1) == labels).float().mean().item()
-    means = {name: torch.cat([fn(images[i:i + batch_size], labels[i:i + batch_size])
+    means = {name: torch.cat([fn(images[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
                               for i in range(0, num_samples, batch_size)]).mean().item()
              for name, fn in (rewards or {}).items()}
     return SamplerScore(fd, accuracy, num_samples / elapsed, means), images, labels

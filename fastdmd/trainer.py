@@ -49,10 +49,11 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """Step t of rank r always draws the same numbers: resume needs no RNG state."""
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """Step t of rank r always draws the same numbers: resume needs no RNG state. The generator lives
+    on the training device, so every draw of the step happens there (CPU and CUDA streams differ)."""
     state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+    return torch.Generator(device=device).manual_seed(int(state))
 
 
 def shared_step_generator(seed: int, step: int) -> torch.Generator:
@@ -131,6 +132,9 @@ class Trainer:
         ops.backend = cfg.ops.backend
         self.family = load_family(cfg.model, world.device)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
+        teacher.to(world.device)
+        if self.classifier is not None:
+            self.classifier.to(world.device)
         self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
         critic = OBJECTIVES[cfg.method].uses_critic
         lora = cfg.dmdr.lora_rank if cfg.method == "dmdr" and cfg.dmdr.distribution_guidance else 0
@@ -141,6 +145,9 @@ class Trainer:
             self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
         if cfg.method == "drpo":
             base = Generator(copy.deepcopy(self.generator.net).eval().requires_grad_(False), self.adapter)
+        self.generator.to(world.device)
+        if self.fake is not None:
+            self.fake.to(world.device)
         shard_blocks(self.generator.net, world)
         if self.fake is not None:
             shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
@@ -194,12 +201,12 @@ class Trainer:
     # ----- one step ----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
-        rng = step_generator(t.seed, self.world.rank, step)
         dev = self.world.device
+        rng = step_generator(t.seed, self.world.rank, step, dev)
         n = self.objective.group_size
         conditions = self.family.num_conditions
-        labels = torch.randint(0, conditions, (t.batch_size // n,), generator=rng).repeat_interleave(n).to(dev)
-        noise = torch.randn((t.batch_size, *self.family.sample_shape), generator=rng).to(dev)
+        labels = torch.randint(0, conditions, (t.batch_size // n,), generator=rng, device=dev).repeat_interleave(n)
+        noise = torch.randn((t.batch_size, *self.family.sample_shape), generator=rng, device=dev)
         k = int(torch.randint(0, len(cfg.dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step)))
         batch = Batch(step, labels, noise, k, rng)
 
@@ -239,7 +246,7 @@ class Trainer:
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard
-        idx = torch.randint(0, len(labels), (self.cfg.trainer.batch_size,), generator=rng)
+        idx = torch.randint(0, len(labels), (self.cfg.trainer.batch_size,), generator=rng, device=rng.device).cpu()
         return images[idx].to(self.world.device), labels[idx].to(self.world.device)
 
     def _step_if_finite(self, role: str, loss: torch.Tensor, grad_norm: float, opt, step: int) -> bool:
@@ -362,7 +369,7 @@ class Trainer:
         net = self.family.build_net()
         if self.world.is_main:
             net.load_state_dict(state)
-        return Generator(net.eval(), self.adapter)
+        return Generator(net.eval().to(self.world.device), self.adapter)
 
     def _sample_grid(self) -> None:
         gen = self._plain_generator()

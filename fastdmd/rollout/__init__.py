@@ -17,7 +17,9 @@ X0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_
 
 
 def _renoise(x0: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+    # Drawn on the generator's device: evaluation samples CUDA tensors from a fixed CPU seed.
+    eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device,
+                      dtype=x0.dtype).to(x0.device)
     return (1 - sigma) * x0 + sigma * eps
 
 
