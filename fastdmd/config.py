@@ -170,6 +170,25 @@ class EvalConfig:
 
 
 @dataclass
+class PerfConfig:
+    compile: bool = opt(False, "torch.compile each block of the generator, critic and teacher (per-block, torchtitan-style)")
+    compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: checks the wiring fast, no codegen)",
+                               choices=("inductor", "aot_eager", "eager"))
+    activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (diffusers' "
+                                         "gradient checkpointing)")
+    mixed_precision: str = opt("fp32", "bf16: FSDP2 MixedPrecisionPolicy (bf16 params, fp32 reduce) under torchrun, "
+                               "bf16 autocast in one process; fp32: none", choices=("fp32", "bf16"))
+    fused_optimizer: bool = opt(True, "torch AdamW with fused=True (False: the for-loop AdamW)")
+    optimizer: str = opt("torch", "torch AdamW, or apex FusedAdam (NVIDIA apex built from source; falls back to "
+                         "torch fused AdamW when missing)", choices=("torch", "apex"))
+    attention: str = opt("sdpa", "attention backend of diffusers models: sdpa (torch), flash (flash-attn), "
+                         "xformers; a missing package falls back to sdpa", choices=("sdpa", "flash", "xformers"))
+    cuda_graph_rollout: bool = opt(False, "replay the no-grad rollout from a CUDA graph captured per static shape "
+                                   "(CUDA only; eager elsewhere, with the reason logged)")
+    shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
+
+
+@dataclass
 class OpsConfig:
     backend: str = opt("auto", "fused-op implementation (native needs the CMake build, see README)",
                        choices=("auto", "triton", "reference", "native"))
@@ -193,6 +212,7 @@ class Config:
     drpo: DrPOConfig = opt(None, "", factory=DrPOConfig)
     eval: EvalConfig = opt(None, "", factory=EvalConfig)
     ops: OpsConfig = opt(None, "", factory=OpsConfig)
+    perf: PerfConfig = opt(None, "", factory=PerfConfig)
 
     def validate(self) -> "Config":
         _check_ranges(self, "")

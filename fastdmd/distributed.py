@@ -55,24 +55,45 @@ def barrier(world: World) -> None:
         dist.barrier()
 
 
-def shard_blocks(net: nn.Module, world: World, root: nn.Module | None = None) -> nn.Module:
-    """FSDP2: fully_shard each block (down/up/mid blocks of a diffusers UNet, the transformer blocks of
-    SD3 / FLUX), then the network, then `root` (a module around the network that owns parameters of
-    its own, e.g. the critic's GAN head)."""
-    if not world.distributed:
-        return net
-    from torch.distributed.fsdp import fully_shard
-
+def blocks_of(net: nn.Module) -> list[nn.Module]:
+    """The repeated blocks of a diffusers network: UNet down/mid/up blocks, SD3 / FLUX transformer blocks."""
     blocks = [*getattr(net, "down_blocks", []), *getattr(net, "up_blocks", []),
               *getattr(net, "transformer_blocks", []), *getattr(net, "single_transformer_blocks", [])]
     if getattr(net, "mid_block", None) is not None:
         blocks.append(net.mid_block)
+    return blocks
+
+
+def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None = None, trainable: bool = True) -> nn.Module:
+    """Apply, in this order (torchtitan's): activation checkpointing per block (trainable networks),
+    torch.compile per block, then under torchrun FSDP2 `fully_shard` per block, the network and
+    `root` (a module around the network that owns parameters of its own, e.g. the critic's GAN head),
+    with a MixedPrecisionPolicy (bf16 params, fp32 gradient reduction) when perf.mixed_precision is bf16."""
+    blocks = blocks_of(net)
+    if perf is not None and perf.activation_checkpointing and trainable and \
+            getattr(net, "_supports_gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
+    if perf is not None and perf.compile:
+        for block in blocks:
+            block.compile(backend=perf.compile_backend)
+    if not world.distributed:
+        return net
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    kwargs = {}
+    if perf is not None and perf.mixed_precision == "bf16":
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for block in blocks:
-        fully_shard(block)
-    fully_shard(net)
+        fully_shard(block, **kwargs)
+    fully_shard(net, **kwargs)
     if root is not None:
-        fully_shard(root)
+        fully_shard(root, **kwargs)
     return net
+
+
+def shard_blocks(net: nn.Module, world: World, root: nn.Module | None = None) -> nn.Module:
+    """FSDP2 only (no checkpointing, no compile): `parallelize` with default performance settings."""
+    return parallelize(net, world, None, root)
 
 
 def mean_across_ranks(values: dict[str, float], world: World) -> dict[str, float]:

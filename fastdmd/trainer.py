@@ -8,6 +8,7 @@ One generator step (DESIGN.md, "One training step"):
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import json
@@ -30,7 +31,8 @@ from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoi
 from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
-from fastdmd.distributed import World, barrier, mean_across_ranks, shard_blocks
+from fastdmd.accel import make_adamw, set_attention
+from fastdmd.distributed import World, barrier, mean_across_ranks, parallelize
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import load_family
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
@@ -106,10 +108,9 @@ class RoleState(Stateful):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, cfg) -> torch.optim.Optimizer:
+def make_optimizer(module: torch.nn.Module, lr: float, cfg, perf) -> tuple[torch.optim.Optimizer, str]:
     params = [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
-    return torch.optim.AdamW(params, lr=lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                             weight_decay=cfg.weight_decay, fused=True)
+    return make_adamw(params, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, perf)
 
 
 def lr_factor(updates_done: int, t) -> float:
@@ -148,9 +149,15 @@ class Trainer:
         self.generator.to(world.device)
         if self.fake is not None:
             self.fake.to(world.device)
-        shard_blocks(self.generator.net, world)
+        perf = cfg.perf
+        self.attention = set_attention(teacher, perf.attention)
+        for role in filter(None, (self.generator, self.fake, base)):
+            set_attention(role.net, perf.attention)
+        parallelize(self.generator.net, world, perf)
         if self.fake is not None:
-            shard_blocks(self.fake.net, world, root=self.fake if self.use_gan else None)
+            parallelize(self.fake.net, world, perf, root=self.fake if self.use_gan else None)
+        if perf.shard_teacher or not world.distributed:
+            parallelize(teacher, world, perf, trainable=False)
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
             train = load_digits("train")
             self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
@@ -158,11 +165,11 @@ class Trainer:
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
-        self.opt_g = make_optimizer(self.generator, t.lr_generator, t)
+        self.opt_g, self.optimizer_name = make_optimizer(self.generator, t.lr_generator, t, cfg.perf)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
         self.opt_c = self.sched_c = None
         if self.fake is not None:
-            self.opt_c = make_optimizer(self.fake, t.lr_critic, t)
+            self.opt_c, _ = make_optimizer(self.fake, t.lr_critic, t, cfg.perf)
             self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
         self.step = 0
         self.bad_steps = 0
@@ -211,7 +218,8 @@ class Trainer:
         batch = Batch(step, labels, noise, k, rng)
 
         logs, skipped_g = [], 0
-        for update in self.objective.generator_updates(batch):
+        updates = self.objective.generator_updates(batch)
+        while (update := self._next_update(updates)) is not None:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
@@ -229,7 +237,8 @@ class Trainer:
                 self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
                 critic_logs = []
                 for _ in range(t.critic_updates):
-                    loss_c, c_logs = self.objective.critic_loss(step, rng)
+                    with self._autocast():
+                        loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
                     gnorm_c = self._clip(self.fake)
                     skipped_c += self._step_if_finite("critic", loss_c, gnorm_c, self.opt_c, step)
@@ -243,6 +252,16 @@ class Trainer:
                                  f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
                                  f"check the teacher and data, then --resume.")
         return row | {"skipped_generator_updates": float(skipped_g), "skipped_critic_updates": float(skipped_c)}
+
+    def _autocast(self):
+        """bf16 autocast for the forwards in one process (under torchrun FSDP2's policy casts instead)."""
+        if self.cfg.perf.mixed_precision == "bf16" and not self.world.distributed:
+            return torch.autocast(self.world.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _next_update(self, updates):
+        with self._autocast():
+            return next(updates, None)
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard
@@ -351,8 +370,13 @@ class Trainer:
         print(f"fastdmd {c.recipe}: method={c.method} steps={c.trainer.steps} batch={c.trainer.batch_size}"
               f"x{self.world.world_size} ranks, guidance g={c.dmd.guidance_scale}, generator {n_params / 1e6:.2f}M params"
               + (f", GAN term (generator {c.dmd.gan_generator_weight}, critic {c.dmd.gan_critic_weight})" if self.use_gan else ""))
+        p = c.perf
         print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
-              f"optimizer=torch AdamW(fused) threads={torch.get_num_threads()} run_dir={self.run_dir}")
+              f"optimizer={self.optimizer_name} attention={self.attention} threads={torch.get_num_threads()} "
+              f"run_dir={self.run_dir}")
+        print(f"  compile={'per block (' + p.compile_backend + ')' if p.compile else 'off'} "
+              f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
+              f"precision={p.mixed_precision} cuda_graph_rollout={p.cuda_graph_rollout}")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))

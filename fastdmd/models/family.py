@@ -7,7 +7,6 @@ show samples, behind one `load_family(cfg.model)` (the trainer knows nothing fam
 
 from __future__ import annotations
 
-import copy
 import os
 from dataclasses import dataclass
 from typing import Callable
@@ -77,4 +76,4 @@ def _sd3(cfg, device) -> Family:
         return vae.to(latents.device).decode(z).sample.float().clamp(-1, 1)
 
     return Family("sd3", teacher, sd3.SD3Adapter(embeds.to(device), pooled.to(device)), shape, prompts,
-                  lambda: copy.deepcopy(teacher).requires_grad_(True), decode)
+                  lambda: type(teacher).from_config(teacher.config), decode)

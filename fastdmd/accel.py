@@ -1,0 +1,51 @@
+"""Optional accelerators, imported lazily: flash-attn / xformers attention for diffusers models and
+NVIDIA apex's FusedAdam. Each falls back to what torch has (SDPA, fused AdamW) with a message that
+says what is missing, and `describe()` reports what is in use for the run header.
+
+NVIDIA apex is built from source (https://github.com/NVIDIA/apex); the PyPI package named `apex` is
+an unrelated project and is never a dependency.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn as nn
+
+ATTENTION_PACKAGES = {"flash": "flash_attn", "xformers": "xformers"}
+DIFFUSERS_BACKENDS = {"flash": "flash", "xformers": "xformers"}
+
+
+def set_attention(net: nn.Module, choice: str) -> str:
+    """Select the attention backend of a diffusers model; returns what is in use."""
+    if choice == "sdpa":
+        return "torch SDPA"
+    package = ATTENTION_PACKAGES[choice]
+    if importlib.util.find_spec(package) is None:
+        return f"torch SDPA ({package} not installed; `pip install '.[accel]'` on a CUDA machine to use {choice})"
+    if not torch.cuda.is_available():
+        return f"torch SDPA ({choice} needs CUDA)"
+    if hasattr(net, "set_attention_backend"):
+        net.set_attention_backend(DIFFUSERS_BACKENDS[choice])
+    return choice
+
+
+def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[torch.optim.Optimizer, str]:
+    """(optimizer, description): apex FusedAdam when asked and importable, else torch AdamW (fused or not)."""
+    params = list(params)
+    if perf.optimizer == "apex":
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError:
+            note = "apex FusedAdam not importable (build NVIDIA apex from source); "
+        else:
+            if params and params[0].is_cuda:
+                return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True), "apex FusedAdam"
+            note = "apex FusedAdam needs CUDA; "
+    else:
+        note = ""
+    if perf.fused_optimizer:
+        opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
+        return opt, note + "torch AdamW (fused)"
+    return torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay), note + "torch AdamW (default)"
