@@ -42,6 +42,7 @@ from fastdmd.plot import save_grids
 from fastdmd.profiling import phase
 from fastdmd.roles import Generator, build_roles
 from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
+from fastdmd.rollout.graphs import GraphedRollout
 
 
 EVAL_VERSION = 2  # bump when the evaluation's figures change meaning (invalidates cached teacher rows)
@@ -162,8 +163,10 @@ class Trainer:
             train = load_digits("train")
             self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
         self.reward = build_reward(cfg.reward, self.classifier) if cfg.method != "dmd2" else None
+        self.rollout = GraphedRollout(self.generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
+                                      world.device, world.distributed)
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
-                                                    self.classifier, base, self._real_batch))
+                                                    self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
         self.opt_g, self.optimizer_name = make_optimizer(self.generator, t.lr_generator, t, cfg.perf)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
@@ -376,7 +379,7 @@ class Trainer:
               f"run_dir={self.run_dir}")
         print(f"  compile={'per block (' + p.compile_backend + ')' if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
-              f"precision={p.mixed_precision} cuda_graph_rollout={p.cuda_graph_rollout}")
+              f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))

@@ -63,3 +63,36 @@ def test_missing_accelerators_fall_back_and_say_so(tmp_path, capsys):
     assert trainer.opt_g.defaults["fused"] is True
     naive = Trainer(parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.fused_optimizer", "false"]), World())
     assert naive.optimizer_name == "torch AdamW (default)" and not naive.opt_g.defaults["fused"]
+
+
+def test_rollout_graph_falls_back_to_eager_off_cuda_with_a_reason(tmp_path, capsys):
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import step_generator
+
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_rollout", "true"])
+    trainer = Trainer(cfg, World())
+    assert not trainer.rollout.active and "CUDA device" in trainer.rollout.reason
+    noise, labels = torch.randn(4, 1, 16, 16), torch.arange(4)
+    got = trainer.rollout(noise, labels, 2, step_generator(0, 0, 5))
+    want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 2, step_generator(0, 0, 5))
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rollout_graph_replays_the_eager_rollout_on_cuda(tmp_path):
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import step_generator
+
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_rollout", "true"])
+    trainer = Trainer(cfg, World(device=torch.device("cuda")))
+    assert trainer.rollout.active, trainer.rollout.reason
+    dev = torch.device("cuda")
+    for step in range(1, 4):  # capture once, then replay with new inputs
+        noise = torch.randn(8, 1, 16, 16, device=dev)
+        labels = torch.randint(0, 10, (8,), device=dev)
+        got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
+        want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                   step_generator(0, 0, step, dev))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+    assert trainer.rollout.active and len(trainer.rollout.graphs) == 1

@@ -24,7 +24,6 @@ import torch.nn as nn
 from fastdmd.config import Config
 from fastdmd.profiling import phase
 from fastdmd.rewards import CombinedReward
-from fastdmd.rollout import backward_simulation
 
 
 @dataclass
@@ -36,6 +35,7 @@ class Roles:
     classifier: nn.Module                # frozen digits classifier (features for DrPO)
     base: nn.Module | None               # frozen copy of the generator at the start (DrPO's base drift)
     real_batch: Callable[[torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # real digits (GAN term)
+    rollout: Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (noise, labels, k, rng) -> (x_{s_k}, s_k), no grad
 
 
 class Batch(NamedTuple):
@@ -66,8 +66,7 @@ class Objective:
         """x0 of the few-step sampler with gradient through step k only (DMD2's backward simulation)."""
         gen = self.roles.generator
         with phase("rollout"):
-            x_t, sigma = backward_simulation(gen, batch.noise, batch.labels, self.cfg.dmd.generator_sigmas, batch.k,
-                                             batch.rng)
+            x_t, sigma = self.roles.rollout(batch.noise, batch.labels, batch.k, batch.rng)
         with phase("generator_fwd"):
             return gen(x_t, sigma, batch.labels)
 

@@ -23,7 +23,6 @@ import torch
 from fastdmd.objectives.base import Batch, Objective, Update
 from fastdmd.objectives.drift import drift_loss
 from fastdmd.profiling import phase
-from fastdmd.rollout import backward_simulation
 
 
 class DrPO(Objective):
@@ -44,8 +43,7 @@ class DrPO(Objective):
     def generator_updates(self, batch: Batch) -> Iterator[Update]:
         cfg, c, roles, n = self.cfg, self.cfg.drpo, self.roles, self.group_size
         with phase("rollout"):
-            x_t, sigma = backward_simulation(roles.generator, batch.noise, batch.labels, cfg.dmd.generator_sigmas,
-                                             batch.k, batch.rng)
+            x_t, sigma = roles.rollout(batch.noise, batch.labels, batch.k, batch.rng)
             with torch.no_grad():
                 base_x0 = roles.base(x_t, sigma, batch.labels)
         with phase("generator_fwd"):

@@ -33,17 +33,32 @@ def few_step_sample(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigm
     return x
 
 
+def renoise_draws(noise: torch.Tensor, k: int, generator: torch.Generator | None) -> list[torch.Tensor]:
+    """The k fresh noises that the first k steps of the sampler re-noise with, drawn in step order."""
+    device = generator.device if generator is not None else noise.device
+    return [torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype).to(noise.device)
+            for _ in range(k)]
+
+
 @torch.no_grad()
+def simulate(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
+             draws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The first len(draws) steps of the few-step sampler with the given re-noise draws: x_{s_k}.
+    Pure tensor code with static shapes: what fastdmd.rollout.graphs captures as a CUDA graph."""
+    x = noise
+    for i, eps in enumerate(draws):
+        x0 = x0_fn(x, torch.full((x.shape[0],), sigmas[i], device=x.device), labels)
+        x = (1 - sigmas[i + 1]) * x0 + sigmas[i + 1] * eps
+    return x
+
+
 def backward_simulation(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
                         k: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run the first k steps without grad and return (x_{s_k}, s_k): the input of the step that
     receives the gradient (DMD2's backward simulation)."""
     if not 0 <= k < len(sigmas):
         raise ValueError(f"backward-simulation step k must be in [0, {len(sigmas) - 1}], got {k}")
-    x = noise
-    for i in range(k):
-        x0 = x0_fn(x, torch.full((x.shape[0],), sigmas[i], device=x.device), labels)
-        x = _renoise(x0, sigmas[i + 1], generator)
+    x = simulate(x0_fn, noise, labels, sigmas, renoise_draws(noise, k, generator))
     return x, torch.full((x.shape[0],), sigmas[k], device=x.device)
 
 

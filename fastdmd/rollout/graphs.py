@@ -1,0 +1,78 @@
+"""The no-grad rollout (backward simulation) replayed from CUDA graphs.
+
+One graph per static shape and step count k: static buffers hold the starting noise, the labels
+and the k re-noise draws; each training step copies its inputs into them and replays. The draws are
+made outside the graph from the step's generator, in the same order as the eager path, so graph and
+eager rollouts see the same numbers. The generator's weights are read in place (the optimizer
+updates them in place), so one capture serves the whole run.
+
+Where a graph cannot work the rollout stays eager and `reason` says why (logged once in the run
+header): no CUDA device, FSDP-sharded weights (their all-gathers run outside any graph), or a
+capture that failed (the error is kept).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from fastdmd.rollout import X0Fn, renoise_draws, simulate
+
+WARMUP_ITERS = 3
+
+
+class GraphedRollout:
+    def __init__(self, x0_fn: X0Fn, sigmas: Sequence[float], enabled: bool, device: torch.device,
+                 distributed: bool = False):
+        self.x0_fn, self.sigmas = x0_fn, tuple(sigmas)
+        self.reason = None
+        if not enabled:
+            self.reason = "off (perf.cuda_graph_rollout false)"
+        elif device.type != "cuda":
+            self.reason = f"eager: CUDA graphs need a CUDA device, the run is on {device.type}"
+        elif distributed:
+            self.reason = "eager: FSDP-sharded weights are all-gathered outside any graph"
+        self.graphs: dict[tuple, tuple] = {}
+
+    @property
+    def active(self) -> bool:
+        return self.reason is None
+
+    def __call__(self, noise: torch.Tensor, labels: torch.Tensor, k: int,
+                 generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        if not 0 <= k < len(self.sigmas):
+            raise ValueError(f"backward-simulation step k must be in [0, {len(self.sigmas) - 1}], got {k}")
+        draws = renoise_draws(noise, k, generator)
+        sigma = torch.full((noise.shape[0],), self.sigmas[k], device=noise.device)
+        if not self.active or k == 0:
+            return simulate(self.x0_fn, noise, labels, self.sigmas, draws), sigma
+        key = (k, tuple(noise.shape), noise.dtype, labels.dtype)
+        if key not in self.graphs:
+            try:
+                self.graphs[key] = self._capture(noise, labels, draws)
+            except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager, say why
+                self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {e})"
+                return simulate(self.x0_fn, noise, labels, self.sigmas, draws), sigma
+        graph, static_noise, static_labels, static_draws, static_out = self.graphs[key]
+        static_noise.copy_(noise)
+        static_labels.copy_(labels)
+        for buffer, draw in zip(static_draws, draws):
+            buffer.copy_(draw)
+        graph.replay()
+        return static_out.clone(), sigma
+
+    @torch.no_grad()
+    def _capture(self, noise, labels, draws):
+        static_noise, static_labels = noise.clone(), labels.clone()
+        static_draws = [d.clone() for d in draws]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(WARMUP_ITERS):
+                simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
+        return graph, static_noise, static_labels, static_draws, static_out
