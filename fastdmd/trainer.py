@@ -34,7 +34,7 @@ from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.accel import make_adamw, set_attention
 from fastdmd.distributed import World, barrier, mean_across_ranks, parallelize
 from fastdmd.metrics import score_sampler
-from fastdmd.models.family import load_family
+from fastdmd.models.family import Family, load_family
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
@@ -128,11 +128,12 @@ def default_run_dir(cfg: Config) -> str:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, world: World):
+    def __init__(self, cfg: Config, world: World, family: Family | None = None):
+        """`family` replaces the one cfg.model names (benchmarks build random-init models in memory)."""
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         ops.backend = cfg.ops.backend
-        self.family = load_family(cfg.model, world.device)
+        self.family = family or load_family(cfg.model, world.device)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         teacher.to(world.device)
         if self.classifier is not None:

@@ -77,3 +77,31 @@ def _sd3(cfg, device) -> Family:
 
     return Family("sd3", teacher, sd3.SD3Adapter(embeds.to(device), pooled.to(device)), shape, prompts,
                   lambda: type(teacher).from_config(teacher.config), decode)
+
+
+SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                  num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
+                  pooled_projection_dim=2048, pos_embed_max_size=192)  # stabilityai/stable-diffusion-3-medium
+SD3_PROMPT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens, concatenated
+
+
+def random_sd3_family(num_layers: int | None = None, resolution: int = 1024, num_prompts: int = 8,
+                      dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu"),
+                      seed: int = 0) -> Family:
+    """The SD3-medium architecture with random weights and random prompt embeddings, built in memory:
+    the shape of the real thing for throughput measurements, no download."""
+    from diffusers import SD3Transformer2DModel
+
+    from fastdmd.models.sd3 import SD3Adapter
+
+    config = SD3_MEDIUM | ({"num_layers": num_layers} if num_layers else {})
+    torch.manual_seed(seed)
+    with torch.device(device):
+        teacher = SD3Transformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    embeds = torch.randn(num_prompts + 1, SD3_PROMPT_TOKENS, config["joint_attention_dim"], generator=gen)
+    pooled = torch.randn(num_prompts + 1, config["pooled_projection_dim"], generator=gen)
+    size = resolution // 8
+    return Family("sd3", teacher, SD3Adapter(embeds.to(device), pooled.to(device)), (config["in_channels"], size, size),
+                  [f"prompt {i}" for i in range(num_prompts)], lambda: SD3Transformer2DModel(**config),
+                  lambda x: x[:, :1].clamp(-1, 1))

@@ -1,0 +1,191 @@
+"""One training step, naive vs optimized, side by side in one process on the same preset, shape and
+device:
+
+    naive      eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager rollout,
+               fp32 master weights (bf16 autocast on CUDA)
+    optimized  per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
+               rollout (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+
+For each: s/step (median of the timed steps), samples/s, FLOP/step (torch.utils.flop_counter),
+MFU against the matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU), peak memory
+(CUDA: max allocated; CPU: process peak RSS, cumulative) and the per-phase breakdown by the phase
+names of DESIGN.md (fastdmd.profiling). Writes benchmarks/results/step_throughput_<preset>_<device>.{json,md}.
+
+    python benchmarks/step_throughput.py                                  # digits on this machine's device
+    python benchmarks/step_throughput.py --preset sd3-medium --depth 4 --batch 2 --resolution 512
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shlex
+import statistics
+import sys
+import time
+from datetime import datetime, timezone
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from fastdmd.config import parse_args
+from fastdmd.distributed import World
+from fastdmd.profiling import PHASES, phase_times
+from fastdmd.trainer import Trainer
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
+    precision = ["--perf.mixed_precision", "bf16"] if cuda else []
+    if name == "naive":
+        return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", *precision]
+    return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
+            "--perf.cuda_graph_rollout", "true", *precision]
+
+
+def preset_args(preset: str, batch: int) -> list[str]:
+    common = ["--trainer.batch_size", str(batch), "--trainer.sample_every", "0", "--trainer.checkpoint_every", "0",
+              "--eval.at_end", "false", "--trainer.warmup_steps", "0", "--trainer.critic_updates", "1"]
+    if preset == "digits":
+        return common
+    return ["--recipe", "sd3-dmd2", "--model.path", "<in memory>", "--model.prompts", "<in memory>", *common]
+
+
+def build_family(preset: str, depth: int | None, resolution: int, device: torch.device):
+    if preset == "digits":
+        return None
+    from fastdmd.models.family import random_sd3_family
+    return random_sd3_family(num_layers=depth, resolution=resolution, device=device)
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_peak(device: torch.device) -> tuple[float, str]:
+    """FLOP/s of a large square matmul, best of 3 trials: bf16 on CUDA, fp32 on CPU (where bf16 is
+    not the fast path)."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    n = 8192 if device.type == "cuda" else 2048
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    a @ b
+    reps, best = (20 if device.type == "cuda" else 3), 0.0
+    for _ in range(3):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        sync(device)
+        best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
+    return best, str(dtype).removeprefix("torch.")
+
+
+def measure(name: str, args: list[str], family, device, warmup: int, steps: int) -> dict:
+    cfg = parse_args(args)
+    trainer = Trainer(cfg, World(device=device), family=family)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = 0
+    for _ in range(warmup):  # compiles, captures the rollout graphs, fills the optimizer state
+        step += 1
+        trainer.train_step(step)
+    times, phases = [], dict.fromkeys(PHASES, 0.0)
+    for _ in range(steps):
+        step += 1
+        sync(device)
+        start = time.perf_counter()
+        with phase_times() as spent:
+            trainer.train_step(step)
+        sync(device)
+        times.append(time.perf_counter() - start)
+        for key, value in spent.items():
+            phases[key] += value / steps
+    with FlopCounterMode(display=False) as counter:
+        trainer.train_step(step + 1)
+    median = statistics.median(times)
+    peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
+            "flop_per_step": counter.get_total_flops(), "peak_memory_bytes": peak_memory,
+            "phase_s": phases, "optimizer": trainer.optimizer_name, "rollout": trainer.rollout.reason or "CUDA graph",
+            "ops_backend": cfg.ops.backend}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="digits", choices=("digits", "sd3-medium"))
+    p.add_argument("--depth", type=int, default=None, help="transformer layers (sd3-medium: 24)")
+    p.add_argument("--batch", type=int, default=None, help="samples per step (digits 64, sd3-medium 2)")
+    p.add_argument("--resolution", type=int, default=1024, help="sd3-medium: image resolution in pixels")
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", default=None)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    batch = args.batch or (64 if args.preset == "digits" else 2)
+    family = build_family(args.preset, args.depth, args.resolution, device)
+    peak, peak_dtype = matmul_peak(device)
+    rows = []
+    for name in ("naive", "optimized"):
+        run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
+            + ["--run_dir", os.path.join("runs", "step_throughput", name)]
+        row = measure(name, run_args, family, device, args.warmup, args.steps)
+        row["mfu"] = row["flop_per_step"] / row["s_per_step"] / peak
+        rows.append(row)
+        print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
+              f"MFU {100 * row['mfu']:.2f}%", flush=True)
+    naive, optimized = rows
+    record = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda"
+        else f"cpu ({platform.machine()}, {os.cpu_count()} cores, {torch.get_num_threads()} threads)",
+        "torch": torch.__version__, "triton": _version("triton"), "diffusers": _version("diffusers"),
+        "command": shlex.join([sys.executable, *sys.argv]),
+        "preset": args.preset, "depth": args.depth, "batch": batch, "resolution": args.resolution,
+        "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype,
+        "speedup": naive["s_per_step"] / optimized["s_per_step"], "variants": rows,
+    }
+    out = args.out or os.path.join(RESULTS, f"step_throughput_{args.preset}_{device.type}")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(record, f, indent=2)
+    with open(out + ".md", "w") as f:
+        f.write(report(record))
+    print(report(record))
+
+
+def _version(package: str) -> str:
+    try:
+        from importlib.metadata import version
+        return version(package)
+    except Exception:  # noqa: BLE001
+        return "not installed"
+
+
+def report(r: dict) -> str:
+    lines = [f"# Step throughput, preset {r['preset']}", "",
+             f"{r['date']}, {r['device']}, torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; "
+             f"command: `{r['command']}`", "",
+             f"batch {r['batch']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({r['matmul_peak_dtype']}), "
+             f"optimized / naive speed-up **{r['speedup']:.2f}x** (same process, same inputs)", "",
+             "| variant | s/step | samples/s | GFLOP/step | MFU | peak memory (MB) | optimizer | rollout |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
+    for v in r["variants"]:
+        lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {v['samples_per_s']:.1f} | {v['flop_per_step'] / 1e9:.1f} "
+                     f"| {100 * v['mfu']:.2f}% | {v['peak_memory_bytes'] / 2**20:.0f} | {v['optimizer']} | {v['rollout']} |")
+    lines += ["", "| phase (s/step) | " + " | ".join(v["variant"] for v in r["variants"]) + " |",
+              "|---|" + "---:|" * len(r["variants"])]
+    for name in PHASES:
+        lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in r["variants"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

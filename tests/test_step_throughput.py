@@ -1,0 +1,31 @@
+"""benchmarks/step_throughput.py on the digits preset: both variants measured, the phases account for
+the step, FLOPs counted, the record says where and how it was made."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_digits_preset_side_by_side(tmp_path):
+    out = tmp_path / "st"
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_throughput.py"), "--batch", "8",
+                           "--warmup", "1", "--steps", "2", "--compile-backend", "aot_eager", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = json.loads((tmp_path / "st.json").read_text())
+    naive, optimized = record["variants"]
+    assert (naive["variant"], optimized["variant"]) == ("naive", "optimized")
+    assert naive["optimizer"] == "torch AdamW (default)" and optimized["optimizer"] == "torch AdamW (fused)"
+    assert "--perf.compile" in optimized["args"] and "--perf.compile" not in naive["args"]
+    for v in (naive, optimized):
+        assert v["flop_per_step"] > 1e9 and v["s_per_step"] > 0 and v["peak_memory_bytes"] > 0
+        phases = sum(v["phase_s"].values())
+        assert 0.6 * v["s_per_step"] < phases <= 1.2 * v["s_per_step"]  # the phases cover the step
+        assert v["phase_s"]["critic_update"] > 0 and v["phase_s"]["rollout"] > 0
+    assert record["speedup"] == naive["s_per_step"] / optimized["s_per_step"]
+    assert record["device"].startswith("cpu") and record["torch"] and "step_throughput.py" in record["command"]
+    assert "| phase (s/step) |" in (tmp_path / "st.md").read_text()
