@@ -13,6 +13,11 @@ names of DESIGN.md (fastdmd.profiling). Writes benchmarks/results/step_throughpu
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
     python benchmarks/step_throughput.py --preset sd3-medium --depth 4 --batch 2 --resolution 512
+    python benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512
+
+The sd3-medium and flux-dev presets build the real architectures with random weights (depth
+overridable); flux-dev needs a GPU's memory even at depth 1 (about 22 GB of host memory on CPU:
+3 blocks of 3072 channels for teacher, generator, critic and two AdamW states).
 """
 
 from __future__ import annotations
@@ -52,14 +57,15 @@ def preset_args(preset: str, batch: int) -> list[str]:
               "--eval.at_end", "false", "--trainer.warmup_steps", "0", "--trainer.critic_updates", "1"]
     if preset == "digits":
         return common
-    return ["--recipe", "sd3-dmd2", "--model.path", "<in memory>", "--model.prompts", "<in memory>", *common]
+    recipe = {"sd3-medium": "sd3-dmd2", "flux-dev": "flux-dmd2"}[preset]
+    return ["--recipe", recipe, "--model.path", "<in memory>", "--model.prompts", "<in memory>", *common]
 
 
 def build_family(preset: str, depth: int | None, resolution: int, device: torch.device):
     if preset == "digits":
         return None
-    from fastdmd.models.family import random_sd3_family
-    return random_sd3_family(num_layers=depth, resolution=resolution, device=device)
+    from fastdmd.models.family import random_family
+    return random_family(preset, depth, resolution, device=device)
 
 
 def sync(device) -> None:
@@ -118,8 +124,9 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="digits", choices=("digits", "sd3-medium"))
-    p.add_argument("--depth", type=int, default=None, help="transformer layers (sd3-medium: 24)")
+    p.add_argument("--preset", default="digits", choices=("digits", "sd3-medium", "flux-dev"))
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (sd3-medium: 24; flux-dev: 19 "
+                   "double-stream, with twice as many single-stream)")
     p.add_argument("--batch", type=int, default=None, help="samples per step (digits 64, sd3-medium 2)")
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium: image resolution in pixels")
     p.add_argument("--warmup", type=int, default=3)

@@ -36,14 +36,15 @@ def opt(default, help: str, *, min=None, max=None, choices=None, factory=None):
 
 @dataclass
 class ModelConfig:
-    family: str = opt("digits", "model family (fastdmd/models/family.py)", choices=("digits", "sd3"))
+    family: str = opt("digits", "model family (fastdmd/models/family.py)", choices=("digits", "sd3", "flux"))
     path: str = opt("", "folder with the teacher weights (digits: empty = the shipped assets; sd3: a local "
                     "diffusers directory with transformer/ and scheduler/)")
-    prompts: str = opt("", "sd3: text file with one training prompt per line")
+    prompts: str = opt("", "sd3/flux: text file with one training prompt per line")
     prompt_cache: str = opt("", "sd3: safetensors file of the prompts' embeddings (made once with the text encoders; "
                             "empty = ~/.cache/fastdmd/prompts/<hash>)")
     max_sequence_length: int = opt(77, "sd3: T5 tokens per prompt", min=1, max=512)
     resolution: int = opt(0, "sd3: image resolution in pixels (0 = the transformer's sample_size x 8)", min=0)
+    flux_guidance: float = opt(3.5, "flux: the guidance embedding of guidance-distilled FLUX (dev)", min=0.0)
     dtype: str = opt("float32", "dtype of the frozen teacher (the trained roles keep fp32 master weights)",
                      choices=("float32", "bfloat16"))
     init_generator: str = opt("", "start the generator (and the frozen base of DrPO) from a DMD2 run's final "

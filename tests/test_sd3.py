@@ -9,7 +9,7 @@ import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
 from fastdmd.config import ConfigError, parse_args
-from fastdmd.models import sd3
+from fastdmd.models import prompts as prompt_cache
 from fastdmd.models.family import load_family
 from fastdmd.train import main
 
@@ -33,7 +33,7 @@ def sd3_dir(tmp_path_factory):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     cache = root / "prompt_embeds.safetensors"
     gen = torch.Generator().manual_seed(1)
-    sd3.save_prompt_cache(str(cache), PROMPTS, torch.randn(len(PROMPTS) + 1, TOKENS, JOINT_DIM, generator=gen),
+    prompt_cache.save_prompt_cache(str(cache), PROMPTS, torch.randn(len(PROMPTS) + 1, TOKENS, JOINT_DIM, generator=gen),
                           torch.randn(len(PROMPTS) + 1, POOLED_DIM, generator=gen))
     return root
 

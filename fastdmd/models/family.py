@@ -3,6 +3,7 @@ show samples, behind one `load_family(cfg.model)` (the trainer knows nothing fam
 
     digits  the shipped class-conditional UNet and classifier (fastdmd.models.digits)
     sd3     SD3 / SD3.5 transformer from a local diffusers directory (fastdmd.models.sd3)
+    flux    FLUX transformer from a local diffusers directory (fastdmd.models.flux)
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ class Family:
 def load_family(cfg, device: torch.device = torch.device("cpu")) -> Family:
     if cfg.family == "digits":
         return _digits(cfg)
-    if cfg.family == "sd3":
-        return _sd3(cfg, device)
-    raise ValueError(f"model.family {cfg.family!r} is not known; choose digits or sd3")
+    if cfg.family in ("sd3", "flux"):
+        return _text_to_image(cfg, device)
+    raise ValueError(f"model.family {cfg.family!r} is not known; choose digits, sd3 or flux")
 
 
 def _digits(cfg) -> Family:
@@ -56,18 +57,29 @@ def _digits(cfg) -> Family:
                   classifier=classifier, teacher_file=os.path.join(assets, TEACHER_FILE))
 
 
-def _sd3(cfg, device) -> Family:
-    from fastdmd.models import sd3
+def _text_to_image(cfg, device) -> Family:
+    from fastdmd.models import flux, prompts, sd3
 
-    sd3.check_model_dir(cfg.path)
+    module = {"sd3": sd3, "flux": flux}[cfg.family]
+    sd3.check_model_dir(cfg.path, cfg.family, module.REQUIRED,
+                        "StableDiffusion3Pipeline" if cfg.family == "sd3" else "FluxPipeline")
     dtype = DTYPES[cfg.dtype]
-    prompts = sd3.read_prompts(cfg.prompts)
-    embeds, pooled = sd3.prompt_embeddings(cfg.path, prompts, cfg.prompt_cache, cfg.max_sequence_length)
-    teacher = sd3.load_transformer(cfg.path, dtype).eval().requires_grad_(False)
+    names = prompts.read_prompts(cfg.prompts)
+    embeds, pooled = prompts.prompt_embeddings(cfg.path, names, cfg.prompt_cache, cfg.max_sequence_length,
+                                               module.encode_prompts)
+    cls_name = "SD3Transformer2DModel" if cfg.family == "sd3" else "FluxTransformer2DModel"
+    teacher = sd3.load_transformer(cfg.path, dtype, cls_name).eval().requires_grad_(False)
     vae = sd3.load_vae(cfg.path, dtype)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
-    size = cfg.resolution // scale if cfg.resolution else teacher.config.sample_size
-    shape = (teacher.config.in_channels, size, size)
+    if cfg.family == "sd3":
+        adapter = sd3.SD3Adapter(embeds.to(device), pooled.to(device))
+        channels = teacher.config.in_channels
+        size = cfg.resolution // scale if cfg.resolution else teacher.config.sample_size
+    else:
+        adapter = flux.FluxAdapter(embeds.to(device), pooled.to(device), cfg.flux_guidance)
+        channels = teacher.config.in_channels // 4  # 2x2 patches packed into the channels
+        size = cfg.resolution // scale if cfg.resolution else 2 * 16  # FLUX has no sample_size: 256 px by default
+    shape = (channels, size, size)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
         if vae is None:  # no VAE in the directory: show the first latent channel
@@ -75,33 +87,46 @@ def _sd3(cfg, device) -> Family:
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.to(latents.device).decode(z).sample.float().clamp(-1, 1)
 
-    return Family("sd3", teacher, sd3.SD3Adapter(embeds.to(device), pooled.to(device)), shape, prompts,
-                  lambda: type(teacher).from_config(teacher.config), decode)
+    return Family(cfg.family, teacher, adapter, shape, names, lambda: type(teacher).from_config(teacher.config), decode)
 
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
                   num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536,
                   pooled_projection_dim=2048, pos_embed_max_size=192)  # stabilityai/stable-diffusion-3-medium
-SD3_PROMPT_TOKENS = 77 + 256  # CLIP tokens + T5 tokens, concatenated
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))  # black-forest-labs/FLUX.1-dev
+PROMPT_TOKENS = {"sd3-medium": 77 + 256, "flux-dev": 512}  # SD3: CLIP + T5 tokens concatenated; FLUX: T5
 
 
-def random_sd3_family(num_layers: int | None = None, resolution: int = 1024, num_prompts: int = 8,
-                      dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu"),
-                      seed: int = 0) -> Family:
-    """The SD3-medium architecture with random weights and random prompt embeddings, built in memory:
-    the shape of the real thing for throughput measurements, no download."""
-    from diffusers import SD3Transformer2DModel
+def random_family(preset: str, depth: int | None = None, resolution: int = 1024, num_prompts: int = 8,
+                  dtype: torch.dtype = torch.bfloat16, device: torch.device = torch.device("cpu"),
+                  seed: int = 0) -> Family:
+    """The SD3-medium or FLUX-dev architecture with random weights and random prompt embeddings, built in
+    memory: the shape of the real thing for throughput measurements, no download. `depth` overrides
+    the number of (double-stream) blocks; FLUX keeps twice as many single-stream blocks."""
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
+    from fastdmd.models.flux import FluxAdapter
     from fastdmd.models.sd3 import SD3Adapter
 
-    config = SD3_MEDIUM | ({"num_layers": num_layers} if num_layers else {})
+    if preset == "sd3-medium":
+        cls, config = SD3Transformer2DModel, SD3_MEDIUM | ({"num_layers": depth} if depth else {})
+    elif preset == "flux-dev":
+        cls, config = FluxTransformer2DModel, FLUX_DEV | ({"num_layers": depth, "num_single_layers": 2 * depth}
+                                                          if depth else {})
+    else:
+        raise ValueError(f"preset {preset!r} is not known; choose sd3-medium or flux-dev")
     torch.manual_seed(seed)
     with torch.device(device):
-        teacher = SD3Transformer2DModel(**config).to(dtype).eval().requires_grad_(False)
+        teacher = cls(**config).to(dtype).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
-    embeds = torch.randn(num_prompts + 1, SD3_PROMPT_TOKENS, config["joint_attention_dim"], generator=gen)
-    pooled = torch.randn(num_prompts + 1, config["pooled_projection_dim"], generator=gen)
+    embeds = torch.randn(num_prompts + 1, PROMPT_TOKENS[preset], config["joint_attention_dim"], generator=gen).to(device)
+    pooled = torch.randn(num_prompts + 1, config["pooled_projection_dim"], generator=gen).to(device)
     size = resolution // 8
-    return Family("sd3", teacher, SD3Adapter(embeds.to(device), pooled.to(device)), (config["in_channels"], size, size),
-                  [f"prompt {i}" for i in range(num_prompts)], lambda: SD3Transformer2DModel(**config),
-                  lambda x: x[:, :1].clamp(-1, 1))
+    if preset == "sd3-medium":
+        adapter, channels = SD3Adapter(embeds, pooled), config["in_channels"]
+    else:
+        adapter, channels = FluxAdapter(embeds, pooled, 3.5), config["in_channels"] // 4
+    return Family(preset.split("-")[0], teacher, adapter, (channels, size, size),
+                  [f"prompt {i}" for i in range(num_prompts)], lambda: cls(**config), lambda x: x[:, :1].clamp(-1, 1))

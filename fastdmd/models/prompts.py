@@ -1,0 +1,69 @@
+"""Training prompts and their cached text embeddings, shared by the text-to-image families.
+
+Conditions are prompt indices: prompt i of `model.prompts` (a text file, one prompt per line); the
+empty prompt is appended as the unconditional input. The cache (`model.prompt_cache`, default
+~/.cache/fastdmd/prompts/<hash of model dir, prompts, length>) is a safetensors file with
+`prompt_embeds` [P + 1, L, D] and `pooled` [P + 1, D_pooled] and the prompts in its metadata; with
+the cache present the text encoders are never loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from fastdmd.config import ConfigError
+
+Encoder = Callable[[str, list[str], int], tuple[torch.Tensor, torch.Tensor]]  # (model dir, prompts, max len)
+
+
+def read_prompts(path: str) -> list[str]:
+    if not path or not os.path.isfile(path):
+        raise FileNotFoundError(f"model.prompts = {path!r}: expected a text file with one prompt per line")
+    with open(path) as f:
+        prompts = [line.strip() for line in f if line.strip()]
+    if not prompts:
+        raise ConfigError(f"model.prompts {path} has no prompts; write one prompt per line")
+    return prompts
+
+
+def default_cache_path(model_path: str, prompts: list[str], max_sequence_length: int) -> str:
+    digest = hashlib.sha256(json.dumps([os.path.abspath(model_path), prompts, max_sequence_length]).encode())
+    root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
+    return os.path.join(root, "fastdmd", "prompts", digest.hexdigest()[:24] + ".safetensors")
+
+
+def save_prompt_cache(path: str, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp,
+              metadata={"prompts": json.dumps(prompts)})
+    os.replace(tmp, path)
+
+
+def load_prompt_cache(path: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        cached = json.loads((f.metadata() or {}).get("prompts", "null"))
+    if cached != prompts:
+        raise ConfigError(f"prompt cache {path} was made for other prompts ({cached!r:.80}); delete it or point "
+                         f"model.prompt_cache elsewhere")
+    tensors = load_file(path)
+    return tensors["prompt_embeds"], tensors["pooled"]
+
+
+def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_sequence_length: int,
+                      encode: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of prompts + [""], from the cache or computed with `encode` and cached."""
+    cache = cache or default_cache_path(model_path, prompts, max_sequence_length)
+    if os.path.isfile(cache):
+        return load_prompt_cache(cache, prompts)
+    embeds, pooled = encode(model_path, prompts + [""], max_sequence_length)
+    save_prompt_cache(cache, prompts, embeds, pooled)
+    return embeds, pooled
