@@ -190,6 +190,15 @@ class PerfConfig:
 
 
 @dataclass
+class ProfileConfig:
+    trace: bool = opt(False, "write a torch.profiler Chrome trace of steps [start, start + steps) to run_dir/profile/")
+    memory: bool = opt(False, "write a CUDA memory snapshot (torch.cuda.memory._dump_snapshot) of the same window "
+                       "to run_dir/profile/ (open it at pytorch.org/memory_viz); CUDA only")
+    start: int = opt(3, "first profiled step (after compile and graph capture warm-up)", min=1)
+    steps: int = opt(3, "profiled steps", min=1)
+
+
+@dataclass
 class OpsConfig:
     backend: str = opt("auto", "fused-op implementation (native needs the CMake build, see README)",
                        choices=("auto", "triton", "reference", "native"))
@@ -214,6 +223,7 @@ class Config:
     eval: EvalConfig = opt(None, "", factory=EvalConfig)
     ops: OpsConfig = opt(None, "", factory=OpsConfig)
     perf: PerfConfig = opt(None, "", factory=PerfConfig)
+    profile: ProfileConfig = opt(None, "", factory=ProfileConfig)
 
     def validate(self) -> "Config":
         _check_ranges(self, "")

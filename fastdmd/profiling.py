@@ -10,6 +10,7 @@ benchmarks/step_throughput.py reports.
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 
 import torch
@@ -19,9 +20,14 @@ PHASES = ("rollout", "generator_fwd", "real_score", "fake_score", "dmd_op", "rew
 
 
 def _nvtx_range(name: str):
-    if torch.cuda.is_available():
+    """The `nvtx` package's range when installed (extra `profile`), else torch's; nothing without CUDA."""
+    if not torch.cuda.is_available():
+        return contextlib.nullcontext()
+    try:
+        import nvtx
+    except ImportError:
         return torch.cuda.nvtx.range(name)
-    return contextlib.nullcontext()
+    return nvtx.annotate(name)
 
 
 _times: dict[str, float] | None = None
@@ -62,3 +68,52 @@ def phase(name: str):
         if timed and _times is not None:
             _sync()
             _times[name] += time.perf_counter() - start
+
+
+class StepProfiler:
+    """`--profile.trace` / `--profile.memory`: a torch.profiler Chrome trace and a CUDA memory snapshot
+    of the steps [start, start + steps), written to run_dir/profile/ on rank 0 (each rank writes its
+    own trace file, named by rank)."""
+
+    def __init__(self, cfg, run_dir: str, rank: int, device: torch.device):
+        self.cfg, self.rank, self.device = cfg, rank, device
+        self.out = os.path.join(run_dir, "profile")
+        self.memory = cfg.memory and device.type == "cuda"
+        self.notes = []
+        if cfg.memory and not self.memory:
+            self.notes.append("profile.memory needs CUDA: no memory snapshot on " + device.type)
+        self.profiler = None
+        self.written: list[str] = []
+
+    @property
+    def enabled(self) -> bool:
+        return self.cfg.trace or self.memory
+
+    def before_step(self, step: int) -> None:
+        if not self.enabled or step != self.cfg.start:
+            return
+        os.makedirs(self.out, exist_ok=True)
+        if self.memory:
+            torch.cuda.memory._record_memory_history(max_entries=100_000)
+        if self.cfg.trace:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if self.device.type == "cuda":
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities, record_shapes=True, profile_memory=True,
+                                                   with_stack=False)
+            self.profiler.__enter__()
+
+    def after_step(self, step: int) -> None:
+        if not self.enabled or step != self.cfg.start + self.cfg.steps - 1:
+            return
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            path = os.path.join(self.out, f"trace_rank{self.rank}_steps{self.cfg.start}-{step}.json")
+            self.profiler.export_chrome_trace(path)
+            self.written.append(path)
+            self.profiler = None
+        if self.memory:
+            path = os.path.join(self.out, f"memory_rank{self.rank}_steps{self.cfg.start}-{step}.pickle")
+            torch.cuda.memory._dump_snapshot(path)
+            torch.cuda.memory._record_memory_history(enabled=None)
+            self.written.append(path)

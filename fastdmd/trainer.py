@@ -39,7 +39,7 @@ from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
-from fastdmd.profiling import phase
+from fastdmd.profiling import StepProfiler, phase
 from fastdmd.roles import Generator, build_roles
 from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
 from fastdmd.rollout.graphs import GraphedRollout
@@ -306,6 +306,10 @@ class Trainer:
             self._print_header()
         barrier(world)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, world.rank, world.device)
+        if world.is_main:
+            for note in self.profiler.notes:
+                print(f"  {note}")
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.recipe, dynamic_ncols=True, disable=not world.is_main)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         try:
@@ -313,6 +317,8 @@ class Trainer:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
         bar.close()
+        if world.is_main and self.profiler.written:
+            print("profile: " + ", ".join(self.profiler.written))
         self.save()
         if not finished:
             if world.is_main:
@@ -341,7 +347,9 @@ class Trainer:
                     self._log(window, time.perf_counter() - window_start, metrics_path, bar)
                 return False
             self.step += 1
+            self.profiler.before_step(self.step)
             window.append(self.train_step(self.step))
+            self.profiler.after_step(self.step)
             bar.update(1)
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log(window, time.perf_counter() - window_start, metrics_path, bar)

@@ -96,3 +96,17 @@ def test_rollout_graph_replays_the_eager_rollout_on_cuda(tmp_path):
                                    step_generator(0, 0, step, dev))
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
     assert trainer.rollout.active and len(trainer.rollout.graphs) == 1
+
+
+def test_profile_trace_covers_the_window_and_names_the_phases(tmp_path, capsys):
+    main(TINY + ["--run_dir", str(tmp_path), "--trainer.steps", "4", "--profile.trace", "true",
+                 "--profile.start", "2", "--profile.steps", "2", "--profile.memory", "true"])
+    out = capsys.readouterr().out
+    assert "profile.memory needs CUDA" in out
+    trace = tmp_path / "profile" / "trace_rank0_steps2-3.json"
+    assert trace.exists() and str(trace) in out
+    events = json.loads(trace.read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"rollout", "generator_fwd", "real_score", "fake_score", "dmd_op", "generator_bwd", "optimizer",
+            "critic_update"} <= names
+    assert sum(e.get("name") == "dmd_op" for e in events) == 2  # two profiled steps, one DMD op each
