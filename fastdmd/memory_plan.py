@@ -1,0 +1,180 @@
+"""Per-rank memory plan of a DMD2 run: `python -m fastdmd.memory_plan --preset sd3-medium --batch 4
+--resolution 512 --world-size 8 --precision bf16 --activation-checkpointing`.
+
+What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenly):
+- generator: fp32 master weights, fp32 gradients, AdamW's two fp32 states, the fp32 EMA: 20 B/param / W
+- critic: weights, gradients, AdamW states: 16 B/param / W (a LoRA critic: its adapters only)
+- teacher: frozen weights in the teacher dtype / W (or whole when not sharded)
+- FSDP working set: the largest block unsharded twice (current + prefetched), in the compute dtype
+- activations: the bytes autograd saves for backward in one generator (or critic) forward at the
+  per-rank batch, measured by running the real network on the meta device (no memory, exact shapes)
+  under saved-tensor hooks; with activation checkpointing, what stays saved plus the largest block's
+  recompute. Weights saved by layers are not counted twice. Views that share storage are counted
+  once per view, so this leans high.
+Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), the no-grad teacher
+and critic forwards' transient buffers, the rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from fastdmd.distributed import blocks_of
+
+GiB = 2**30
+
+
+@dataclass
+class Plan:
+    params: int
+    critic_params: int
+    items: dict[str, float]   # bytes per rank
+    gpu_bytes: float
+
+    @property
+    def total(self) -> float:
+        return sum(self.items.values())
+
+    @property
+    def fits(self) -> bool:
+        return self.total <= self.gpu_bytes
+
+    def table(self) -> str:
+        lines = [f"| part | GiB per rank |", "|---|---:|"]
+        lines += [f"| {name} | {value / GiB:.2f} |" for name, value in self.items.items()]
+        lines.append(f"| **total** | **{self.total / GiB:.2f}** |")
+        verdict = "fits" if self.fits else "does NOT fit"
+        return "\n".join(lines) + f"\n\n{self.params / 1e6:.1f}M generator parameters; {verdict} in " \
+                                  f"{self.gpu_bytes / GiB:.0f} GiB (plus 1-3 GB of CUDA context not counted)"
+
+
+def build_meta_network(preset: str, depth: int | None, model_path: str = ""):
+    """(network on the meta device, example-input function (batch, resolution) -> kwargs)."""
+    from fastdmd.models.family import FLUX_DEV, PROMPT_TOKENS, SD3_MEDIUM
+
+    if preset == "digits":
+        from fastdmd.models.digits import build_digits_unet
+        with torch.device("meta"):
+            net = build_digits_unet()
+
+        def inputs(batch, resolution, dtype):
+            return {"sample": torch.randn(batch, 1, 16, 16, device="meta", dtype=dtype),
+                    "timestep": torch.ones(batch, device="meta"),
+                    "class_labels": torch.zeros(batch, dtype=torch.long, device="meta")}
+        return net, inputs
+    from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
+
+    if model_path:
+        cls = SD3Transformer2DModel if preset == "sd3-medium" else FluxTransformer2DModel
+        config = dict(cls.load_config(model_path, subfolder="transformer"))
+    else:
+        config = dict(SD3_MEDIUM if preset == "sd3-medium" else FLUX_DEV)
+    if depth:
+        config["num_layers"] = depth
+        if preset == "flux-dev":
+            config["num_single_layers"] = 2 * depth
+    tokens = PROMPT_TOKENS[preset]
+    with torch.device("meta"):
+        if preset == "sd3-medium":
+            net = SD3Transformer2DModel.from_config(config)
+        else:
+            net = FluxTransformer2DModel.from_config(config)
+
+    def inputs(batch, resolution, dtype):
+        size = resolution // 8
+        text = torch.randn(batch, tokens, net.config.joint_attention_dim, device="meta", dtype=dtype)
+        pooled = torch.randn(batch, net.config.pooled_projection_dim, device="meta", dtype=dtype)
+        if preset == "sd3-medium":
+            return {"hidden_states": torch.randn(batch, net.config.in_channels, size, size, device="meta", dtype=dtype),
+                    "encoder_hidden_states": text, "pooled_projections": pooled,
+                    "timestep": torch.ones(batch, device="meta")}
+        seq = (size // 2) ** 2
+        return {"hidden_states": torch.randn(batch, seq, net.config.in_channels, device="meta", dtype=dtype),
+                "encoder_hidden_states": text, "pooled_projections": pooled, "timestep": torch.ones(batch, device="meta"),
+                "img_ids": torch.zeros(seq, 3, device="meta", dtype=dtype),
+                "txt_ids": torch.zeros(tokens, 3, device="meta", dtype=dtype),
+                "guidance": torch.ones(batch, device="meta") if net.config.guidance_embeds else None}
+    return net, inputs
+
+
+def saved_activation_bytes(net: nn.Module, kwargs: dict, dtype: torch.dtype) -> int:
+    """Bytes autograd keeps for backward in one forward of `net` (meta device: nothing is allocated)."""
+    params = {id(p) for p in net.parameters()}
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        base = t._base if t._base is not None else t
+        if id(t) not in params and id(base) not in params:
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        net(**kwargs)
+    return total
+
+
+def plan(preset: str, batch: int, resolution: int, world_size: int, precision: str, checkpointing: bool,
+         gpu_gib: float, depth: int | None = None, teacher_dtype: str = "bfloat16", shard_teacher: bool = True,
+         critic_lora_params: int = 0, model_path: str = "") -> Plan:
+    net, make_inputs = build_meta_network(preset, depth, model_path)
+    compute = torch.bfloat16 if precision == "bf16" else torch.float32
+    net.to(compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
+    params = sum(p.numel() for p in net.parameters())
+    blocks = blocks_of(net)
+    largest_block = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params)
+    shard = 1 / world_size
+    teacher_bytes = {"bfloat16": 2, "float32": 4}[teacher_dtype]
+    critic_params = critic_lora_params or params
+    items = {
+        "generator weights + grads + AdamW + EMA (fp32)": 20 * params * shard,
+        "critic weights + grads + AdamW (fp32)": 16 * critic_params * shard + (teacher_bytes * params * shard
+                                                                              if critic_lora_params else 0),
+        f"teacher ({teacher_dtype})": teacher_bytes * params * (shard if shard_teacher else 1),
+        "FSDP unsharded working set (2 blocks)": 2 * largest_block * compute.itemsize if world_size > 1 else 0,
+    }
+    kwargs = make_inputs(batch, resolution, compute)
+    full = saved_activation_bytes(net, kwargs, compute)
+    if checkpointing and getattr(net, "_supports_gradient_checkpointing", False):
+        net.enable_gradient_checkpointing()
+        kept = saved_activation_bytes(net, kwargs, compute)
+        per_block = (full - kept) / max(1, len(blocks))
+        items["activations (checkpointed: kept + one block recomputed)"] = kept + per_block
+    else:
+        items["activations (generator or critic forward + backward)"] = full
+    return Plan(params, critic_params, items, gpu_gib * GiB)
+
+
+def main(argv: list[str] | None = None) -> Plan:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="sd3-medium", choices=("digits", "sd3-medium", "flux-dev"))
+    p.add_argument("--model-path", default="", help="read the transformer config from this diffusers directory")
+    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4, help="samples per rank")
+    p.add_argument("--resolution", type=int, default=1024)
+    p.add_argument("--world-size", type=int, default=1)
+    p.add_argument("--precision", default="bf16", choices=("bf16", "fp32"))
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    args = p.parse_args(argv)
+    if args.world_size < 1 or args.batch < 1 or args.resolution < 16:
+        p.error(f"need --world-size >= 1, --batch >= 1, --resolution >= 16; got {args.world_size}, {args.batch}, "
+                f"{args.resolution}")
+    result = plan(args.preset, args.batch, args.resolution, args.world_size, args.precision,
+                  args.activation_checkpointing, args.gpu_memory, args.depth, args.teacher_dtype,
+                  model_path=args.model_path)
+    print(f"memory plan: {args.preset}" + (f" depth {args.depth}" if args.depth else "") +
+          f", batch {args.batch}/rank" + ("" if args.preset == "digits" else f", {args.resolution}px") +
+          f", {args.world_size} rank(s), {args.precision}, "
+          f"activation checkpointing {'on' if args.activation_checkpointing else 'off'}\n")
+    print(result.table())
+    return result
+
+
+if __name__ == "__main__":
+    main()
