@@ -16,6 +16,10 @@
 #   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET unset),
 #            JUnit XML in OUTDIR/junit_ops.xml
 #   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
+#   gputests every test marked gpu (CUDA-graph rollout equal to eager, ...), JUnit in OUTDIR/junit_gpu.xml
+#   throughput  benchmarks/step_throughput.py: digits, the anchor shape (SD3-medium MMDiT, 12 layers,
+#            batch 4, 512 px) and flux-dev at depth 2; results in OUTDIR/step_throughput_*.{json,md}
+#   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
 # Every step logs to OUTDIR/<step>.log. A failing step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
@@ -44,7 +48,7 @@ done
 if [[ $# -gt 0 ]]; then
     steps=("$@")
 else
-    steps=(env install tests "${benches[@]}")
+    steps=(env install tests "${benches[@]}" gputests throughput memplan)
 fi
 
 step_env() {
@@ -89,6 +93,24 @@ step_tests() {
         --junitxml="$outdir/junit_ops.xml" --durations=15
 }
 
+step_gputests() {
+    "$python" -m pytest -m gpu tests/ -rs --junitxml="$outdir/junit_gpu.xml" --durations=15
+}
+
+step_throughput() {
+    local status=0
+    "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1
+    "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
+        --out "$outdir/step_throughput_sd3-medium-d12" || status=1
+    "$python" benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512 \
+        --out "$outdir/step_throughput_flux-dev-d2" || status=1
+    return $status
+}
+
+step_memplan() {
+    "$python" -m fastdmd.memory_plan --preset sd3-medium --depth 12 --batch 4 --resolution 512 --gpu-memory 80
+}
+
 step_bench() {
     "$python" "benchmarks/$1.py" --full --out "$outdir"
 }
@@ -97,9 +119,9 @@ failed=()
 : > "$outdir/summary.txt"
 for step in "${steps[@]}"; do
     case $step in
-        env | install | tests) command=(step_"$step") ;;
+        env | install | tests | gputests | throughput | memplan) command=(step_"$step") ;;
         bench_*) command=(step_bench "$step") ;;
-        *) echo "$step: unknown step; expected env, install, tests or one of: ${benches[*]}" |
+        *) echo "$step: unknown step; expected env, install, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
                tee -a "$outdir/summary.txt"
            failed+=("$step"); continue ;;
     esac
