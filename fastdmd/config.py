@@ -73,6 +73,8 @@ class TrainerConfig:
     checkpoint_every: int = opt(100, "steps between checkpoints (0 = only at the end)", min=0)
     keep_checkpoints: int = opt(2, "complete checkpoints kept on disk", min=1)
     max_bad_steps: int = opt(20, "consecutive steps with skipped (non-finite) updates before the run stops", min=1)
+    tensorboard: str = opt("auto", "also log metrics to <run_dir>/tensorboard: auto (when installed), on (fail "
+                           "if not installed), off", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -255,6 +257,9 @@ class Config:
         if self.reward.weights and len(self.reward.weights) != len(names):
             raise ConfigError(f"reward.weights has {len(self.reward.weights)} values for {len(names)} rewards "
                               f"{names}; give one weight per reward")
+        if self.trainer.tensorboard == "on":
+            from fastdmd.tensorboard_log import tensorboard_off_reason  # it imports this module
+            tensorboard_off_reason("on")  # fails here, before any work, when TensorBoard is missing
         if self.method == "gndmr" and self.gndm.pg_weight == 0:
             raise ConfigError("method gndmr needs gndm.pg_weight > 0 (the policy-gradient term); "
                               "with gndm.pg_weight = 0 use method gndm")
