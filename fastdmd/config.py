@@ -20,7 +20,8 @@ from typing import Any
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 METHODS = ("dmd2", "dmdr", "gdmd", "gndm", "gndmr", "rtdmd", "drpo")
 GROUP_METHODS = ("gndm", "gndmr", "rtdmd", "drpo")  # methods that draw groups of samples per class
-REWARD_NAMES = ("classifier_log_prob", "jpeg", "distribution_matching")
+REWARD_NAMES = ("classifier_log_prob", "jpeg", "distribution_matching", "clip_score", "pickscore", "hpsv2")
+CLIP_REWARD_NAMES = ("clip_score", "pickscore", "hpsv2")  # each reads its folder from reward.<name>_path
 
 
 class ConfigError(ValueError):
@@ -72,6 +73,8 @@ class TrainerConfig:
     checkpoint_every: int = opt(100, "steps between checkpoints (0 = only at the end)", min=0)
     keep_checkpoints: int = opt(2, "complete checkpoints kept on disk", min=1)
     max_bad_steps: int = opt(20, "consecutive steps with skipped (non-finite) updates before the run stops", min=1)
+    tensorboard: str = opt("auto", "also log metrics to <run_dir>/tensorboard: auto (when installed), on (fail "
+                           "if not installed), off", choices=("auto", "on", "off"))
 
 
 @dataclass
@@ -89,10 +92,19 @@ class DMDConfig:
 @dataclass
 class RewardConfig:
     names: str = opt("classifier_log_prob", "comma-separated rewards: classifier_log_prob (differentiable), "
-                     "jpeg (compressibility), distribution_matching (R_dm from the DMD statistics)")
+                     "jpeg (compressibility), distribution_matching (R_dm from the DMD statistics), and from "
+                     "transformers: clip_score, pickscore, hpsv2 (differentiable; folder in reward.<name>_path)")
     weights: tuple = opt(None, "one weight per reward (default 1 each)", factory=tuple)
     group_size: int = opt(8, "samples per group (same class) for group-normalized advantages", min=2)
     clip: float = opt(5.0, "advantages are clipped to [-clip, clip]", min=0.0)
+    clip_score_path: str = opt("", "clip_score: local transformers folder of a CLIP model, e.g. "
+                               "openai/clip-vit-large-patch14 (fastdmd/rewards/clip.py says how to make it)")
+    pickscore_path: str = opt("", "pickscore: local transformers folder of yuvalkirstain/PickScore_v1 with the "
+                              "tokenizer and preprocessor of laion/CLIP-ViT-H-14-laion2B-s32B-b79K")
+    hpsv2_path: str = opt("", "hpsv2: local transformers folder converted from the HPS v2 open_clip checkpoint")
+    dtype: str = opt("bfloat16", "dtype of the CLIP-family reward models", choices=("bfloat16", "float32"))
+    micro_batch: int = opt(32, "images per forward of the CLIP-family reward models", min=1)
+    device: str = opt("", "device of the CLIP-family reward models, e.g. cuda:1 (empty = the training device)")
 
 
 @dataclass
@@ -237,9 +249,17 @@ class Config:
         if not names or unknown:
             raise ConfigError(f"reward.names = {self.reward.names!r}: unknown reward(s) {unknown}; "
                               f"choose from {list(REWARD_NAMES)}")
+        unset = [n for n in names if n in CLIP_REWARD_NAMES and not getattr(self.reward, f"{n}_path")]
+        if unset:
+            raise ConfigError(f"reward {unset[0]} needs reward.{unset[0]}_path: a local transformers folder with "
+                              f"config.json, the weights, the tokenizer and preprocessor_config.json "
+                              f"(fastdmd/rewards/clip.py says how to make one)")
         if self.reward.weights and len(self.reward.weights) != len(names):
             raise ConfigError(f"reward.weights has {len(self.reward.weights)} values for {len(names)} rewards "
                               f"{names}; give one weight per reward")
+        if self.trainer.tensorboard == "on":
+            from fastdmd.tensorboard_log import tensorboard_off_reason  # it imports this module
+            tensorboard_off_reason("on")  # fails here, before any work, when TensorBoard is missing
         if self.method == "gndmr" and self.gndm.pg_weight == 0:
             raise ConfigError("method gndmr needs gndm.pg_weight > 0 (the policy-gradient term); "
                               "with gndm.pg_weight = 0 use method gndm")

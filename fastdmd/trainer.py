@@ -43,6 +43,7 @@ from fastdmd.profiling import StepProfiler, phase
 from fastdmd.roles import Generator, build_roles
 from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
 from fastdmd.rollout.graphs import GraphedRollout
+from fastdmd.tensorboard_log import TensorBoardLog
 
 
 EVAL_VERSION = 2  # bump when the evaluation's figures change meaning (invalidates cached teacher rows)
@@ -163,7 +164,9 @@ class Trainer:
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
             train = load_digits("train")
             self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
-        self.reward = build_reward(cfg.reward, self.classifier) if cfg.method != "dmd2" else None
+        self.reward = build_reward(cfg.reward, self.classifier, self.family.condition_names, world.device,
+                                   None if self.family.name == "digits" else self.family.decode) \
+            if cfg.method != "dmd2" else None
         self.rollout = GraphedRollout(self.generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
                                       world.device, world.distributed)
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
@@ -299,6 +302,8 @@ class Trainer:
         cfg, t, world = self.cfg, self.cfg.trainer, self.world
         if cfg.resume:
             self.resume()  # first: a resume with nothing to resume from must not create a run dir
+        self.tensorboard = TensorBoardLog(t.tensorboard, os.path.join(self.run_dir, "tensorboard"),
+                                          enabled=world.is_main, resume_step=self.step if cfg.resume else None)
         if world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
             with open(os.path.join(self.run_dir, "config.json"), "w") as f:
@@ -316,6 +321,7 @@ class Trainer:
             finished = self._loop(bar, metrics_path)
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
+            self.tensorboard.close()
         bar.close()
         if world.is_main and self.profiler.written:
             print("profile: " + ", ".join(self.profiler.written))
@@ -372,6 +378,7 @@ class Trainer:
         if world.is_main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+            self.tensorboard.write(row)
         shown = {"loss": row["loss_generator"]} | ({"critic": row["loss_critic"]} if "loss_critic" in row else {}) \
             | ({"reward": row["reward"]} if "reward" in row else {})
         bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()} | {"img_s": f"{row['samples_per_s']:.0f}"})
@@ -386,6 +393,7 @@ class Trainer:
         print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
               f"optimizer={self.optimizer_name} attention={self.attention} threads={torch.get_num_threads()} "
               f"run_dir={self.run_dir}")
+        print(f"  metrics={os.path.join(self.run_dir, 'metrics.jsonl')} tensorboard={self.tensorboard.status}")
         print(f"  compile={'per block (' + p.compile_backend + ')' if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}")

@@ -151,3 +151,18 @@ def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     assert "activation_checkpointing=per block precision=bf16" in done.stdout
     losses = _losses(tmp_path / "mp")
     assert [s for s, _, _ in losses] == [1, 2] and all(0 < d < float("inf") for _, d, _ in losses)
+
+
+def test_dmdr_with_a_clip_reward_on_decoded_latents(sd3_dir, tmp_path):
+    """A reward method on SD3: the LoRA critic on the transformer's attention, PickScore (a tiny random
+    CLIP) scoring the VAE-decoded samples against the run's prompts, its gradient back to the generator."""
+    from test_rewards_clip import make_tiny_clip
+
+    clip = make_tiny_clip(tmp_path / "clip")
+    main(args_for(sd3_dir, tmp_path / "run", "--method", "dmdr", "--reward.names", "pickscore",
+                  "--reward.pickscore_path", clip, "--reward.dtype", "float32", "--dmdr.cold_start", "0",
+                  "--dmdr.lora_rank", "2", "--trainer.steps", "2", "--eval.at_end", "false"))
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        rows = [json.loads(line) for line in f]
+    assert all(r["reward_on"] == 1 and torch.isfinite(torch.tensor(r["reward"])) for r in rows)
+    assert all(r["skipped_generator_updates"] == 0 and r["grad_norm_generator"] > 0 for r in rows)

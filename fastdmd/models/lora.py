@@ -13,7 +13,8 @@ import torch.nn as nn
 from peft import LoraConfig, inject_adapter_in_model
 from peft.tuners.lora import LoraLayer
 
-LORA_TARGETS = ("conv1", "conv2", "time_emb_proj")  # every resnet of a diffusers UNet
+LORA_TARGETS = ("conv1", "conv2", "time_emb_proj",  # every resnet of a diffusers UNet
+                "to_q", "to_k", "to_v", "to_out.0")  # every attention of a UNet or an SD3 / FLUX transformer
 
 
 def add_lora(net: nn.Module, rank: int) -> nn.Module:

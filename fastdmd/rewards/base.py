@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import abc
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 
@@ -58,7 +58,8 @@ class CombinedReward(Reward):
     relu(3 - sum_k w_k r_k)) and what gets logged.
     """
 
-    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None):
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
+                 decode: Callable[[torch.Tensor], torch.Tensor] | None = None):
         rewards = list(rewards)
         if not rewards:
             raise ValueError("CombinedReward needs at least one reward, got none")
@@ -72,8 +73,11 @@ class CombinedReward(Reward):
         self.names = tuple(r.name for r in rewards)
         self.name = " + ".join(f"{w:g}*{n}" for w, n in zip(self.weights, self.names))
         self.differentiable = all(r.differentiable for r in rewards)
+        self.decode = decode  # latent families: samples -> images in [-1, 1] before any reward sees them
 
     def scores(self, images: torch.Tensor, labels: torch.Tensor, dmd: DMDTarget | None = None) -> RewardScores:
+        if self.decode is not None:
+            images = self.decode(images)
         per_reward = torch.stack([r(images, labels, dmd) for r in self.rewards], dim=1)
         weights = torch.tensor(self.weights, dtype=torch.float32, device=per_reward.device)
         return RewardScores(per_reward, weights, per_reward @ weights)
