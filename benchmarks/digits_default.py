@@ -16,6 +16,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,7 @@ def main() -> None:
         run_dir = os.path.join(args.runs_root, f"seed{seed}")
         cmd = [sys.executable, "-m", "fastdmd.train", "--trainer.seed", str(seed), "--run_dir", run_dir, *args.extra]
         print("$", shlex.join(cmd), flush=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts over: fastdmd.train refuses a used run dir
         os.makedirs(run_dir, exist_ok=True)
         start = time.perf_counter()
         with open(os.path.join(run_dir, "train.log"), "w") as log:

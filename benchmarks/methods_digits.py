@@ -14,6 +14,7 @@ import json
 import os
 import platform
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ def run_method(method: str, root: str, seed: int, extra: list[str]) -> dict:
     if method == "drpo":
         cmd += ["--model.init_generator", os.path.join(root, "dmd2")]
     print("$", shlex.join(cmd), flush=True)
+    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts over: fastdmd.train refuses a used run dir
     os.makedirs(run_dir, exist_ok=True)
     start = time.perf_counter()
     with open(os.path.join(run_dir, "train.log"), "w") as log:

@@ -2,7 +2,12 @@
 
 Each checkpoint is a folder `checkpoints/step_XXXXXXX`. It is written as `step_XXXXXXX.tmp` and
 renamed only when complete (with a `meta.json` inside), so a crash during a save leaves the
-previous checkpoint usable; the last `keep` complete ones are kept. What goes in: generator,
+previous checkpoint usable; the last `keep` complete ones are kept, and older ones are renamed to
+`*.deleting` before they are removed, so a kill mid-removal never leaves a half-deleted folder under
+a complete name. Anything else in checkpoints/ (a `.tmp` or `.deleting` left by a killed process)
+is never loaded and is removed by `discard_partial_checkpoints` when the next attempt starts. A
+failed write (a full disk) removes its partial folder and raises CheckpointWriteError, which names
+the run directory, the intact previous checkpoint and how to resume. What goes in: generator,
 generator EMA, critic, both optimizers and the step; the random streams need no state because
 every rank draws step t's randomness from (seed, rank, t).
 """
@@ -10,6 +15,7 @@ every rank draws step t's randomness from (seed, rank, t).
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import re
@@ -26,6 +32,14 @@ _STEP_DIR = re.compile(r"^step_(\d{7})$")
 
 class CheckpointError(RuntimeError):
     pass
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+_PARTIAL_SUFFIXES = (".tmp", ".deleting")
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errnos of a full disk or an exhausted quota
 
 
 @contextlib.contextmanager
@@ -58,27 +72,108 @@ def latest_checkpoint(run_dir: str) -> str | None:
     return found[-1][1] if found else None
 
 
+def write_atomically(path: str, text: str) -> None:
+    """Replace `path` with `text` so that a reader (or a kill) sees the old file or the new one, never
+    a torn one: write a sibling temp file, flush it to disk, rename it over `path`."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def discard_partial_checkpoints(run_dir: str) -> list[str]:
+    """Remove what killed saves left in checkpoints/ (`*.tmp`, `*.deleting`); return the names removed.
+    Call on rank 0 before a run starts writing."""
+    root = checkpoint_dir(run_dir)
+    if not os.path.isdir(root):
+        return []
+    partial = sorted(name for name in os.listdir(root) if name.endswith(_PARTIAL_SUFFIXES))
+    for name in partial:
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return partial
+
+
+def _discard(path: str) -> None:
+    """Delete a checkpoint folder so that no step_XXXXXXX name ever points at a half-deleted one."""
+    doomed = path + ".deleting"
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(run_dir: str, step: int, state: dict, world: World, keep: int) -> str:
+    """Write step `step` to checkpoints/step_XXXXXXX atomically, then keep the last `keep` complete ones.
+    A complete checkpoint of the same step is kept as it is: the state at a step is the same whichever
+    attempt reaches it (a run resumed at step N and stopped at once saves step N again)."""
     root = checkpoint_dir(run_dir)
     final = os.path.join(root, f"step_{step:07d}")
     tmp = final + ".tmp"
+    if broadcast_object(os.path.exists(os.path.join(final, "meta.json")), world):
+        return final
     if world.is_main:
         os.makedirs(root, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
     barrier(world)
-    with _single_process_quiet(world):
-        dcp.save(state, checkpoint_id=tmp)
+    try:
+        with _single_process_quiet(world):
+            dcp.save(state, checkpoint_id=tmp)
+    except (OSError, CheckpointException) as e:  # every rank gets DCP's exception, with all ranks' failures
+        failed = _write_failure(e)
+    else:
+        failed = None
     barrier(world)
+    if world.is_main and failed is None:
+        try:
+            write_atomically(os.path.join(tmp, "meta.json"), json.dumps({"step": step, "world_size": world.world_size}))
+            if os.path.exists(final):  # incomplete (no meta.json): replaced by the complete one
+                _discard(final)
+            os.replace(tmp, final)
+        except OSError as e:
+            failed = _write_failure(e)
+    failed = broadcast_object(failed, world)
+    if failed is not None:
+        if world.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # a partial write is never loaded; removing it frees its space
+        raise CheckpointWriteError(_write_failure_message(run_dir, final, *failed))
     if world.is_main:
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
-            json.dump({"step": step, "world_size": world.world_size}, f)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
         for _, old in complete_checkpoints(run_dir)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            _discard(old)
     barrier(world)
     return final
+
+
+def _write_failure(e: BaseException) -> tuple[bool, str]:
+    """(disk full?, one-line reason) of a failed save. DCP wraps each rank's exception, and a full disk
+    surfaces from its tensor writer as a RuntimeError whose context is OSError(ENOSPC): look through
+    the per-rank failures and every exception's cause and context."""
+    pending, seen = [e, *(exc for exc, _ in getattr(e, "failures", {}).values())], []
+    while pending:
+        exc = pending.pop()
+        if exc is None or any(exc is s for s in seen):
+            continue
+        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
+            return True, os.strerror(exc.errno)
+        seen.append(exc)
+        pending += [exc.__cause__, exc.__context__]
+    first = next((s for s in seen if not isinstance(s, CheckpointException)), e)
+    return False, next((line for line in str(first).splitlines() if line.strip()), type(first).__name__)
+
+
+def how_to_continue(run_dir: str) -> str:
+    """The command that continues a stopped run: --resume when it saved a checkpoint, else a fresh start."""
+    if latest_checkpoint(run_dir) is None:
+        return (f"start it again with its original options (it saved no checkpoint to resume from): "
+                f"python -m fastdmd.train --run_dir {run_dir} ...")
+    return f"resume with: python -m fastdmd.train --resume --run_dir {run_dir}"
+
+
+def _write_failure_message(run_dir: str, path: str, disk_full: bool, reason: str) -> str:
+    previous = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
+    fix = f"Free space on the disk that holds {run_dir}" if disk_full else f"Check that {run_dir} is writable"
+    return f"could not write checkpoint {path} ({reason}); {kept} and the partial write was removed. " \
+           f"{fix}, then {how_to_continue(run_dir)}"
 
 
 def load_checkpoint(path: str, state: dict, world: World) -> int:

@@ -56,6 +56,8 @@ class ModelConfig:
 class TrainerConfig:
     steps: int = opt(400, "generator updates", min=1)
     batch_size: int = opt(64, "samples per generator step, per rank", min=1)
+    global_batch_size: int = opt(0, "samples per generator step over all ranks, split evenly (0 = trainer.batch_size "
+                                 "per rank; otherwise it replaces trainer.batch_size)", min=0)
     seed: int = opt(0, "seed; rank r of a run draws from (seed, r, step)", min=0)
     lr_generator: float = opt(1e-5, "generator learning rate", min=0.0)
     lr_critic: float = opt(5e-5, "critic (fake score) learning rate", min=0.0)
@@ -289,6 +291,24 @@ class Config:
         return self
 
 
+def per_rank_batch(cfg: Config, world_size: int) -> int:
+    """Samples per rank: trainer.global_batch_size split over the ranks, or trainer.batch_size as given."""
+    t = cfg.trainer
+    if not t.global_batch_size:
+        return t.batch_size
+    if t.global_batch_size % world_size:
+        lower = t.global_batch_size - t.global_batch_size % world_size
+        valid = f"{lower} or {lower + world_size}" if lower else f"{world_size}"
+        raise ConfigError(f"trainer.global_batch_size = {t.global_batch_size} does not divide over {world_size} ranks; "
+                          f"use a multiple of {world_size} (e.g. {valid}), or run on a number of ranks that divides it")
+    batch = t.global_batch_size // world_size
+    if cfg.method in GROUP_METHODS and batch % cfg.reward.group_size:
+        raise ConfigError(f"trainer.global_batch_size = {t.global_batch_size} over {world_size} ranks gives {batch} "
+                          f"samples per rank, not a multiple of reward.group_size = {cfg.reward.group_size}; use a "
+                          f"multiple of {world_size * cfg.reward.group_size}")
+    return batch
+
+
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -451,8 +471,12 @@ def parse_args(argv: list[str] | None = None) -> Config:
     cfg = Config()
     if given.get("resume", "false").lower() in ("1", "true", "yes", "on") and os.path.exists(saved):
         # Resuming continues the saved run; the command line may still change e.g. trainer.steps.
-        for key, value in _flatten(_load_config_file(saved)):
-            _set(cfg, key, value)
+        try:
+            for key, value in _flatten(_load_config_file(saved)):
+                _set(cfg, key, value)
+        except ConfigError as e:
+            raise ConfigError(f"--resume: cannot read the run's saved settings ({e}); restore {saved}, or delete "
+                              f"it and pass the run's original options again with --resume") from None
     else:
         recipe = given.get("recipe", cfg.recipe)
         if recipe not in recipe_names():

@@ -27,7 +27,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from tqdm import tqdm
 
 from fastdmd import ops
-from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
 from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
@@ -306,8 +306,7 @@ class Trainer:
                                           enabled=world.is_main, resume_step=self.step if cfg.resume else None)
         if world.is_main:
             os.makedirs(self.run_dir, exist_ok=True)
-            with open(os.path.join(self.run_dir, "config.json"), "w") as f:
-                json.dump(to_dict(cfg), f, indent=2)
+            write_atomically(os.path.join(self.run_dir, "config.json"), json.dumps(to_dict(cfg), indent=2))
             self._print_header()
         barrier(world)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
@@ -319,10 +318,10 @@ class Trainer:
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         try:
             finished = self._loop(bar, metrics_path)
-        finally:
+        finally:  # an error then starts on a line of its own, not glued to the bar
             signal.signal(signal.SIGTERM, previous_handler)
             self.tensorboard.close()
-        bar.close()
+            bar.close()
         if world.is_main and self.profiler.written:
             print("profile: " + ", ".join(self.profiler.written))
         self.save()
@@ -552,12 +551,16 @@ def summary_table(summary: dict) -> str:
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from, so the log reads as one run."""
+    """Drop lines logged after the checkpoint we resume from, so the log reads as one run; a torn last
+    line (a write cut short by a full disk) goes too."""
     if not os.path.exists(path):
         return
+    kept = []
     with open(path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line).get("step", math.inf) <= step]
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(kept)
-    os.replace(tmp, path)
+        for line in f:
+            try:
+                if json.loads(line).get("step", math.inf) <= step:
+                    kept.append(line)
+            except json.JSONDecodeError:
+                continue
+    write_atomically(path, "".join(kept))

@@ -114,10 +114,18 @@ def test_config_requires_path_and_prompts():
         parse_args(["--recipe", "sd3-dmd2", "--model.path", "x", "--model.prompts", "p", "--method", "dmdr"])
 
 
-def _torchrun(args, port):
+def _free_port() -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _torchrun(args, port=None):
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    port = port or _free_port()  # a fixed port collides with other suites running on the machine
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
            "-m", "fastdmd.train", *args]
     env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
@@ -132,12 +140,12 @@ def _losses(run_dir):
 @pytest.mark.distributed
 def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp_path):
     common = ["--trainer.lr_schedule", "constant", "--eval.at_end", "false", "--trainer.checkpoint_every", "2"]
-    straight = _torchrun(args_for(sd3_dir, tmp_path / "straight", "--trainer.steps", "3", *common), 29541)
+    straight = _torchrun(args_for(sd3_dir, tmp_path / "straight", "--trainer.steps", "3", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "x2 ranks" in straight.stdout
-    cut = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", *common), 29542)
+    cut = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", *common))
     assert cut.returncode == 0, cut.stderr[-3000:]
-    resumed = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "3", "--resume", *common), 29543)
+    resumed = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "3", "--resume", *common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "straight")
     assert _losses(tmp_path / "straight")[-1][1] > 0
@@ -146,7 +154,7 @@ def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp
 @pytest.mark.distributed
 def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     done = _torchrun(args_for(sd3_dir, tmp_path / "mp", "--trainer.steps", "2", "--eval.at_end", "false",
-                              "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true"), 29544)
+                              "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "activation_checkpointing=per block precision=bf16" in done.stdout
     losses = _losses(tmp_path / "mp")

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+from fastdmd import ops
 from fastdmd.trainer import step_generator
 from fastdmd.train import main
 
@@ -35,34 +36,84 @@ def test_resume_matches_an_uninterrupted_run(tmp_path):
     assert losses(read_metrics(part)) == losses(read_metrics(full))  # bitwise on CPU
 
 
-def _truncate_checkpoint(run_dir):
+def _trained(run_dir, monkeypatch):
+    main(TINY + ["--trainer.steps", "2", "--run_dir", run_dir])
+
+
+def _truncate_checkpoint(run_dir, monkeypatch):
+    _trained(run_dir, monkeypatch)
     ckpt = os.path.join(run_dir, "checkpoints", "step_0000002")
     data = [f for f in os.listdir(ckpt) if f.endswith(".distcp")][0]
     with open(os.path.join(ckpt, data), "r+b") as f:
         f.truncate(100)
 
 
-def _drop_meta(run_dir):
+def _drop_meta(run_dir, monkeypatch):
+    _trained(run_dir, monkeypatch)
     os.remove(os.path.join(run_dir, "checkpoints", "step_0000002", "meta.json"))
+
+
+def _corrupt_config(run_dir, monkeypatch):
+    _trained(run_dir, monkeypatch)
+    with open(os.path.join(run_dir, "config.json"), "w") as f:
+        f.write('{"recipe": "digits-dmd2", "trainer": {"steps": ')
+
+
+def _broken_toml(run_dir, monkeypatch):
+    with open(os.path.join(os.path.dirname(run_dir), "broken.toml"), "w") as f:
+        f.write("[trainer\nsteps = 3\n")
+
+
+def _three_ranks(run_dir, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
 
 
 @pytest.mark.parametrize("damage, args, message", [
     (None, ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
     (None, ["--model.path", "/nonexistent/teacher"], "digits assets missing"),
-    ("truncate", ["--resume", "--trainer.steps", "3"], "could not load checkpoint"),
-    ("meta", ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
-])
-def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, damage, args, message):
+    (None, ["--recipe", "digits-nope"], "unknown recipe 'digits-nope'; available: ['digits-dmd2', "),
+    (_broken_toml, ["--config", "{tmp}/broken.toml"], "config file {tmp}/broken.toml is not valid TOML: "),
+    (_truncate_checkpoint, ["--resume", "--trainer.steps", "3"], "could not load checkpoint"),
+    (_drop_meta, ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
+    (_corrupt_config, ["--resume", "--trainer.steps", "3"],
+     "--resume: cannot read the run's saved settings (config file {run}/config.json is not valid JSON"),
+    (_trained, ["--trainer.steps", "3"],
+     "run directory {run} already holds checkpoints up to step 2; continue that run with --resume, or choose a new"),
+    (_three_ranks, ["--trainer.global_batch_size", "8"],
+     "trainer.global_batch_size = 8 does not divide over 3 ranks; use a multiple of 3 (e.g. 6 or 9)"),
+], ids=["resume-nothing", "missing-assets", "unknown-recipe", "malformed-config-file", "truncated-checkpoint",
+        "checkpoint-without-meta", "corrupted-run-config", "fresh-run-over-checkpoints", "world-size-vs-batch"])
+def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, monkeypatch, damage, args, message):
     run_dir = str(tmp_path / "run")
     if damage:
-        main(TINY + ["--trainer.steps", "2", "--run_dir", run_dir])
-        {"truncate": _truncate_checkpoint, "meta": _drop_meta}[damage](run_dir)
+        damage(run_dir, monkeypatch)
         capsys.readouterr()
+    before = sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else None
     with pytest.raises(SystemExit) as done:
-        main(TINY + ["--run_dir", run_dir, *args])
+        main(TINY + ["--run_dir", run_dir, *(a.format(tmp=tmp_path) for a in args)])
     assert done.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and message in err[0] and "Traceback" not in err[0]
+    assert len(err) == 1 and message.format(tmp=tmp_path, run=run_dir) in err[0] and "Traceback" not in err[0], err
+    assert (sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else None) == before  # nothing was written
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda i: dict(fake=i["fake"][..., :8]), "fake must have shape (8, 1, 16, 16), got (8, 1, 16, 8)"),
+    (lambda i: dict(real_cond=i["real_cond"].long()),
+     "real_cond must have dtype bfloat16, float16, float32, float64, got torch.int64"),
+    (lambda i: dict(x_t=i["x_t"].to("meta")),
+     "x_t is on meta but the other inputs are on cpu; put all inputs on one device"),
+], ids=["shape", "dtype", "device"])
+def test_op_boundary_mismatches_name_the_input_and_what_is_valid(monkeypatch, change, message):
+    """What the trainer hands fastdmd.ops.dmd_target is checked before any arithmetic (ops/checks.py;
+    tests/test_ops_dmd_target.py covers every argument of every backend)."""
+    monkeypatch.setattr(ops, "backend", "auto")
+    x0 = torch.randn(8, 1, 16, 16)
+    inputs = dict(x0=x0, x_t=torch.randn_like(x0), real_cond=torch.randn_like(x0), real_uncond=None,
+                  fake=torch.randn_like(x0), a=torch.ones(8), b=-torch.ones(8))
+    with pytest.raises(ValueError) as err:
+        ops.dmd_target(**inputs | change(inputs))
+    assert str(err.value) == message
 
 
 def test_resume_needs_a_run_dir(capsys):
@@ -78,10 +129,17 @@ def test_each_rank_and_step_draws_its_own_numbers():
     assert torch.equal(draws[(1, 1)], torch.randn(4, generator=step_generator(0, 1, 1)))
 
 
+def _free_port() -> int:
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 @pytest.mark.distributed
 def test_torchrun_two_ranks_on_gloo(tmp_path):
     run_dir = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "fastdmd.train", *TINY, "--trainer.steps", "4", "--trainer.checkpoint_every", "2",
            "--run_dir", run_dir, "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
