@@ -39,7 +39,7 @@ from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
 from fastdmd.profiling import phase
 from fastdmd.roles import Generator, build_roles
-from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
+from fastdmd.rollout import backward_simulation, euler_sample, few_step_sample, linear_sigmas
 
 
 EVAL_VERSION = 2  # bump when the evaluation's figures change meaning (invalidates cached teacher rows)
@@ -49,16 +49,17 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def step_generator(seed: int, rank: int, step: int) -> torch.Generator:
-    """Step t of rank r always draws the same numbers: resume needs no RNG state."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+def step_generator(seed: int, rank: int, step: int, *stream: int) -> torch.Generator:
+    """Step t of rank r always draws the same numbers: resume needs no RNG state. `stream` picks
+    further independent streams of the same step (the critic's fresh samples)."""
+    state = np.random.SeedSequence([seed, rank, step, *stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
-def shared_step_generator(seed: int, step: int) -> torch.Generator:
+def shared_step_generator(seed: int, step: int, *stream: int) -> torch.Generator:
     """The same numbers on every rank at step t, for choices that decide how many sharded forwards
     a step runs (FSDP's collectives must match across ranks)."""
-    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence([seed, step, *stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -221,7 +222,9 @@ class Trainer:
             with phase("critic_update"):
                 self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
                 critic_logs = []
-                for _ in range(t.critic_updates):
+                for i in range(t.critic_updates):
+                    if t.critic_samples != "step":
+                        self._fresh_critic_samples(step, i)
                     loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
                     gnorm_c = self._clip(self.fake)
@@ -236,6 +239,22 @@ class Trainer:
                                  f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
                                  f"check the teacher and data, then --resume.")
         return row | {"skipped_generator_updates": float(skipped_g), "skipped_critic_updates": float(skipped_c)}
+
+    @torch.no_grad()
+    def _fresh_critic_samples(self, step: int, update: int) -> None:
+        """trainer.critic_samples fresh / fresh_last: the critic's update `update` of this step trains on a
+        new no-grad batch of the current generator (new labels and noise; a random backward-simulation
+        step k as in DMD2's TTUR loop, or the last step), not on the x0 the generator step used. Own
+        random streams (resume-safe); k shared across ranks (FSDP)."""
+        t, dmd = self.cfg.trainer, self.cfg.dmd
+        rng = step_generator(t.seed, self.world.rank, step, 1, update)
+        labels = torch.randint(0, NUM_CLASSES, (t.batch_size,), generator=rng).to(self.world.device)
+        noise = torch.randn((t.batch_size, 1, IMAGE_SIZE, IMAGE_SIZE), generator=rng).to(self.world.device)
+        k = len(dmd.generator_sigmas) - 1 if t.critic_samples == "fresh_last" else \
+            int(torch.randint(0, len(dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step, 1, update)))
+        with phase("rollout"):
+            x_t, sigma = backward_simulation(self.generator, noise, labels, dmd.generator_sigmas, k, rng)
+            self.objective.remember(self.generator(x_t, sigma, labels), labels)
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard
