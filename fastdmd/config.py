@@ -69,6 +69,13 @@ class TrainerConfig:
                            "(the final weights settle instead of oscillating)", choices=("constant", "cosine"))
     grad_clip: float = opt(1.0, "max grad norm per role (0 disables)", min=0.0)
     critic_updates: int = opt(2, "critic updates per generator update", min=1, max=20)
+    critic_samples: str = opt("step", "what each critic update trains on: step (the x0 of this generator step, "
+                              "reused by every update), fresh (a new no-grad batch of the just-updated generator "
+                              "per update, with its own labels, noise and backward-simulation step k, as DMD2's "
+                              "TTUR loop does; about 2.5 generator forwards per update), fresh_last (the same, "
+                              "always the full few-step sample: the critic tracks the distribution that is "
+                              "evaluated, our variant; 4 forwards per update)",
+                              choices=("step", "fresh", "fresh_last"))
     ema_decay: float = opt(0.99, "EMA decay of the generator weights used for evaluation (0 disables)", min=0.0, max=0.99999)
     log_every: int = opt(10, "steps between metrics.jsonl lines", min=1)
     sample_every: int = opt(100, "steps between sample grids (0 disables)", min=0)
@@ -285,6 +292,9 @@ class Config:
             raise ConfigError("method drpo starts from a distilled generator and needs model.init_generator: run "
                               "`python -m fastdmd.train --run_dir runs/dmd2` first, then add "
                               "`--model.init_generator runs/dmd2`")
+        if self.trainer.critic_samples != "step" and self.method in ("rtdmd", "drpo"):
+            raise ConfigError(f"trainer.critic_samples = {self.trainer.critic_samples!r} is for methods whose critic "
+                              f"trains on generator x0 (dmd2, dmdr, gdmd, gndm, gndmr), not {self.method}; use step")
         if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
             raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
                               f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")

@@ -53,17 +53,19 @@ class NonFiniteError(RuntimeError):
     pass
 
 
-def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu") -> torch.Generator:
+def step_generator(seed: int, rank: int, step: int, device: torch.device | str = "cpu",
+                   stream: tuple[int, ...] = ()) -> torch.Generator:
     """Step t of rank r always draws the same numbers: resume needs no RNG state. The generator lives
-    on the training device, so every draw of the step happens there (CPU and CUDA streams differ)."""
-    state = np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0]
+    on the training device, so every draw of the step happens there (CPU and CUDA streams differ).
+    `stream` picks further independent streams of the same step (the critic's fresh samples)."""
+    state = np.random.SeedSequence([seed, rank, step, *stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state))
 
 
-def shared_step_generator(seed: int, step: int) -> torch.Generator:
+def shared_step_generator(seed: int, step: int, *stream: int) -> torch.Generator:
     """The same numbers on every rank at step t, for choices that decide how many sharded forwards
     a step runs (FSDP's collectives must match across ranks)."""
-    state = np.random.SeedSequence([seed, step]).generate_state(1, dtype=np.uint64)[0]
+    state = np.random.SeedSequence([seed, step, *stream]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state))
 
 
@@ -243,8 +245,10 @@ class Trainer:
             with phase("critic_update"):
                 self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
                 critic_logs = []
-                for _ in range(t.critic_updates):
+                for i in range(t.critic_updates):
                     with self._autocast():
+                        if t.critic_samples != "step":
+                            self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
                     gnorm_c = self._clip(self.fake)
@@ -269,6 +273,22 @@ class Trainer:
     def _next_update(self, updates):
         with self._autocast():
             return next(updates, None)
+
+    @torch.no_grad()
+    def _fresh_critic_samples(self, step: int, update: int) -> None:
+        """trainer.critic_samples fresh / fresh_last: the critic's update `update` of this step trains on a
+        new no-grad batch of the current generator (new labels and noise; a random backward-simulation
+        step k as in DMD2's TTUR loop, or the last step), not on the x0 the generator step used. Own
+        random streams (resume-safe); k shared across ranks (FSDP)."""
+        t, dmd, dev = self.cfg.trainer, self.cfg.dmd, self.world.device
+        rng = step_generator(t.seed, self.world.rank, step, dev, stream=(1, update))
+        labels = torch.randint(0, self.family.num_conditions, (t.batch_size,), generator=rng, device=dev)
+        noise = torch.randn((t.batch_size, *self.family.sample_shape), generator=rng, device=dev)
+        k = len(dmd.generator_sigmas) - 1 if t.critic_samples == "fresh_last" else \
+            int(torch.randint(0, len(dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step, 1, update)))
+        with phase("rollout"):
+            x_t, sigma = self.rollout(noise, labels, k, rng)
+            self.objective.remember(self.generator(x_t, sigma, labels), labels)
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard

@@ -38,6 +38,7 @@ def test_config_file_then_cli(tmp_path):
     (["--eval.at_end", "maybe"], "expected true or false"),
     (["--trainer", "3"], "is a section"),
     (["positional"], "unexpected argument 'positional'"),
+    (["--recipe", "digits-rtdmd", "--trainer.critic_samples", "fresh"], "trainer.critic_samples = 'fresh' is for"),
 ])
 def test_bad_values_name_key_value_and_valid_range(argv, message):
     with pytest.raises(ConfigError) as err:

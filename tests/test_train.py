@@ -216,3 +216,26 @@ def test_evaluation_uses_the_ema_weights_not_the_raw_ones(tmp_path):
     assert any(not torch.equal(ema[name], raw[name]) for name in ema)
     # and the swap left the live generator on its raw weights
     assert all(torch.equal(raw[name], p) for name, p in trainer.generator.named_parameters())
+
+
+def test_fresh_critic_samples_give_each_critic_update_a_new_generator_batch(tmp_path):
+    from fastdmd.config import parse_args
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    cfg = parse_args(TINY + ["--trainer.steps", "1", "--run_dir", str(tmp_path), "--trainer.checkpoint_every", "0",
+                             "--trainer.critic_updates", "2", "--trainer.critic_samples", "fresh"])
+    trainer = Trainer(cfg, World())
+    seen, critic_loss = [], trainer.objective.critic_loss
+
+    def spy(step, rng):
+        seen.append((trainer.objective.samples.clone(), trainer.objective.sample_labels.clone()))
+        return critic_loss(step, rng)
+
+    trainer.objective.critic_loss = spy
+    trainer.train_step(1)
+    assert len(seen) == 2 and not torch.equal(seen[0][0], seen[1][0])
+    assert all(not s.requires_grad for s, _ in seen)
+    # Drawn from the step's own streams by the updated generator (the critic update leaves it alone): resume-safe.
+    trainer._fresh_critic_samples(1, 1)
+    assert torch.equal(trainer.objective.samples, seen[1][0]) and torch.equal(trainer.objective.sample_labels, seen[1][1])
