@@ -2,6 +2,10 @@
 
 OUT_DIR/unet        UNet2DModel.save_pretrained (safetensors): `UNet2DModel.from_pretrained(OUT_DIR/"unet")`
 OUT_DIR/scheduler   the FlowMatchEulerDiscreteScheduler config of the digits family
+SD3 / FLUX runs: a full pipeline directory, the teacher's (model_index.json, text encoders, tokenizers,
+vae/, scheduler/) with the trained transformer in transformer/: `SD3Transformer2DModel.from_pretrained(
+OUT_DIR, subfolder="transformer")`, or the whole `StableDiffusion3Pipeline.from_pretrained(OUT_DIR)`
+when the teacher directory had every component.
 OUT_DIR/fastdmd.json  what the weights alone do not say: the few-step sigmas, the guidance scale the
                     teacher used during distillation, the null label, where the weights came from
 
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 
 from diffusers import FlowMatchEulerDiscreteScheduler, UNet2DModel
 
@@ -30,10 +35,17 @@ def export_run(run_dir: str, out_dir: str) -> TrainedGenerator:
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"output {out_dir} is a file; expected a directory (new or existing) to write unet/, "
                          f"scheduler/ and {META_FILE} into")
-    gen.net.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
-    FlowMatchEulerDiscreteScheduler(num_train_timesteps=DigitsFlowAdapter.num_train_timesteps, shift=1.0) \
-        .save_pretrained(os.path.join(out_dir, "scheduler"))
+    if gen.family == "digits":
+        gen.net.save_pretrained(os.path.join(out_dir, "unet"), safe_serialization=True)
+        FlowMatchEulerDiscreteScheduler(num_train_timesteps=DigitsFlowAdapter.num_train_timesteps, shift=1.0) \
+            .save_pretrained(os.path.join(out_dir, "scheduler"))
+    else:
+        # A full pipeline directory: the teacher's components (text encoders, tokenizers, VAE,
+        # scheduler, model_index.json) with the trained transformer in place of the teacher's.
+        shutil.copytree(gen.model_path, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer"))
+        gen.net.save_pretrained(os.path.join(out_dir, "transformer"), safe_serialization=True)
     meta = {
+        "family": gen.family,
         "generator_sigmas": list(gen.sigmas),
         "guidance_scale": gen.guidance_scale,
         "null_label": NULL_LABEL,
@@ -79,6 +91,10 @@ def main(argv: list[str] | None = None) -> None:
     with cli_errors("fastdmd.export"):
         gen = export_run(args.run_dir, args.out_dir)
     print(f"exported {gen.describe()}")
+    if gen.family != "digits":
+        print(f"  {args.out_dir}  {gen.family} pipeline directory, trained transformer in transformer/; "
+              f"sigmas {list(gen.sigmas)} in {META_FILE}")
+        return
     print(f"  {os.path.join(args.out_dir, 'unet')}        UNet2DModel (safetensors)")
     print(f"  {os.path.join(args.out_dir, 'scheduler')}   FlowMatchEulerDiscreteScheduler")
     print(f"  {os.path.join(args.out_dir, META_FILE)}  sigmas {list(gen.sigmas)}, guidance_scale {gen.guidance_scale}, "

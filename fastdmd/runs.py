@@ -37,13 +37,15 @@ class UsageError(ValueError):
 class TrainedGenerator:
     """A trained few-step generator and what is needed to sample from it."""
 
-    net: UNet2DModel  # the velocity-predicting UNet, in eval mode, on CPU
+    net: UNet2DModel  # the velocity-predicting network (digits UNet, SD3 / FLUX transformer), eval mode, CPU
     sigmas: tuple[float, ...]  # the noise levels of the few-step sampler it was trained for
     guidance_scale: float  # the teacher's CFG scale during distillation (the student samples without CFG)
     weights: str  # "ema" or "raw", keys of WEIGHTS
     step: int  # the training step of the checkpoint
     run_dir: str
     checkpoint: str
+    family: str = "digits"
+    model_path: str = ""  # sd3 / flux: the teacher's diffusers directory (text encoders, VAE, scheduler)
 
     def x0_fn(self) -> Generator:
         """(x_t, sigma, labels) -> x0, the callable few_step_sample expects."""
@@ -82,17 +84,35 @@ def load_run_generator(run_dir: str) -> TrainedGenerator:
         raise UsageError(f"no complete checkpoint in {checkpoint_dir(run_dir)}: expected a step_XXXXXXX folder with "
                          f"a meta.json inside (a run saves one at its end and every trainer.checkpoint_every steps)")
     weights = "ema" if _has_ema(path) else "raw"
-    net = build_digits_unet()
+    net = build_digits_unet() if cfg.model.family == "digits" else _empty_transformer(cfg)
     # Names as in Trainer.checkpoint_state(): the EMA is keyed by Generator.named_parameters()
     # ("net.<param>"), the raw generator by get_state_dict of the Generator module (same names).
-    params = {f"net.{name}": tensor for name, tensor in net.state_dict().items()}
+    # The EMA holds parameters only; buffers (e.g. SD3's positional table) come from the config.
+    tensors = dict(net.named_parameters()) if weights == "ema" else net.state_dict()
+    params = {f"net.{name}": tensor.data for name, tensor in tensors.items()}
     state = {"generator_ema": params} if weights == "ema" else {"generator": {"model": params}}
     with warnings.catch_warnings():  # DCP warns that it loads in a single process, which is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         step = load_checkpoint(path, state, World())  # loads in place into net's tensors
     return TrainedGenerator(net=net.eval().requires_grad_(False), sigmas=tuple(cfg.dmd.generator_sigmas),
                             guidance_scale=cfg.dmd.guidance_scale, weights=weights, step=step,
-                            run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(path))
+                            run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(path),
+                            family=cfg.model.family, model_path=cfg.model.path)
+
+
+TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
+
+
+def _empty_transformer(cfg: Config):
+    """The family's transformer with the teacher's config (random weights, about to be overwritten)."""
+    import diffusers
+
+    cls = getattr(diffusers, TRANSFORMERS[cfg.model.family])
+    try:
+        return cls.from_config(cls.load_config(cfg.model.path, subfolder="transformer"))
+    except OSError as e:
+        raise UsageError(f"the run's teacher directory {cfg.model.path} no longer has transformer/config.json "
+                         f"({e}); the export needs it for the architecture") from None
 
 
 def _has_ema(path: str) -> bool:

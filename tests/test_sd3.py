@@ -174,3 +174,21 @@ def test_dmdr_with_a_clip_reward_on_decoded_latents(sd3_dir, tmp_path):
         rows = [json.loads(line) for line in f]
     assert all(r["reward_on"] == 1 and torch.isfinite(torch.tensor(r["reward"])) for r in rows)
     assert all(r["skipped_generator_updates"] == 0 and r["grad_norm_generator"] > 0 for r in rows)
+
+
+def test_export_writes_a_pipeline_directory_with_the_trained_transformer(sd3_dir, tmp_path):
+    from fastdmd.export import main as export_main
+    from fastdmd.runs import load_run_generator
+
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "2", "--eval.at_end", "false",
+                  "--trainer.lr_generator", "1e-3"))
+    export_main([str(tmp_path / "run"), str(tmp_path / "out")])
+    out = tmp_path / "out"
+    assert (out / "vae" / "config.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
+    assert json.loads((out / "fastdmd.json").read_text())["family"] == "sd3"
+    exported = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")
+    trained = load_run_generator(str(tmp_path / "run")).net
+    teacher = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer")
+    for (name, a), b, c in zip(exported.state_dict().items(), trained.state_dict().values(), teacher.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert any(not torch.equal(a, c) for a, c in zip(exported.state_dict().values(), teacher.state_dict().values()))
