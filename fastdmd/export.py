@@ -74,6 +74,10 @@ def load_export(out_dir: str) -> TrainedGenerator:
     try:
         with open(meta_path) as f:
             meta = json.load(f)
+        if meta.get("family", "digits") != "digits":
+            raise UsageError(f"{out_dir} is a {meta['family']} pipeline export: load it with diffusers "
+                             f"(e.g. StableDiffusion3Pipeline.from_pretrained), or generate from the run directory "
+                             f"{meta.get('run_dir')}")
         net = UNet2DModel.from_pretrained(unet_dir, low_cpu_mem_usage=False)  # no accelerate needed
         return TrainedGenerator(net=net.eval().requires_grad_(False), sigmas=tuple(meta["generator_sigmas"]),
                                 guidance_scale=meta["guidance_scale"], weights=meta["weights"], step=meta["step"],

@@ -7,6 +7,10 @@ Sampling is the few-step sampler the generator was trained for, at the run's dmd
 --steps other than the trained number uses noise levels spaced linearly from 1 (1, 1 - 1/n, ...,
 1/n), which the generator never saw in training: expect lower quality the further n is from the
 trained number. Writes DIR/grid.png (rows labelled by class) and DIR/label<c>_<i>.png per sample.
+
+SD3 / FLUX runs: `python -m fastdmd.generate RUN_DIR --prompt "a red square" [--prompt ...]`. A prompt
+of the run's prompt file uses its cached embedding; any other prompt is encoded with the pipeline's
+text encoders from the run's model directory. Samples are decoded by its VAE (RGB PNGs, prompt<k>_<i>.png).
 """
 
 from __future__ import annotations
@@ -59,12 +63,41 @@ def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[floa
     return few_step_sample(gen.x0_fn(), noise, y, sigmas, rng), y
 
 
+def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: list[float], seed: int):
+    """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1], with their prompt indices."""
+    from fastdmd.models import flux, sd3
+    from fastdmd.models.family import load_family
+    from fastdmd.roles import Generator
+    from fastdmd.runs import read_run_config
+
+    if num < 1:
+        raise UsageError(f"--num must be >= 1, got {num}")
+    cfg = read_run_config(gen.run_dir)
+    family = load_family(cfg.model)
+    adapter = family.adapter
+    known = {p: i for i, p in enumerate(family.condition_names)}
+    new = [p for p in prompts if p not in known]
+    if new:  # encode the prompts the run did not train on (needs the text encoders)
+        encode = {"sd3": sd3.encode_prompts, "flux": flux.encode_prompts}[family.name]
+        embeds, pooled = encode(cfg.model.path, new, cfg.model.max_sequence_length)
+        adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
+        adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])
+        known |= {p: adapter.prompt_embeds.shape[0] - len(new) + i for i, p in enumerate(new)}
+    y = torch.tensor([known[p] for p in prompts]).repeat_interleave(num)
+    rng = torch.Generator().manual_seed(seed)
+    noise = torch.randn((len(y), *family.sample_shape), generator=rng)
+    latents = few_step_sample(Generator(gen.net, adapter), noise, y, sigmas, rng)
+    return family.decode(latents), torch.arange(len(prompts)).repeat_interleave(num)
+
+
 def main(argv: list[str] | None = None) -> list[str]:
     """The CLI; returns the paths it wrote (the grid first)."""
     parser = argparse.ArgumentParser(prog="python -m fastdmd.generate", description=__doc__.split("\n")[0])
     parser.add_argument("source", metavar="RUN_OR_EXPORT", help="a run directory or an export directory")
-    parser.add_argument("--label", type=int, action="append", required=True,
-                        help=f"digit class 0..{NUM_CLASSES - 1} to draw; repeat for several")
+    parser.add_argument("--label", type=int, action="append", default=[],
+                        help=f"digit class 0..{NUM_CLASSES - 1} to draw; repeat for several (digits runs)")
+    parser.add_argument("--prompt", action="append", default=[],
+                        help="SD3 / FLUX runs: a prompt to draw; repeat for several")
     parser.add_argument("--num", type=int, default=8, help="samples per label (default 8)")
     parser.add_argument("--steps", type=int, default=None,
                         help="sampler steps (default: the trained number; others use linearly spaced sigmas)")
@@ -72,10 +105,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
     args = parser.parse_args(argv)
     labels = list(dict.fromkeys(args.label))  # each class once, in the order given
+    prompts = list(dict.fromkeys(args.prompt))
     with cli_errors("fastdmd.generate"):
         gen = load_generator(args.source)
         sigmas = sampling_sigmas(gen.sigmas, args.steps)
-        images, y = sample(gen, labels, args.num, sigmas, args.seed)
+        if gen.family == "digits":
+            if not labels:
+                raise UsageError("give at least one --label (a digit 0..9) for a digits run")
+            images, y = sample(gen, labels, args.num, sigmas, args.seed)
+        else:
+            if not prompts:
+                raise UsageError(f"give at least one --prompt for a {gen.family} run")
+            images, y = sample_prompts(gen, prompts, args.num, sigmas, args.seed)
+            labels = list(range(len(prompts)))
     print(f"generator: {gen.describe()}")
     if sigmas != list(gen.sigmas):
         print(f"note: trained for {len(gen.sigmas)} steps at sigmas {list(gen.sigmas)}; sampling {len(sigmas)} steps "
@@ -86,10 +128,13 @@ def main(argv: list[str] | None = None) -> list[str]:
     grid = os.path.join(args.out, "grid.png")
     save_grids({f"{len(sigmas)}-step, step {gen.step} ({gen.weights}), seed {args.seed}": (images, y)}, grid,
                per_class=args.num)
-    names = [f"label{c}_{i:03d}.png" for c in labels for i in range(args.num)]
+    kind = "label" if gen.family == "digits" else "prompt"
+    names = [f"{kind}{c}_{i:03d}.png" for c in labels for i in range(args.num)]
     paths = save_images(images, names, args.out)
-    print(f"wrote {grid} (one row per label: {', '.join(map(str, sorted(labels)))})")
-    print(f"wrote {len(paths)} images {os.path.join(args.out, 'label<c>_<i>.png')} ({args.num} per label)")
+    rows = ", ".join(map(str, sorted(labels))) if gen.family == "digits" else \
+        ", ".join(f"{k} = {p!r}" for k, p in enumerate(prompts))
+    print(f"wrote {grid} (one row per {kind}: {rows})")
+    print(f"wrote {len(paths)} images {os.path.join(args.out, kind + '<k>_<i>.png')} ({args.num} per {kind})")
     return [grid, *paths]
 
 

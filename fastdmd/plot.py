@@ -51,11 +51,14 @@ def save_grids(panels: dict[str, tuple[torch.Tensor, torch.Tensor]], path: str, 
 
 
 def save_images(images: torch.Tensor, names: list[str], out_dir: str) -> list[str]:
-    """Each sample as its own grayscale PNG at its native resolution; returns the paths."""
+    """Each sample as its own PNG (grayscale, or RGB for 3 channels) at its native resolution; returns the paths."""
     paths = []
     for image, name in zip(_to_unit(images), names):
         paths.append(os.path.join(out_dir, name))
-        plt.imsave(paths[-1], image[0].numpy(), cmap="gray", vmin=0, vmax=1)
+        if image.shape[0] == 3:
+            plt.imsave(paths[-1], image.permute(1, 2, 0).numpy())
+        else:
+            plt.imsave(paths[-1], image[0].numpy(), cmap="gray", vmin=0, vmax=1)
     return paths
 
 

@@ -128,6 +128,6 @@ def cli_errors(prog: str):
     """Turn the tools' expected failures into one line on stderr and exit code 2."""
     try:
         yield
-    except (UsageError, CheckpointError) as e:
+    except (UsageError, CheckpointError, ConfigError, FileNotFoundError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

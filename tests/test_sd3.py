@@ -192,3 +192,16 @@ def test_export_writes_a_pipeline_directory_with_the_trained_transformer(sd3_dir
     for (name, a), b, c in zip(exported.state_dict().items(), trained.state_dict().values(), teacher.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(exported.state_dict().values(), teacher.state_dict().values()))
+
+
+def test_generate_draws_the_runs_prompts_as_rgb_images(sd3_dir, tmp_path, capsys):
+    from fastdmd.generate import main as generate_main
+
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false"))
+    paths = generate_main([str(tmp_path / "run"), "--prompt", PROMPTS[1], "--num", "2", "--out", str(tmp_path / "png")])
+    assert [os.path.basename(p) for p in paths] == ["grid.png", "prompt0_000.png", "prompt0_001.png"]
+    import matplotlib.image
+    assert matplotlib.image.imread(paths[1]).shape[:2] == (16, 16)  # decoded by the tiny VAE (2x)
+    with pytest.raises(SystemExit):  # a prompt the run never saw needs the text encoders, which this dir lacks
+        generate_main([str(tmp_path / "run"), "--prompt", "a purple hexagon", "--out", str(tmp_path / "png2")])
+    assert "text_encoder" in capsys.readouterr().err
