@@ -75,7 +75,7 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
         net.enable_gradient_checkpointing()
     if perf is not None and perf.compile:
         for block in blocks:
-            block.compile(backend=perf.compile_backend)
+            block.compile(backend=perf.compile_backend, dynamic=False)  # static shapes: no symbolic recompiles
     if not world.distributed:
         return net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
