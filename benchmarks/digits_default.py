@@ -16,13 +16,12 @@ import json
 import os
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
+
+from _runs import run_training
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
@@ -39,17 +38,7 @@ def main() -> None:
     for seed in args.seeds:
         run_dir = os.path.join(args.runs_root, f"seed{seed}")
         cmd = [sys.executable, "-m", "fastdmd.train", "--trainer.seed", str(seed), "--run_dir", run_dir, *args.extra]
-        print("$", shlex.join(cmd), flush=True)
-        shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts over: fastdmd.train refuses a used run dir
-        os.makedirs(run_dir, exist_ok=True)
-        start = time.perf_counter()
-        with open(os.path.join(run_dir, "train.log"), "w") as log:
-            done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-        wall = time.perf_counter() - start
-        if done.returncode != 0:
-            raise SystemExit(f"seed {seed} failed (exit {done.returncode}); see {run_dir}/train.log")
-        with open(os.path.join(run_dir, "summary.json")) as f:
-            summary = json.load(f)
+        wall, summary = run_training(cmd, run_dir, f"seed {seed}")
         per_seed.append({"seed": seed, "wall_time_s": round(wall, 1), "summary": summary})
 
     names = list(per_seed[0]["summary"]["samplers"])

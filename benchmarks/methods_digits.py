@@ -14,14 +14,12 @@ import json
 import os
 import platform
 import shlex
-import shutil
-import subprocess
 import sys
-import time
 from datetime import datetime, timezone
 
 import torch
 
+from _runs import run_training
 from fastdmd.config import METHODS
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -33,17 +31,7 @@ def run_method(method: str, root: str, seed: int, extra: list[str]) -> dict:
            "--run_dir", run_dir, *extra]
     if method == "drpo":
         cmd += ["--model.init_generator", os.path.join(root, "dmd2")]
-    print("$", shlex.join(cmd), flush=True)
-    shutil.rmtree(run_dir, ignore_errors=True)  # a rerun starts over: fastdmd.train refuses a used run dir
-    os.makedirs(run_dir, exist_ok=True)
-    start = time.perf_counter()
-    with open(os.path.join(run_dir, "train.log"), "w") as log:
-        done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
-    wall = time.perf_counter() - start
-    if done.returncode != 0:
-        raise SystemExit(f"{method} failed (exit {done.returncode}); see {run_dir}/train.log")
-    with open(os.path.join(run_dir, "summary.json")) as f:
-        summary = json.load(f)
+    wall, summary = run_training(cmd, run_dir, method)
     return {"method": method, "command": shlex.join(cmd), "wall_time_s": round(wall, 1), "summary": summary}
 
 

@@ -91,11 +91,6 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
     return net
 
 
-def shard_blocks(net: nn.Module, world: World, root: nn.Module | None = None) -> nn.Module:
-    """FSDP2 only (no checkpointing, no compile): `parallelize` with default performance settings."""
-    return parallelize(net, world, None, root)
-
-
 def mean_across_ranks(values: dict[str, float], world: World) -> dict[str, float]:
     if not world.distributed or not values:
         return values

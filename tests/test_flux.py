@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+from diffusers import FluxPipeline, FluxTransformer2DModel
 
 from fastdmd.config import parse_args
-from fastdmd.models import prompts as prompt_cache
 from fastdmd.models.family import load_family
 from fastdmd.train import main
+from tiny_pipeline import run_args, save_pipeline_parts
 
 JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 5
 PROMPTS = ["a cat", "a dog"]
@@ -24,24 +24,12 @@ def flux_dir(tmp_path_factory):
     FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=8,
                            num_attention_heads=2, joint_attention_dim=JOINT_DIM, pooled_projection_dim=POOLED_DIM,
                            guidance_embeds=True, axes_dims_rope=(2, 2, 4)).save_pretrained(root / "transformer")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
-    gen = torch.Generator().manual_seed(1)
-    prompt_cache.save_prompt_cache(str(root / "embeds.safetensors"), PROMPTS,
-                                   torch.randn(len(PROMPTS) + 1, TOKENS, JOINT_DIM, generator=gen),
-                                   torch.randn(len(PROMPTS) + 1, POOLED_DIM, generator=gen))
+    save_pipeline_parts(root, PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM)
     return root
 
 
 def args_for(root, run_dir, *extra):
-    return ["--recipe", "flux-dmd2", "--model.path", str(root), "--model.prompts", str(root / "prompts.txt"),
-            "--model.prompt_cache", str(root / "embeds.safetensors"), "--model.resolution", "16",
-            "--model.dtype", "float32", "--trainer.batch_size", "2", "--trainer.critic_updates", "1",
-            "--trainer.log_every", "1", "--trainer.sample_every", "0", "--eval.teacher_steps", "2",
-            "--trainer.warmup_steps", "0", "--run_dir", str(run_dir), "--threads", "1", *extra]
+    return run_args("flux-dmd2", root, run_dir, 16, *extra)
 
 
 def test_adapter_packs_like_the_pipeline(flux_dir):

@@ -6,12 +6,12 @@ import os
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+from diffusers import SD3Transformer2DModel
 
 from fastdmd.config import ConfigError, parse_args
-from fastdmd.models import prompts as prompt_cache
 from fastdmd.models.family import load_family
 from fastdmd.train import main
+from tiny_pipeline import run_args, save_pipeline_parts
 
 JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 6
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
@@ -25,25 +25,12 @@ def sd3_dir(tmp_path_factory):
                           attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
                           caption_projection_dim=16, pooled_projection_dim=POOLED_DIM,
                           pos_embed_max_size=8).save_pretrained(root / "transformer")
-    AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                  up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
-    FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    cache = root / "prompt_embeds.safetensors"
-    gen = torch.Generator().manual_seed(1)
-    prompt_cache.save_prompt_cache(str(cache), PROMPTS, torch.randn(len(PROMPTS) + 1, TOKENS, JOINT_DIM, generator=gen),
-                          torch.randn(len(PROMPTS) + 1, POOLED_DIM, generator=gen))
+    save_pipeline_parts(root, PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM)
     return root
 
 
 def args_for(root, run_dir, *extra):
-    return ["--recipe", "sd3-dmd2", "--model.path", str(root), "--model.prompts", str(root / "prompts.txt"),
-            "--model.prompt_cache", str(root / "prompt_embeds.safetensors"), "--model.resolution", "0",
-            "--model.dtype", "float32", "--trainer.batch_size", "2", "--trainer.critic_updates", "1",
-            "--trainer.log_every", "1", "--trainer.sample_every", "0", "--eval.teacher_steps", "2",
-            "--trainer.warmup_steps", "0", "--run_dir", str(run_dir), "--threads", "1", *extra]
+    return run_args("sd3-dmd2", root, run_dir, 0, *extra)
 
 
 def test_family_loads_the_transformer_prompts_and_vae(sd3_dir):

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.sd3 import _require_text_encoders
+from fastdmd.models.prompts import require_text_encoders
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -47,7 +47,7 @@ def encode_prompts(model_path: str, prompts: list[str], max_sequence_length: int
     """[P, L, D] and [P, D_pooled] from FluxPipeline.encode_prompt."""
     from diffusers import FluxPipeline
 
-    _require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
     pipe = FluxPipeline.from_pretrained(model_path, transformer=None, vae=None, local_files_only=True)
     embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length)
     return embeds.float().cpu(), pooled.float().cpu()

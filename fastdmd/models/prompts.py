@@ -32,6 +32,14 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+def require_text_encoders(model_path: str, folders: tuple[str, ...]) -> None:
+    """Encoding prompts needs the pipeline's text encoders and tokenizers; say which are missing."""
+    missing = [d for d in folders if not os.path.isdir(os.path.join(model_path, d))]
+    if missing:
+        raise FileNotFoundError(f"no prompt cache and {model_path} lacks {missing}: add the text encoders and tokenizers "
+                                f"of the pipeline there, or give model.prompt_cache a precomputed file")
+
+
 def default_cache_path(model_path: str, prompts: list[str], max_sequence_length: int) -> str:
     digest = hashlib.sha256(json.dumps([os.path.abspath(model_path), prompts, max_sequence_length]).encode())
     root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))

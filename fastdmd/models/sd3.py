@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
+from fastdmd.models.prompts import require_text_encoders
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -44,19 +45,12 @@ def check_model_dir(path: str, family: str, required=REQUIRED, pipeline: str = "
                                 f"{', '.join(required)} (as {pipeline}.save_pretrained writes them)")
 
 
-def _require_text_encoders(model_path: str, folders: tuple[str, ...]) -> None:
-    missing = [d for d in folders if not os.path.isdir(os.path.join(model_path, d))]
-    if missing:
-        raise FileNotFoundError(f"no prompt cache and {model_path} lacks {missing}: add the text encoders and tokenizers "
-                                f"of the pipeline there, or give model.prompt_cache a precomputed file")
-
-
 @torch.no_grad()
 def encode_prompts(model_path: str, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """[P, L, D] and [P, D_pooled] from StableDiffusion3Pipeline.encode_prompt."""
     from diffusers import StableDiffusion3Pipeline
 
-    _require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
+    require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
     pipe = StableDiffusion3Pipeline.from_pretrained(model_path, transformer=None, vae=None, local_files_only=True)
     embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
                                               do_classifier_free_guidance=False,
