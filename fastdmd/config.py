@@ -292,9 +292,12 @@ class Config:
             raise ConfigError("method drpo starts from a distilled generator and needs model.init_generator: run "
                               "`python -m fastdmd.train --run_dir runs/dmd2` first, then add "
                               "`--model.init_generator runs/dmd2`")
-        if self.trainer.critic_samples != "step" and self.method in ("rtdmd", "drpo"):
-            raise ConfigError(f"trainer.critic_samples = {self.trainer.critic_samples!r} is for methods whose critic "
-                              f"trains on generator x0 (dmd2, dmdr, gdmd, gndm, gndmr), not {self.method}; use step")
+        if self.trainer.critic_samples == "fresh" and self.method == "rtdmd":
+            raise ConfigError("trainer.critic_samples = 'fresh' draws a random backward-simulation step, which RTDMD's "
+                              "critic (trained at the step's own sigma s) cannot use; use step or fresh_last")
+        if self.trainer.critic_samples != "step" and self.method == "drpo":
+            raise ConfigError(f"trainer.critic_samples = {self.trainer.critic_samples!r}: method drpo has no critic; "
+                              "leave it at step")
         if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
             raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
                               f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")

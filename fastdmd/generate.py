@@ -8,9 +8,10 @@ Sampling is the few-step sampler the generator was trained for, at the run's dmd
 1/n), which the generator never saw in training: expect lower quality the further n is from the
 trained number. Writes DIR/grid.png (rows labelled by class) and DIR/label<c>_<i>.png per sample.
 
-SD3 / FLUX runs: `python -m fastdmd.generate RUN_DIR --prompt "a red square" [--prompt ...]`. A prompt
-of the run's prompt file uses its cached embedding; any other prompt is encoded with the pipeline's
-text encoders from the run's model directory. Samples are decoded by its VAE (RGB PNGs, prompt<k>_<i>.png).
+SD3 / FLUX runs and their exports: `python -m fastdmd.generate RUN_OR_EXPORT --prompt "a red square"
+[--prompt ...]`. A prompt of the run's prompt file uses its cached embedding (while that file exists);
+any other prompt is encoded with the pipeline's text encoders (of the run's model directory, or of the
+export). Samples are decoded by its VAE (RGB PNGs, prompt<k>_<i>.png).
 """
 
 from __future__ import annotations
@@ -64,29 +65,38 @@ def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[floa
 
 
 def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: list[float], seed: int):
-    """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1], with their prompt indices."""
+    """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1], with their prompt indices. A run samples
+    its checkpoint's transformer; an export its transformer/ (loaded as the family's network). Prompts
+    come from the run's prompt cache when its prompt file is still there, else from the text encoders."""
+    import dataclasses
+    import tempfile
+
     from fastdmd.models import flux, sd3
     from fastdmd.models.family import load_family
     from fastdmd.roles import Generator
-    from fastdmd.runs import read_run_config
 
     if num < 1:
         raise UsageError(f"--num must be >= 1, got {num}")
-    cfg = read_run_config(gen.run_dir)
-    family = load_family(cfg.model)
+    model = gen.model
+    with tempfile.TemporaryDirectory() as tmp:
+        if not os.path.isfile(model.prompts):  # the run's prompt file is gone: encode the asked prompts
+            model = dataclasses.replace(model, prompts=os.path.join(tmp, "prompts.txt"), prompt_cache="")
+            with open(model.prompts, "w") as f:
+                f.write("\n".join(prompts) + "\n")
+        family = load_family(model)
     adapter = family.adapter
     known = {p: i for i, p in enumerate(family.condition_names)}
     new = [p for p in prompts if p not in known]
     if new:  # encode the prompts the run did not train on (needs the text encoders)
         encode = {"sd3": sd3.encode_prompts, "flux": flux.encode_prompts}[family.name]
-        embeds, pooled = encode(cfg.model.path, new, cfg.model.max_sequence_length)
+        embeds, pooled = encode(model.path, new, model.max_sequence_length)
         adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
         adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])
         known |= {p: adapter.prompt_embeds.shape[0] - len(new) + i for i, p in enumerate(new)}
     y = torch.tensor([known[p] for p in prompts]).repeat_interleave(num)
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(y), *family.sample_shape), generator=rng)
-    latents = few_step_sample(Generator(gen.net, adapter), noise, y, sigmas, rng)
+    latents = few_step_sample(Generator(gen.net if gen.net is not None else family.teacher, adapter), noise, y, sigmas, rng)
     return family.decode(latents), torch.arange(len(prompts)).repeat_interleave(num)
 
 

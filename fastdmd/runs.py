@@ -19,7 +19,7 @@ import torch.distributed.checkpoint as dcp
 from diffusers import UNet2DModel
 
 from fastdmd.checkpoint import CheckpointError, checkpoint_dir, latest_checkpoint, load_checkpoint
-from fastdmd.config import Config, ConfigError, from_dict
+from fastdmd.config import Config, ConfigError, ModelConfig, from_dict
 from fastdmd.distributed import World
 from fastdmd.models.digits import DigitsFlowAdapter, build_digits_unet
 from fastdmd.roles import Generator
@@ -37,7 +37,8 @@ class UsageError(ValueError):
 class TrainedGenerator:
     """A trained few-step generator and what is needed to sample from it."""
 
-    net: UNet2DModel  # the velocity-predicting network (digits UNet, SD3 / FLUX transformer), eval mode, CPU
+    net: UNet2DModel | None  # the velocity network (digits UNet, SD3 / FLUX transformer), eval mode, CPU; None for
+    #                          an SD3 / FLUX export, whose transformer/ loads as the family's network
     sigmas: tuple[float, ...]  # the noise levels of the few-step sampler it was trained for
     guidance_scale: float  # the teacher's CFG scale during distillation (the student samples without CFG)
     weights: str  # "ema" or "raw", keys of WEIGHTS
@@ -46,6 +47,7 @@ class TrainedGenerator:
     checkpoint: str
     family: str = "digits"
     model_path: str = ""  # sd3 / flux: the teacher's diffusers directory (text encoders, VAE, scheduler)
+    model: ModelConfig | None = None  # sd3 / flux: the run's model section (prompts, resolution, ...)
 
     def x0_fn(self) -> Generator:
         """(x_t, sigma, labels) -> x0, the callable few_step_sample expects."""
@@ -97,7 +99,7 @@ def load_run_generator(run_dir: str) -> TrainedGenerator:
     return TrainedGenerator(net=net.eval().requires_grad_(False), sigmas=tuple(cfg.dmd.generator_sigmas),
                             guidance_scale=cfg.dmd.guidance_scale, weights=weights, step=step,
                             run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(path),
-                            family=cfg.model.family, model_path=cfg.model.path)
+                            family=cfg.model.family, model_path=cfg.model.path, model=cfg.model)
 
 
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}

@@ -38,7 +38,9 @@ def test_config_file_then_cli(tmp_path):
     (["--eval.at_end", "maybe"], "expected true or false"),
     (["--trainer", "3"], "is a section"),
     (["positional"], "unexpected argument 'positional'"),
-    (["--recipe", "digits-rtdmd", "--trainer.critic_samples", "fresh"], "trainer.critic_samples = 'fresh' is for"),
+    (["--recipe", "digits-rtdmd", "--trainer.critic_samples", "fresh"], "trainer.critic_samples = 'fresh' draws a random"),
+    (["--recipe", "digits-drpo", "--model.init_generator", "runs/dmd2", "--trainer.critic_samples", "fresh_last"],
+     "method drpo has no critic"),
 ])
 def test_bad_values_name_key_value_and_valid_range(argv, message):
     with pytest.raises(ConfigError) as err:

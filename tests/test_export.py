@@ -98,3 +98,31 @@ def test_output_that_is_a_file_is_refused(runs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([runs["ema"], str(out)])
     assert f"output {out} is a file; expected a directory" in capsys.readouterr().err
+
+
+def test_a_plain_diffusers_loop_over_the_exported_scheduler_reproduces_fastdmd_generate(runs, tmp_path):
+    """What a diffusers user writes: UNet2DModel + the exported scheduler at num_inference_steps=4,
+    scheduler.step per timestep with a seeded generator; the same seed gives fastdmd.generate's samples."""
+    from fastdmd.generate import load_generator, sample
+
+    out = tmp_path / "export"
+    main([runs["ema"], str(out)])
+    unet = UNet2DModel.from_pretrained(out / "unet", low_cpu_mem_usage=False).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.stochastic_sampling and scheduler.config.shift == 1.0
+    scheduler.set_timesteps(4)
+    assert scheduler.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+
+    labels = torch.tensor([3, 7])
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn((2, 1, 16, 16), generator=g)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            v = unet(x, t.expand(2), class_labels=labels).sample
+            x = scheduler.step(v, t, x, generator=g).prev_sample
+    ours, _ = sample(load_generator(str(out)), [3, 7], num=1, sigmas=[1.0, 0.75, 0.5, 0.25], seed=5)
+    torch.testing.assert_close(x, ours, rtol=1e-5, atol=1e-5)
+    # other sigmas cannot be a 4-step config: the export says to pass them
+    from fastdmd.export import few_step_scheduler, scheduler_usage
+    odd = (1.0, 0.6, 0.3, 0.1)
+    assert "pass sigmas=[1.0, 0.6, 0.3, 0.1]" in scheduler_usage(few_step_scheduler(odd), odd)

@@ -241,6 +241,18 @@ def test_rtdmd_critic_target_is_the_flow_target_at_s_zero(tmp_path):
     torch.testing.assert_close(loss.detach(), expected)
 
 
+def test_rtdmd_fresh_last_trains_the_critic_on_full_samples_at_s_zero(tmp_path):
+    """Stage 1 leaves its generator state at sigma s > 0 (k = 0: after the first step, s = 0.75); with
+    critic_samples fresh_last the critic's samples are then fresh 4-step samples, at s = 0."""
+    trainer = trainer_for(tmp_path, "--recipe", "digits-rtdmd", "--trainer.critic_samples", "fresh_last")
+    obj = trainer.objective
+    next(obj.generator_updates(first_batch(trainer, k=0)))
+    assert obj.sample_sigma == 0.75
+    trainer._fresh_critic_samples(1, 0)
+    assert obj.sample_sigma == 0.0 and obj.samples.shape == (8, 1, 16, 16)
+    assert not torch.equal(obj.sample_labels, first_batch(trainer, k=0).labels)  # its own labels
+
+
 def test_nan_reward_skips_the_update_and_is_counted(tmp_path, monkeypatch):
     from fastdmd.rewards import ClassifierLogProb
 

@@ -192,3 +192,38 @@ def test_generate_draws_the_runs_prompts_as_rgb_images(sd3_dir, tmp_path, capsys
     with pytest.raises(SystemExit):  # a prompt the run never saw needs the text encoders, which this dir lacks
         generate_main([str(tmp_path / "run"), "--prompt", "a purple hexagon", "--out", str(tmp_path / "png2")])
     assert "text_encoder" in capsys.readouterr().err
+
+
+def test_the_exported_directory_runs_in_diffusers_sd3_pipeline_as_fastdmd_generate_does(sd3_dir, tmp_path):
+    """StableDiffusion3Pipeline built from the export (transformer, VAE, few-step scheduler; the prompt
+    embeddings given directly since the tiny directory has no text encoders) at num_inference_steps=4,
+    guidance 1: the same images as `fastdmd.generate RUN --prompt` with the same seed."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    from fastdmd.export import main as export_main
+    from fastdmd.generate import load_generator, sample_prompts
+    from fastdmd.models.prompts import load_prompt_cache
+    from tiny_pipeline import CACHE
+
+    run = tmp_path / "run"
+    main(args_for(sd3_dir, run, "--trainer.steps", "2", "--eval.at_end", "false", "--trainer.lr_generator", "1e-3"))
+    export_main([str(run), str(tmp_path / "out")])
+    out = tmp_path / "out"
+    pipe = StableDiffusion3Pipeline(
+        transformer=SD3Transformer2DModel.from_pretrained(out, subfolder="transformer"),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler"),
+        vae=AutoencoderKL.from_pretrained(out, subfolder="vae"),
+        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None)
+    meta = json.loads((out / "fastdmd.json").read_text())
+    sigmas = meta["generator_sigmas"]  # the sd3 recipe's 0.999, ...: not a num_inference_steps config
+    assert f"pass sigmas={sigmas}" in meta["scheduler"]
+    embeds, pooled = load_prompt_cache(str(sd3_dir / CACHE), PROMPTS)
+    # The pipeline calls scheduler.step without its generator, so the re-noise draws come from torch's
+    # global stream: seeding that one (and no generator) gives fastdmd.generate's single stream.
+    torch.manual_seed(3)
+    images = pipe(prompt_embeds=embeds[1:2].repeat(2, 1, 1), pooled_prompt_embeds=pooled[1:2].repeat(2, 1),
+                  sigmas=sigmas, guidance_scale=1.0, height=16, width=16, output_type="pt").images
+    ours, _ = sample_prompts(load_generator(str(run)), [PROMPTS[1]], 2, sigmas, seed=3)
+    torch.testing.assert_close(images * 2 - 1, ours, rtol=1e-4, atol=1e-4)
+    from_export, _ = sample_prompts(load_generator(str(out)), [PROMPTS[1]], 2, sigmas, seed=3)  # generate OUT
+    torch.testing.assert_close(from_export, ours, rtol=1e-5, atol=1e-5)

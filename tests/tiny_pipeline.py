@@ -14,7 +14,7 @@ def save_pipeline_parts(root, prompts: list[str], tokens: int, joint_dim: int, p
     """Write vae/, scheduler/, prompts.txt and the prompt cache next to a transformer/ under `root`."""
     AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
                   up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                  norm_num_groups=8, sample_size=16).save_pretrained(root / "vae")
+                  norm_num_groups=8, sample_size=16, scaling_factor=1.5305, shift_factor=0.0609).save_pretrained(root / "vae")
     FlowMatchEulerDiscreteScheduler(shift=3.0).save_pretrained(root / "scheduler")
     (root / "prompts.txt").write_text("\n".join(prompts) + "\n")
     gen = torch.Generator().manual_seed(1)

@@ -21,6 +21,9 @@ clipped loss on the SubGRPO-trained stochastic steps (the untrained ones use noi
 group, seeded from the class, the step and the run seed); the deterministic last step gets AC-DMD
 (`last_step_dmd_weight`) plus reward backprop `reward_backprop_weight * mean(relu(margin - sum_k
 w_k r_k(x0)))`. The critic keeps training on the rollouts' samples (s = 0).
+With `trainer.critic_samples = "fresh_last"` (ours) the critic trains on fresh full 4-step samples
+(s = 0) in both stages: AC-DMD's critic is conditioned on t only, and for t > s the renoised x_s of
+a self-consistent generator has the same marginal as its renoised final samples.
 Evaluation samples with the DMD2 sampler (eta = 1); training uses eta (0.9), whose extra
 deterministic share is cos(0.45 pi) = 0.16 of the noise term.
 """
@@ -151,6 +154,11 @@ class RTDMD(Objective):
         return Update(loss, logs)
 
     # ----- critic ----------------------------------------------------------------------------------
+    def remember(self, x0: torch.Tensor, labels: torch.Tensor) -> None:
+        """trainer.critic_samples fresh_last: the critic trains on full few-step samples (s = 0)."""
+        super().remember(x0, labels)
+        self.sample_sigma = 0.0
+
     def critic_loss(self, step: int, rng) -> tuple[torch.Tensor, dict[str, float]]:
         fake, s, x_s, labels = self.roles.fake, self.sample_sigma, self.samples, self.sample_labels
         x_t, t, sigma_ts, eps = self._renoise(x_s, s, rng)
