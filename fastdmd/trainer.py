@@ -143,6 +143,9 @@ class Trainer:
             self.classifier.to(world.device)
         self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
         critic = OBJECTIVES[cfg.method].uses_critic
+        # New weights (peft's LoRA A matrices, the GAN head) draw from torch's global stream: seed it so
+        # that a run repeats and every rank starts from the same weights.
+        torch.manual_seed(t.seed)
         lora = cfg.dmdr.lora_rank if cfg.method == "dmdr" and cfg.dmdr.distribution_guidance else 0
         self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan, critic=critic,
                                                            lora_rank=lora, lora_multiplier=cfg.dmdr.fake_lora_scale)
