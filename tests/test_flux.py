@@ -53,3 +53,30 @@ def test_trains_two_steps_through_the_cli(flux_dir, tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(torch.isfinite(torch.tensor(r["loss_dmd"])) for r in rows)
     assert json.loads((tmp_path / "summary.json").read_text())["family"] == "flux"
     assert (tmp_path / "samples_final.png").exists()
+
+
+def test_export_runs_in_flux_pipeline_at_four_steps_and_generates(flux_dir, tmp_path):
+    """The exported directory in diffusers' FluxPipeline: num_inference_steps=4 gives the trained sigmas
+    (its default sigmas pass through the exported scheduler unshifted). FluxPipeline re-noises packed
+    latents, so its draws differ from fastdmd's per seed; the sampler is the same."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+
+    from fastdmd.export import main as export_main
+    from fastdmd.generate import main as generate_main
+    from fastdmd.models.prompts import load_prompt_cache
+    from tiny_pipeline import CACHE
+
+    main(args_for(flux_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false"))
+    out = tmp_path / "out"
+    export_main([str(tmp_path / "run"), str(out)])
+    pipe = FluxPipeline(transformer=FluxTransformer2DModel.from_pretrained(out, subfolder="transformer"),
+                        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(out, subfolder="scheduler"),
+                        vae=AutoencoderKL.from_pretrained(out, subfolder="vae"),
+                        text_encoder=None, tokenizer=None, text_encoder_2=None, tokenizer_2=None)
+    embeds, pooled = load_prompt_cache(str(flux_dir / CACHE), PROMPTS)
+    images = pipe(prompt_embeds=embeds[:1], pooled_prompt_embeds=pooled[:1], num_inference_steps=4,
+                  guidance_scale=3.5, height=16, width=16, output_type="pt").images
+    assert pipe.scheduler.sigmas.tolist() == [1.0, 0.75, 0.5, 0.25, 0.0]
+    assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
+    paths = generate_main([str(out), "--prompt", PROMPTS[0], "--num", "1", "--out", str(tmp_path / "png")])
+    assert len(paths) == 2
