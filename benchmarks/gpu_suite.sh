@@ -3,7 +3,7 @@
 #
 #   benchmarks/gpu_suite.sh OUTDIR [STEP ...]
 #
-# Steps, in order (default: all): env, install, tests, then one per benchmarks/bench_*.py
+# Steps, in order (default: all): env, install, native, tests, then one per benchmarks/bench_*.py
 # (bench_dmd_target, bench_group_advantages, bench_clipped_policy_loss, ...). Name some steps to
 # run only those, e.g. to stay under a per-command time limit: `gpu_suite.sh out install tests`,
 # then `gpu_suite.sh out bench_dmd_target`.
@@ -13,6 +13,8 @@
 #            default .wheels/ at the repo root (git-ignored); for what the image lacks (pytest,
 #            pytest-timeout, ...). Then `pip install --no-deps -e .` of this repo. The package is
 #            also put on PYTHONPATH, so later steps run even if the editable install fails.
+#   native   the optional native kernels with CUDA (cmake -DFASTDMD_CUDA=ON into build/native, where
+#            fastdmd.ops.native and bench_native look), then ctest; needs nvcc (the CUDA toolkit)
 #   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET unset),
 #            JUnit XML in OUTDIR/junit_ops.xml
 #   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
@@ -48,7 +50,7 @@ done
 if [[ $# -gt 0 ]]; then
     steps=("$@")
 else
-    steps=(env install tests "${benches[@]}" gputests throughput memplan)
+    steps=(env install native tests "${benches[@]}" gputests throughput memplan)
 fi
 
 step_env() {
@@ -88,6 +90,13 @@ step_install() {
     return $status
 }
 
+step_native() {
+    command -v nvcc || echo "nvcc not on PATH; CMake looks for the CUDA toolkit itself (CUDAToolkit_ROOT)"
+    rm -rf build/native
+    cmake -S . -B build/native -DPython_EXECUTABLE="$(command -v "$python")" -DFASTDMD_CUDA=ON &&
+        cmake --build build/native -j8 && ctest --test-dir build/native --output-on-failure
+}
+
 step_tests() {
     "$python" -m pytest -m "gpu or not slow" tests/test_ops_*.py -rs \
         --junitxml="$outdir/junit_ops.xml" --durations=15
@@ -119,9 +128,9 @@ failed=()
 : > "$outdir/summary.txt"
 for step in "${steps[@]}"; do
     case $step in
-        env | install | tests | gputests | throughput | memplan) command=(step_"$step") ;;
+        env | install | native | tests | gputests | throughput | memplan) command=(step_"$step") ;;
         bench_*) command=(step_bench "$step") ;;
-        *) echo "$step: unknown step; expected env, install, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
+        *) echo "$step: unknown step; expected env, install, native, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
                tee -a "$outdir/summary.txt"
            failed+=("$step"); continue ;;
     esac
