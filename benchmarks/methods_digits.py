@@ -91,8 +91,11 @@ def main() -> None:
         first = [m for m in methods if m != "drpo"]
         futures = {m: pool.submit(run_method, m, args.runs_root, args.seed, args.extra) for m in first}
         if "drpo" in methods:
-            futures["drpo"] = pool.submit(lambda: (futures["dmd2"].result() if "dmd2" in futures else None,
-                                                   run_method("drpo", args.runs_root, args.seed, args.extra))[1])
+            def drpo_after_dmd2() -> dict:  # DrPO starts from the DMD2 student: wait for it
+                if "dmd2" in futures:
+                    futures["dmd2"].result()
+                return run_method("drpo", args.runs_root, args.seed, args.extra)
+            futures["drpo"] = pool.submit(drpo_after_dmd2)
         runs = [futures[m].result() for m in methods]
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

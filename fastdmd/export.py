@@ -74,9 +74,9 @@ def export_run(run_dir: str, out_dir: str) -> TrainedGenerator:
     else:
         # A full pipeline directory: the teacher's components (text encoders, tokenizers, VAE,
         # scheduler, model_index.json) with the trained transformer in place of the teacher's.
-        shutil.copytree(gen.model_path, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer", "scheduler"))
+        shutil.copytree(gen.model.path, out_dir, dirs_exist_ok=True, ignore=shutil.ignore_patterns("transformer", "scheduler"))
         gen.net.save_pretrained(os.path.join(out_dir, "transformer"), safe_serialization=True)
-        teacher = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(gen.model_path, "scheduler"))
+        teacher = FlowMatchEulerDiscreteScheduler.load_config(os.path.join(gen.model.path, "scheduler"))
         scheduler = few_step_scheduler(gen.sigmas, {k: v for k, v in teacher.items() if not k.startswith("_")})
     scheduler.save_pretrained(os.path.join(out_dir, "scheduler"))
     meta = {
@@ -124,7 +124,7 @@ def load_export(out_dir: str) -> TrainedGenerator:
                       weights=meta["weights"], step=meta["step"], run_dir=meta["run_dir"], checkpoint=meta["checkpoint"])
         if family != "digits":
             model = ModelConfig(**(meta["model"] | {"family": family, "path": os.path.abspath(out_dir)}))
-            return TrainedGenerator(net=None, family=family, model_path=model.path, model=model, **common)
+            return TrainedGenerator(net=None, family=family, model=model, **common)
         net = UNet2DModel.from_pretrained(weights_dir, low_cpu_mem_usage=False)  # no accelerate needed
         return TrainedGenerator(net=net.eval().requires_grad_(False), **common)
     except (OSError, ValueError, KeyError, TypeError) as e:

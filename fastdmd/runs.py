@@ -46,8 +46,8 @@ class TrainedGenerator:
     run_dir: str
     checkpoint: str
     family: str = "digits"
-    model_path: str = ""  # sd3 / flux: the teacher's diffusers directory (text encoders, VAE, scheduler)
-    model: ModelConfig | None = None  # sd3 / flux: the run's model section (prompts, resolution, ...)
+    model: ModelConfig | None = None  # the run's model section (sd3 / flux: model.path is the diffusers directory
+    #                                   with text encoders, VAE, scheduler: the teacher's, or the export's)
 
     def x0_fn(self) -> Generator:
         """(x_t, sigma, labels) -> x0, the callable few_step_sample expects."""
@@ -99,7 +99,7 @@ def load_run_generator(run_dir: str) -> TrainedGenerator:
     return TrainedGenerator(net=net.eval().requires_grad_(False), sigmas=tuple(cfg.dmd.generator_sigmas),
                             guidance_scale=cfg.dmd.guidance_scale, weights=weights, step=step,
                             run_dir=os.path.abspath(run_dir), checkpoint=os.path.abspath(path),
-                            family=cfg.model.family, model_path=cfg.model.path, model=cfg.model)
+                            family=cfg.model.family, model=cfg.model)
 
 
 TRANSFORMERS = {"sd3": "SD3Transformer2DModel", "flux": "FluxTransformer2DModel"}
