@@ -9,10 +9,11 @@
 # then `gpu_suite.sh out bench_dmd_target`.
 #
 #   env      nvidia-smi (summary and -q), python/torch/triton/CUDA versions, pip freeze, git state
-#   install  pip install --no-index from a folder of wheels, if there is one: $FASTDMD_WHEELS,
-#            default .wheels/ at the repo root (git-ignored); for what the image lacks (pytest,
-#            pytest-timeout, ...). Then `pip install --no-deps -e .` of this repo. The package is
-#            also put on PYTHONPATH, so later steps run even if the editable install fails.
+#   install  pip install --no-index --no-deps from a folder of wheels, if there is one: $FASTDMD_WHEELS,
+#            default .wheels/ at the repo root (git-ignored), filled beforehand, where PyPI is
+#            reachable, by `bash benchmarks/gpu_wheels.sh` (diffusers, mlxtend, nvtx: what the image
+#            lacks). Then `pip install --no-deps -e .` of this repo. The package is also put on
+#            PYTHONPATH, so later steps run even if the editable install fails.
 #   native   the optional native kernels with CUDA (cmake -DFASTDMD_CUDA=ON into build/native, where
 #            fastdmd.ops.native and bench_native look), then ctest; needs nvcc (the CUDA toolkit)
 #   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET unset),
@@ -78,15 +79,17 @@ step_install() {
     local status=0
     if compgen -G "$wheels/*.whl" > /dev/null; then
         echo "installing the wheels in $wheels"
-        "$python" -m pip install --no-index --find-links "$wheels" --disable-pip-version-check \
-            "$wheels"/*.whl || status=1
+        # --no-deps: the folder holds what the image lacks, not their dependencies, which the
+        # image has (benchmarks/gpu_wheels.sh fills it); a resolver with no index would fail.
+        "$python" -m pip install --no-index --no-deps --disable-pip-version-check "$wheels"/*.whl || status=1
     else
         echo "no wheels in $wheels: using what the image has"
     fi
     # --no-build-isolation: use the installed setuptools instead of fetching one.
+    # Not needed by the steps (they run with PYTHONPATH=$repo), so a failure here is only reported.
     "$python" -m pip install --no-index --no-deps --no-build-isolation --disable-pip-version-check \
-        -e "$repo" || status=1
-    "$python" -c "import fastdmd, pytest; print('fastdmd from', fastdmd.__file__)" || status=1
+        -e "$repo" || echo "editable install failed (see above); the steps use PYTHONPATH=$repo"
+    "$python" -c "import fastdmd, pytest, diffusers, mlxtend; print('fastdmd from', fastdmd.__file__)" || status=1
     return $status
 }
 
