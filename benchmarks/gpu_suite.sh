@@ -24,7 +24,7 @@
 #            batch 4, 512 px) and flux-dev at depth 2; results in OUTDIR/step_throughput_*.{json,md}
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
-# Every step logs to OUTDIR/<step>.log. A failing step does not stop the others; the exit status
+# FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
 set -u -o pipefail
 
@@ -127,6 +127,12 @@ step_bench() {
     "$python" "benchmarks/$1.py" --full --out "$outdir"
 }
 
+# FASTDMD_STEP_TIMEOUT=N stops any one step after N seconds (exit 124 in summary.txt), so a slow
+# step cannot use up a machine lent for a fixed time; 0 (default) sets no limit.
+step_timeout=${FASTDMD_STEP_TIMEOUT:-0}
+export python outdir repo wheels
+export -f $(compgen -A function step_)
+
 failed=()
 : > "$outdir/summary.txt"
 for step in "${steps[@]}"; do
@@ -139,7 +145,11 @@ for step in "${steps[@]}"; do
     esac
     echo "== $step (log: $outdir/$step.log)"
     start=$SECONDS
-    "${command[@]}" > "$outdir/$step.log" 2>&1
+    if [[ $step_timeout -gt 0 ]]; then
+        timeout --kill-after=10 "$step_timeout" bash -c '"$@"' _ "${command[@]}" > "$outdir/$step.log" 2>&1
+    else
+        "${command[@]}" > "$outdir/$step.log" 2>&1
+    fi
     status=$?
     tail -n 25 "$outdir/$step.log"
     if [[ $status -eq 0 ]]; then result=ok; else result="FAILED (exit $status)"; failed+=("$step"); fi
