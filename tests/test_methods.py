@@ -12,6 +12,7 @@ from fastdmd import ops
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.distributed import World
 from fastdmd.objectives import Batch
+from fastdmd.objectives import gndm as gndm_module
 from fastdmd.objectives.gndm import group_mean
 from fastdmd.objectives.rtdmd import cps_back_coeffs
 from fastdmd.roles import LoraRealScore
@@ -224,6 +225,31 @@ def test_gndmr_importance_sampling_ratios_and_adaptive_fusion(tmp_path):
     flat_second[:, 1] = 0.5 * flat_second[:, 1]  # reward 1's groups separate half as much as usual
     w = fusion.fusion_weights(flat_second, base)
     assert w[1] < w[0] and w.sum() == pytest.approx(2.0)
+
+
+def test_gndmr_dm_loss_at_the_backward_simulation_step(tmp_path, monkeypatch):
+    trainer = trainer_for(tmp_path, "--recipe", "digits-gndmr", "--gndm.dm_step", "backward_sim")
+    perturb_critic(trainer)
+    op_inputs, rollouts = [], []
+    real_op, real_rollout = ops.dmd_target, gndm_module.sde_rollout
+    monkeypatch.setattr(ops, "dmd_target", lambda x0, *a, **kw: (op_inputs.append(x0), real_op(x0, *a, **kw))[1])
+    monkeypatch.setattr(gndm_module, "sde_rollout",
+                        lambda *a, **kw: (rollouts.append(real_rollout(*a, **kw)), rollouts[-1])[1])
+    batch = first_batch(trainer, k=1)
+    update = next(trainer.objective.generator_updates(batch))
+    rollout, gen = rollouts[0], trainer.objective.roles.generator
+    with torch.no_grad():
+        sigma = torch.full((8,), trainer.cfg.dmd.generator_sigmas[1])
+        step_1_x0 = gen(rollout.trajectory[1], sigma, batch.labels)
+    with_grad = [x for x in op_inputs if x.requires_grad]
+    assert with_grad, "the DM loss must reach the generator"
+    for x0 in with_grad:  # the DM loss is taken on step k's clean prediction, from the rollout's state
+        torch.testing.assert_close(x0.detach(), step_1_x0)
+    # ... while R_dm, a reward, is measured on the final samples.
+    assert any(torch.equal(x0, rollout.sample) for x0 in op_inputs)
+    assert not torch.allclose(step_1_x0, rollout.sample)
+    update.loss.backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in gen.parameters())
 
 
 def test_rtdmd_cps_back_step_is_affine_in_the_velocity():

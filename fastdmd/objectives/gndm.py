@@ -13,9 +13,12 @@ group statistics stabilize the per-sample estimate (`gndm.normalization`):
 
 GNDMR (`gndm.pg_weight > 0`) adds a policy gradient on the fused group advantages of R_dm and
 external rewards (reward.names, e.g. distribution_matching,classifier_log_prob): the batch comes
-from the stochastic CPS sampler (fastdmd.rollout.sde) with fp32 log-probs, the deterministic last
-step is recomputed with grad for the DM loss, and importance sampling reuses one rollout for
-`gndm.policy_updates` updates with PPO-clipped ratios p_theta / p_theta_old.
+from the stochastic CPS sampler (fastdmd.rollout.sde) with fp32 log-probs, and importance sampling
+reuses one rollout for `gndm.policy_updates` updates with PPO-clipped ratios p_theta / p_theta_old.
+The DM loss (`gndm.dm_step`) takes the clean prediction of the deterministic last step ("last"), or,
+as GNDM and DMD2 do, of the step's backward-simulation step k from the rollout's state there
+("backward_sim"; R_dm's statistics for the rewards then come from one more no-grad DMD evaluation
+of the final samples), so that every step of the sampler is held to the teacher's distribution.
 Adaptive fusion (ours, `gndm.adaptive_fusion`): the fusion weight of reward k is its configured
 weight times min(1, s_k / s̄_k), where s_k is the mean within-group std of reward k this step and
 s̄_k its running average (0.9 decay); the weights are then rescaled to their configured sum. A
@@ -91,17 +94,25 @@ class GNDM(Objective):
         with phase("rollout"):
             rollout = sde_rollout(self._velocity, batch.noise, batch.labels, sigmas, c.eta, batch.rng)
         last = len(sigmas) - 1
+        k = last if c.dm_step == "last" else batch.k
         with phase("generator_fwd"):
-            x0 = gen(rollout.trajectory[last], torch.full((batch.labels.shape[0],), sigmas[last],
+            x0_dm = gen(rollout.trajectory[k], torch.full((batch.labels.shape[0],), sigmas[k],
                                                           device=batch.noise.device), batch.labels)
-        loss_dm, out = self.dm_loss(x0, batch.labels, batch.rng)
+        loss_dm, out_dm = self.dm_loss(x0_dm, batch.labels, batch.rng)
+        x0, out = x0_dm, out_dm
+        if k != last:
+            # The rewards score the final samples: R_dm's statistics of those, not of step k's x0.
+            x0 = rollout.sample
+            with torch.no_grad():
+                out = dmd_op(x0, dmd_predictions(x0, batch.labels, self.roles.real, self.roles.fake, cfg.dmd,
+                                                 batch.rng), cfg.dmd)
         with torch.no_grad(), phase("reward"):
             scores = self.roles.reward.scores(x0.detach(), batch.labels, out)
             weights = self.fusion_weights(scores.per_reward, scores.weights)
             adv = ops.group_advantages(scores.per_reward, group_size=self.group_size, weights=weights,
                                        clip=cfg.reward.clip)
         self.remember(x0, batch.labels)
-        logs = dmd_logs(out) | {"reward": scores.total.mean().item()} | \
+        logs = dmd_logs(out_dm) | {"reward": scores.total.mean().item()} | \
             {f"fusion_weight_{i}": float(w) for i, w in enumerate(weights.tolist())}
         for update in range(c.policy_updates):
             with phase("generator_fwd"):
