@@ -153,8 +153,9 @@ class GNDMConfig:
     policy_updates: int = opt(2, "importance sampling: clipped-ratio updates per stochastic rollout", min=1, max=8)
     clip_range: float = opt(0.2, "PPO clip of the importance ratio", min=0.0)
     eta: float = opt(0.7, "CPS noise of the stochastic rollout steps", min=0.01, max=1.0)
-    dm_step: str = opt("last", "GNDMR: rollout step whose clean prediction takes the DM loss: last (the final "
-                       "sample) or backward_sim (the step's backward-simulation step k, as GNDM and DMD2)",
+    dm_step: str = opt("backward_sim", "GNDMR: rollout step whose clean prediction takes the DM loss: "
+                       "backward_sim (the step's backward-simulation step k, as GNDM and DMD2) or last (the final "
+                       "sample only; the earlier steps then answer to the policy gradient alone)",
                        choices=("last", "backward_sim"))
 
 
