@@ -207,6 +207,10 @@ def main(argv=None) -> int:
                         help="CUDA compute capability as major*10+minor: 90 (H100, default), 80 (A100)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        print("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; run "
+              "`env -u TRITON_INTERPRET python -m fastdmd.ops.compile_check`", file=sys.stderr)
+        return 2
     import triton
     print(f"compiling fastdmd.ops' Triton kernels for sm_{args.arch} with triton {triton.__version__} "
           f"(torch {torch.__version__}), nothing is run", flush=True)
