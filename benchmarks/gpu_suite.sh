@@ -24,7 +24,16 @@
 #            batch 4, 512 px) and flux-dev at depth 2; results in OUTDIR/step_throughput_*.{json,md}
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
-# FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing step does not stop the others; the exit status
+# With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, at most
+# 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh), then two calls that carry
+# .wheels, each bounded below the command limit and ending in one archive (written even when the
+# suite is cut off), e.g.
+#   FASTDMD_STEP_TIMEOUT=120 timeout 540 bash benchmarks/gpu_suite.sh /tmp/s1 env install native tests \
+#       bench_dmd_target bench_group_advantages bench_clipped_policy_loss bench_native; tar czf $OUT/s1.tgz -C /tmp s1
+#   FASTDMD_STEP_TIMEOUT=200 timeout 540 bash benchmarks/gpu_suite.sh /tmp/s2 install gputests throughput \
+#       memplan; tar czf $OUT/s2.tgz -C /tmp s2
+# FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
+# step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
 set -u -o pipefail
 
