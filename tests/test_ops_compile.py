@@ -14,6 +14,8 @@ import textwrap
 
 import pytest
 
+from fastdmd.ops.compile_check import nvidia_tool
+
 # Every @triton.jit kernel of fastdmd/ops launched by the ops.
 KERNELS = {
     "_p_real_abs_sum_kernel", "_dmd_elementwise_kernel", "_dmd_finalize_kernel", "_dmd_backward_kernel",
@@ -28,13 +30,8 @@ def _compiler_env(tmp_path):
     return env
 
 
-def _ptxas_available() -> bool:
-    import triton
-    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
-    return os.path.exists(bundled) or os.environ.get("TRITON_PTXAS_PATH") is not None
-
-
-pytestmark = pytest.mark.skipif(not _ptxas_available(), reason="this triton has no NVIDIA ptxas")
+pytestmark = pytest.mark.skipif(nvidia_tool("ptxas") is None and "TRITON_PTXAS_PATH" not in os.environ,
+                                reason="no NVIDIA ptxas (neither shipped with triton nor on PATH)")
 
 
 @pytest.mark.slow

@@ -70,12 +70,26 @@ class _TargetOnlyDriver:
         return torch.device("cpu")
 
 
+INTERPRETER_SELECTED = ("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; run "
+                        "`env -u TRITON_INTERPRET python -m fastdmd.ops.compile_check`")
+
+
+def interpreter_selected() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def nvidia_tool(name: str) -> str | None:
+    """Path of a CUDA tool (ptxas, cuobjdump) as Triton ships it, else on PATH; None if neither."""
+    import triton
+    bundled = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
+    return bundled if os.path.exists(bundled) else shutil.which(name)
+
+
 @contextlib.contextmanager
 def compile_only(arch: int, compiled: list):
     """Within: every Triton launch compiles its kernel for CUDA `arch` and appends it to `compiled`."""
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        raise RuntimeError("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; "
-                           "unset it before running the compile check")
+    if interpreter_selected():
+        raise RuntimeError(INTERPRETER_SELECTED)
     from triton.backends.compiler import GPUTarget
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction
@@ -99,9 +113,7 @@ def compile_only(arch: int, compiled: list):
 
 def _resource_usage(cubin: bytes) -> dict:
     """Registers and local memory of the kernel in `cubin`, by the cuobjdump Triton ships (if any)."""
-    import triton
-    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
-    tool = tool if os.path.exists(tool) else shutil.which("cuobjdump")
+    tool = nvidia_tool("cuobjdump")
     if tool is None:
         return {}
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -207,9 +219,8 @@ def main(argv=None) -> int:
                         help="CUDA compute capability as major*10+minor: 90 (H100, default), 80 (A100)")
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args(argv)
-    if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        print("TRITON_INTERPRET is set: the kernels would be interpreted, not compiled; run "
-              "`env -u TRITON_INTERPRET python -m fastdmd.ops.compile_check`", file=sys.stderr)
+    if interpreter_selected():
+        print(INTERPRETER_SELECTED, file=sys.stderr)
         return 2
     import triton
     print(f"compiling fastdmd.ops' Triton kernels for sm_{args.arch} with triton {triton.__version__} "
