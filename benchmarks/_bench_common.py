@@ -201,6 +201,8 @@ def run_benchmark(args: argparse.Namespace, reference_fn, cases, notes: list[str
                     return cuda_graphed(call(impl)) if graphed else call(impl)
 
                 rows.append(row | measure(make_fn, device, args.repeats, nbytes, copy_gbs))
+        # After every case, so that a run stopped by a time limit keeps what it measured.
+        write_results(op, device, env, rows, args.out, notes)
     report(op, device, env, rows, args.out, notes)
 
 

@@ -16,7 +16,8 @@ import torch
 from _bench_common import ALL_GRAPHABLE, parse_args, run_benchmark
 from fastdmd.ops import reference
 
-FULL_SHAPES = {"image_8x16x128x128": (8, 16, 128, 128), "image_64x16x128x128": (64, 16, 128, 128),
+# The target shape first: a run cut short by a time limit still has it.
+FULL_SHAPES = {"image_64x16x128x128": (64, 16, 128, 128), "image_8x16x128x128": (8, 16, 128, 128),
                "video_2x336x60x104": (2, 336, 60, 104)}
 SMALL_SHAPES = {"small_2x4x32x32": (2, 4, 32, 32)}
 DTYPES = (torch.bfloat16, torch.float32)

@@ -16,7 +16,7 @@
 #            PYTHONPATH, so later steps run even if the editable install fails.
 #   native   the optional native kernels with CUDA (cmake -DFASTDMD_CUDA=ON into build/native, where
 #            fastdmd.ops.native and bench_native look), then ctest; needs nvcc (the CUDA toolkit)
-#   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET unset),
+#   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET=0),
 #            JUnit XML in OUTDIR/junit_ops.xml
 #   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
 #   gputests every test marked gpu (CUDA-graph rollout equal to eager, ...), JUnit in OUTDIR/junit_gpu.xml
@@ -51,7 +51,9 @@ cd "$repo" || exit 2
 python=${PYTHON:-python}
 wheels=${FASTDMD_WHEELS:-$repo/.wheels}
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET  # the kernels must be compiled for the GPU, not interpreted
+# The kernels must be compiled for the GPU, not interpreted: 0 rather than unset, since the tests
+# choose the interpreter where they find no /dev/nvidia0 (setdefault keeps this value).
+export TRITON_INTERPRET=0
 
 benches=()
 for path in benchmarks/bench_*.py; do
@@ -109,22 +111,26 @@ step_native() {
         cmake --build build/native -j8 && ctest --test-dir build/native --output-on-failure
 }
 
+# FASTDMD_PYTEST_ARGS: extra pytest arguments for tests and gputests, e.g. "-n 8" (pytest-xdist,
+# in the image: compiles the kernel variants in parallel) and --ignore=tests/test_ops_native.py
+# while the native step builds the library in parallel (its own ctest runs those tests).
 step_tests() {
     "$python" -m pytest -m "gpu or not slow" tests/test_ops_*.py -rs \
-        --junitxml="$outdir/junit_ops.xml" --durations=15
+        --junitxml="$outdir/junit_ops.xml" --durations=15 ${FASTDMD_PYTEST_ARGS:-}
 }
 
 step_gputests() {
-    "$python" -m pytest -m gpu tests/ -rs --junitxml="$outdir/junit_gpu.xml" --durations=15
+    "$python" -m pytest -m gpu tests/ -rs --junitxml="$outdir/junit_gpu.xml" --durations=15 \
+        ${FASTDMD_PYTEST_ARGS:-}
 }
 
 step_throughput() {
-    local status=0
-    "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1
+    local status=0  # the anchor shape first: a step cut off by its time limit still has it
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --out "$outdir/step_throughput_sd3-medium-d12" || status=1
     "$python" benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512 \
         --out "$outdir/step_throughput_flux-dev-d2" || status=1
+    "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1
     return $status
 }
 

@@ -8,8 +8,9 @@ device:
 
 For each: s/step (median of the timed steps), samples/s, FLOP/step (torch.utils.flop_counter),
 MFU against the matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU), peak memory
-(CUDA: max allocated; CPU: process peak RSS, cumulative) and the per-phase breakdown by the phase
-names of DESIGN.md (fastdmd.profiling). Writes benchmarks/results/step_throughput_<preset>_<device>.{json,md}.
+(CUDA: max allocated; CPU: process peak RSS, cumulative), the per-phase breakdown by the phase
+names of DESIGN.md (fastdmd.profiling), and the full few-step sample at batch 1 (every generator
+step, no grad) with the variant's generator, called eagerly and, on CUDA, replayed from one CUDA graph. Writes benchmarks/results/step_throughput_<preset>_<device>.{json,md}.
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
     python benchmarks/step_throughput.py --preset sd3-medium --depth 4 --batch 2 --resolution 512
@@ -36,9 +37,11 @@ from datetime import datetime, timezone
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from _bench_common import cuda_graphed, median_seconds
 from fastdmd.config import parse_args
 from fastdmd.distributed import World
 from fastdmd.profiling import PHASES, phase_times
+from fastdmd.rollout import simulate
 from fastdmd.trainer import Trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -116,10 +119,37 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
     median = statistics.median(times)
     peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
+    sample_ms = sample_batch1_ms(trainer, device)
+    return sample_ms | {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
             "flop_per_step": counter.get_total_flops(), "peak_memory_bytes": peak_memory,
             "phase_s": phases, "optimizer": trainer.optimizer_name, "rollout": trainer.rollout.reason or "CUDA graph",
             "ops_backend": cfg.ops.backend}
+
+
+def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
+    """Milliseconds of the full few-step sample (len(generator_sigmas) generator calls, no grad) at
+    batch 1 with the trainer's generator and precision: eager, and on CUDA replayed from one CUDA
+    graph (the error instead of a time where capture fails)."""
+    sigmas = trainer.cfg.dmd.generator_sigmas
+    noise = torch.randn((1, *trainer.family.sample_shape), device=device)
+    labels = torch.zeros(1, dtype=torch.long, device=device)
+    draws = [torch.randn_like(noise) for _ in sigmas[:-1]]
+    last_sigma = torch.full((1,), sigmas[-1], device=device)
+
+    @torch.no_grad()
+    def sample():
+        with trainer._autocast():
+            x = simulate(trainer.generator, noise, labels, sigmas, draws)
+            return trainer.generator(x, last_sigma, labels)
+
+    result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
+    if device.type == "cuda":
+        try:
+            result["sample_batch1_graph_ms"] = 1e3 * median_seconds(cuda_graphed(sample), device, 20)
+        except Exception as e:  # noqa: BLE001 - a failed capture is a result: record why
+            result["sample_batch1_graph_ms"] = None
+            result["sample_batch1_graph_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+    return result
 
 
 def main() -> None:
@@ -147,7 +177,10 @@ def main() -> None:
         row["mfu"] = row["flop_per_step"] / row["s_per_step"] / peak
         rows.append(row)
         print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
-              f"MFU {100 * row['mfu']:.2f}%", flush=True)
+              f"MFU {100 * row['mfu']:.2f}%, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
+              f"{row['sample_steps']}-step sample at batch 1: {row['sample_batch1_eager_ms']:.2f} ms eager, "
+              f"{row.get('sample_batch1_graph_ms')} ms CUDA graph {row.get('sample_batch1_graph_error', '')}",
+              flush=True)
     naive, optimized = rows
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -182,11 +215,15 @@ def report(r: dict) -> str:
              f"command: `{r['command']}`", "",
              f"batch {r['batch']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({r['matmul_peak_dtype']}), "
              f"optimized / naive speed-up **{r['speedup']:.2f}x** (same process, same inputs)", "",
-             "| variant | s/step | samples/s | GFLOP/step | MFU | peak memory (MB) | optimizer | rollout |",
-             "|---|---:|---:|---:|---:|---:|---|---|"]
+             "| variant | s/step | samples/s | GFLOP/step | MFU | peak memory (MB) | optimizer | rollout "
+             "| batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
+             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for v in r["variants"]:
+        graph_ms = v.get("sample_batch1_graph_ms")
+        graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {v['samples_per_s']:.1f} | {v['flop_per_step'] / 1e9:.1f} "
-                     f"| {100 * v['mfu']:.2f}% | {v['peak_memory_bytes'] / 2**20:.0f} | {v['optimizer']} | {v['rollout']} |")
+                     f"| {100 * v['mfu']:.2f}% | {v['peak_memory_bytes'] / 2**20:.0f} | {v['optimizer']} | {v['rollout']} "
+                     f"| {v['sample_batch1_eager_ms']:.2f} | {graph} |")
     lines += ["", "| phase (s/step) | " + " | ".join(v["variant"] for v in r["variants"]) + " |",
               "|---|" + "---:|" * len(r["variants"])]
     for name in PHASES:
