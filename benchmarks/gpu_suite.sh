@@ -127,7 +127,7 @@ step_gputests() {
 step_throughput() {
     local status=0  # the anchor shape first: a step cut off by its time limit still has it
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --out "$outdir/step_throughput_sd3-medium-d12" || status=1
+        --variants naive optimized optimized-graphs --out "$outdir/step_throughput_sd3-medium-d12" || status=1
     "$python" benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512 \
         --out "$outdir/step_throughput_flux-dev-d2" || status=1
     "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1

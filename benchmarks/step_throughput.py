@@ -24,6 +24,7 @@ overridable); flux-dev needs a GPU's memory even at depth 1 (about 22 GB of host
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -32,6 +33,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from datetime import datetime, timezone
 
 import torch
@@ -47,12 +49,22 @@ from fastdmd.trainer import Trainer
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
+VARIANTS = ("naive", "optimized", "optimized-graphs")
+
+
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
+    """naive: eager, reference ops, for-loop AdamW. optimized: per-block torch.compile, fused ops
+    and AdamW, CUDA-graph rollout. optimized-graphs: the same with torch.compile's
+    reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
+    and backward; the rollout then needs no graph of its own."""
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", *precision]
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
-            "--perf.cuda_graph_rollout", "true", *precision]
+            "--perf.cuda_graph_rollout", "true", *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -95,6 +107,10 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
 
 
 def measure(name: str, args: list[str], family, device, warmup: int, steps: int) -> dict:
+    """s/step from `steps` steps run back to back with no synchronization inside them (the step's
+    own syncs only), then the phase breakdown from as many more steps with phase timing on (which
+    synchronizes at every phase boundary, so its phases add up to more than s/step), one step under
+    the FLOP counter, peak memory over all of them, and the batch-1 sample."""
     cfg = parse_args(args)
     trainer = Trainer(cfg, World(device=device), family=family)
     if device.type == "cuda":
@@ -103,15 +119,19 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
     for _ in range(warmup):  # compiles, captures the rollout graphs, fills the optimizer state
         step += 1
         trainer.train_step(step)
-    times, phases = [], dict.fromkeys(PHASES, 0.0)
+    times = []
     for _ in range(steps):
         step += 1
         sync(device)
         start = time.perf_counter()
-        with phase_times() as spent:
-            trainer.train_step(step)
+        trainer.train_step(step)
         sync(device)
         times.append(time.perf_counter() - start)
+    phases = dict.fromkeys(PHASES, 0.0)
+    for _ in range(steps):
+        step += 1
+        with phase_times() as spent:
+            trainer.train_step(step)
         for key, value in spent.items():
             phases[key] += value / steps
     with FlopCounterMode(display=False) as counter:
@@ -121,9 +141,9 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     sample_ms = sample_batch1_ms(trainer, device)
     return sample_ms | {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
-            "flop_per_step": counter.get_total_flops(), "peak_memory_bytes": peak_memory,
-            "phase_s": phases, "optimizer": trainer.optimizer_name, "rollout": trainer.rollout.reason or "CUDA graph",
-            "ops_backend": cfg.ops.backend}
+                        "flop_per_step_counted": counter.get_total_flops(), "peak_memory_bytes": peak_memory,
+                        "phase_s": phases, "optimizer": trainer.optimizer_name,
+                        "rollout": trainer.rollout.reason or "CUDA graph", "ops_backend": cfg.ops.backend}
 
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
@@ -143,7 +163,10 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
             return trainer.generator(x, last_sigma, labels)
 
     result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
-    if device.type == "cuda":
+    if trainer.cfg.perf.compile_mode == "reduce-overhead":
+        result["sample_batch1_graph_ms"] = None
+        result["sample_batch1_graph_error"] = "n/a: the compiled blocks replay CUDA graphs already (eager column)"
+    elif device.type == "cuda":
         try:
             result["sample_batch1_graph_ms"] = 1e3 * median_seconds(cuda_graphed(sample), device, 20)
         except Exception as e:  # noqa: BLE001 - a failed capture is a result: record why
@@ -163,25 +186,16 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default=None)
+    p.add_argument("--variants", nargs="+", default=["naive", "optimized"], choices=VARIANTS,
+                   help="the step variants to measure, in this order (naive first: the others' speed-up and MFU use it)")
+    p.add_argument("--out", default=None, help="path stem of the .json and .md results")
     args = p.parse_args()
     device = torch.device(args.device)
     batch = args.batch or (64 if args.preset == "digits" else 2)
     family = build_family(args.preset, args.depth, args.resolution, device)
     peak, peak_dtype = matmul_peak(device)
-    rows = []
-    for name in ("naive", "optimized"):
-        run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
-            + ["--run_dir", os.path.join("runs", "step_throughput", name)]
-        row = measure(name, run_args, family, device, args.warmup, args.steps)
-        row["mfu"] = row["flop_per_step"] / row["s_per_step"] / peak
-        rows.append(row)
-        print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
-              f"MFU {100 * row['mfu']:.2f}%, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
-              f"{row['sample_steps']}-step sample at batch 1: {row['sample_batch1_eager_ms']:.2f} ms eager, "
-              f"{row.get('sample_batch1_graph_ms')} ms CUDA graph {row.get('sample_batch1_graph_error', '')}",
-              flush=True)
-    naive, optimized = rows
+    out = args.out or os.path.join(RESULTS, f"step_throughput_{args.preset}_{device.type}")
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
     record = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda"
@@ -189,16 +203,51 @@ def main() -> None:
         "torch": torch.__version__, "triton": _version("triton"), "diffusers": _version("diffusers"),
         "command": shlex.join([sys.executable, *sys.argv]),
         "preset": args.preset, "depth": args.depth, "batch": batch, "resolution": args.resolution,
-        "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype,
-        "speedup": naive["s_per_step"] / optimized["s_per_step"], "variants": rows,
+        "matmul_peak_flops": peak, "matmul_peak_dtype": peak_dtype, "variants": [],
     }
-    out = args.out or os.path.join(RESULTS, f"step_throughput_{args.preset}_{device.type}")
-    os.makedirs(os.path.dirname(out), exist_ok=True)
-    with open(out + ".json", "w") as f:
-        json.dump(record, f, indent=2)
-    with open(out + ".md", "w") as f:
-        f.write(report(record))
+    for name in args.variants:
+        run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
+            + ["--run_dir", os.path.join("runs", "step_throughput", name)]
+        try:
+            row = measure(name, run_args, family, device, args.warmup, args.steps)
+        except Exception as e:  # noqa: BLE001 - a variant that fails is a result too; the others still run
+            traceback.print_exc()
+            row = {"variant": name, "args": run_args, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
+            print(f"{name}: FAILED ({row['error']})", flush=True)
+        record["variants"].append(row)
+        add_ratios(record)
+        if "error" not in row:
+            print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
+                  f"MFU {100 * row['mfu']:.2f}%, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                  f"{row['sample_steps']}-step sample at batch 1: {row['sample_batch1_eager_ms']:.2f} ms eager, "
+                  f"{row.get('sample_batch1_graph_ms')} ms CUDA graph {row.get('sample_batch1_graph_error', '')}",
+                  flush=True)
+        with open(out + ".json", "w") as f:  # after every variant: a run cut short keeps what it measured
+            json.dump(record, f, indent=2)
+        with open(out + ".md", "w") as f:
+            f.write(report(record))
+        release_variant()
     print(report(record))
+
+
+def add_ratios(record: dict) -> None:
+    """MFU of every variant from one FLOP count, the naive eager step's (its work is the model's; a
+    count taken through compiled code or graph replays need not be), and the speed-up over naive."""
+    done = [v for v in record["variants"] if "error" not in v]
+    naive = next((v for v in done if v["variant"] == "naive"), None)
+    flops = naive["flop_per_step_counted"] if naive else None
+    for v in done:
+        v["model_flop_per_step"] = flops or v["flop_per_step_counted"]
+        v["mfu"] = v["model_flop_per_step"] / v["s_per_step"] / record["matmul_peak_flops"]
+        v["speedup_vs_naive"] = naive["s_per_step"] / v["s_per_step"] if naive else None
+
+
+def release_variant() -> None:
+    """Free the last variant's compiled code and memory before the next one is built."""
+    gc.collect()
+    torch._dynamo.reset()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _version(package: str) -> str:
@@ -210,24 +259,31 @@ def _version(package: str) -> str:
 
 
 def report(r: dict) -> str:
+    done = [v for v in r["variants"] if "error" not in v]
     lines = [f"# Step throughput, preset {r['preset']}", "",
              f"{r['date']}, {r['device']}, torch {r['torch']}, triton {r['triton']}, diffusers {r['diffusers']}; "
              f"command: `{r['command']}`", "",
-             f"batch {r['batch']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s ({r['matmul_peak_dtype']}), "
-             f"optimized / naive speed-up **{r['speedup']:.2f}x** (same process, same inputs)", "",
-             "| variant | s/step | samples/s | GFLOP/step | MFU | peak memory (MB) | optimizer | rollout "
-             "| batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
-             "|---|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+             f"batch {r['batch']}, depth {r['depth']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s "
+             f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
+             "eager step's FLOP count over each variant's s/step and the peak.", "",
+             "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) "
+             "| optimizer | rollout | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
     for v in r["variants"]:
+        if "error" in v:
+            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 9)
+            continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
-        lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {v['samples_per_s']:.1f} | {v['flop_per_step'] / 1e9:.1f} "
-                     f"| {100 * v['mfu']:.2f}% | {v['peak_memory_bytes'] / 2**20:.0f} | {v['optimizer']} | {v['rollout']} "
-                     f"| {v['sample_batch1_eager_ms']:.2f} | {graph} |")
-    lines += ["", "| phase (s/step) | " + " | ".join(v["variant"] for v in r["variants"]) + " |",
-              "|---|" + "---:|" * len(r["variants"])]
+        speedup = f"{v['speedup_vs_naive']:.2f}x" if v.get("speedup_vs_naive") else "n/a"
+        lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
+                     f"| {100 * v['mfu']:.2f}% | {v['flop_per_step_counted'] / 1e9:.1f} | {v['peak_memory_bytes'] / 2**20:.0f} "
+                     f"| {v['optimizer']} | {v['rollout']} | {v['sample_batch1_eager_ms']:.2f} | {graph} |")
+    lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
+              "| phase | " + " | ".join(v["variant"] for v in done) + " |",
+              "|---|" + "---:|" * len(done)]
     for name in PHASES:
-        lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in r["variants"]) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in done) + " |")
     return "\n".join(lines) + "\n"
 
 

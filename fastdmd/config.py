@@ -200,6 +200,10 @@ class PerfConfig:
     compile: bool = opt(False, "torch.compile each block of the generator, critic and teacher (per-block, torchtitan-style)")
     compile_backend: str = opt("inductor", "torch.compile backend (aot_eager: checks the wiring fast, no codegen)",
                                choices=("inductor", "aot_eager", "eager"))
+    compile_mode: str = opt("default", "torch.compile mode of each block (inductor): reduce-overhead replays every "
+                            "compiled block, forward and backward, from CUDA graphs (cudagraph trees; CUDA only, not "
+                            "under torchrun; the rollout then needs no graph of its own)",
+                            choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (diffusers' "
                                          "gradient checkpointing)")
     mixed_precision: str = opt("fp32", "bf16: FSDP2 MixedPrecisionPolicy (bf16 params, fp32 reduce) under torchrun, "
@@ -305,6 +309,10 @@ class Config:
         if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
             raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
                               f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")
+        if self.perf.compile_mode != "default" and not (self.perf.compile and self.perf.compile_backend == "inductor"):
+            raise ConfigError(f"perf.compile_mode = {self.perf.compile_mode!r} is a mode of the inductor backend: it needs "
+                              f"perf.compile true and perf.compile_backend inductor (got {self.perf.compile} and "
+                              f"{self.perf.compile_backend!r})")
         return self
 
 

@@ -74,8 +74,14 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
             getattr(net, "_supports_gradient_checkpointing", False):
         net.enable_gradient_checkpointing()
     if perf is not None and perf.compile:
+        mode = None if perf.compile_mode == "default" else perf.compile_mode
+        if mode == "reduce-overhead" and (world.device.type != "cuda" or world.distributed):
+            raise ValueError(f"perf.compile_mode = 'reduce-overhead' replays the compiled blocks from CUDA graphs: it "
+                             f"needs a CUDA device (this run is on {world.device.type}) and one process (FSDP2's "
+                             f"all-gathers run outside any graph; world size {world.world_size}); use perf.compile_mode "
+                             f"default")
         for block in blocks:
-            block.compile(backend=perf.compile_backend, dynamic=False)  # static shapes: no symbolic recompiles
+            block.compile(backend=perf.compile_backend, mode=mode, dynamic=False)  # static shapes: no symbolic recompiles
     if not world.distributed:
         return net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -173,7 +173,8 @@ class Trainer:
                                    None if self.family.name == "digits" else self.family.decode) \
             if cfg.method != "dmd2" else None
         self.rollout = GraphedRollout(self.generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
-                                      world.device, world.distributed)
+                                      world.device, world.distributed,
+                                      blocks_graphed=perf.compile and perf.compile_mode == "reduce-overhead")
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
@@ -221,6 +222,9 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
         dev = self.world.device
+        if cfg.perf.compile and cfg.perf.compile_mode == "reduce-overhead":
+            # A new step for cudagraph trees: the graphs' outputs of the last step are no longer read.
+            torch.compiler.cudagraph_mark_step_begin()
         rng = step_generator(t.seed, self.world.rank, step, dev)
         n = self.objective.group_size
         conditions = self.family.num_conditions

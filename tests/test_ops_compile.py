@@ -59,16 +59,17 @@ def test_compile_check_rejects_what_the_interpreter_runs(tmp_path):
 
 
         @triton.jit
-        def _sum_blocks_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr):
+        def _sum_blocks_kernel(x_ptr, out_ptr, N: tl.constexpr, BLOCK: tl.constexpr):
             acc = 0  # an int, then a float block: the compiler refuses the type change in the loop
-            for start in range(0, n, BLOCK):
+            # N constexpr: triton 3.6's interpreter cannot take `range` over a runtime bound
+            for start in range(0, N, BLOCK):
                 acc += tl.load(x_ptr + start + tl.arange(0, BLOCK))
             tl.store(out_ptr + tl.arange(0, BLOCK), acc)
 
 
         def launch():
             out = torch.empty(16)
-            _sum_blocks_kernel[(1,)](torch.ones(64), out, 64, BLOCK=16)
+            _sum_blocks_kernel[(1,)](torch.ones(64), out, N=64, BLOCK=16)
             return out
     """))
     interpreted = subprocess.run(

@@ -7,8 +7,9 @@ eager rollouts see the same numbers. The generator's weights are read in place (
 updates them in place), so one capture serves the whole run.
 
 Where a graph cannot work the rollout stays eager and `reason` says why (logged once in the run
-header): no CUDA device, FSDP-sharded weights (their all-gathers run outside any graph), or a
-capture that failed (the error is kept).
+header): no CUDA device, FSDP-sharded weights (their all-gathers run outside any graph), blocks
+that torch.compile already replays from CUDA graphs (reduce-overhead), or a capture that failed
+(the error is kept).
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ WARMUP_ITERS = 3
 
 class GraphedRollout:
     def __init__(self, x0_fn: X0Fn, sigmas: Sequence[float], enabled: bool, device: torch.device,
-                 distributed: bool = False):
+                 distributed: bool = False, blocks_graphed: bool = False):
         self.x0_fn, self.sigmas = x0_fn, tuple(sigmas)
         self.reason = None
         if not enabled:
             self.reason = "off (perf.cuda_graph_rollout false)"
+        elif blocks_graphed:
+            self.reason = "eager: the compiled blocks replay CUDA graphs of their own (perf.compile_mode reduce-overhead)"
         elif device.type != "cuda":
             self.reason = f"eager: CUDA graphs need a CUDA device, the run is on {device.type}"
         elif distributed:
