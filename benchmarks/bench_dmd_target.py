@@ -11,12 +11,10 @@ of copy bandwidth is measured against what a perfect one-pass implementation wou
     python benchmarks/bench_dmd_target.py            # --full with CUDA, --small without
 """
 
-import contextlib
-
 import torch
 
 from _bench_common import ALL_GRAPHABLE, parse_args, run_benchmark
-from fastdmd.ops import dmd_target_triton, reference
+from fastdmd.ops import reference
 
 # The issue's target shape first: a run cut short by a time limit still has it.
 FULL_SHAPES = {"image_64x16x128x128": (64, 16, 128, 128), "image_8x16x128x128": (8, 16, 128, 128),
@@ -51,31 +49,10 @@ def cases(args):
 
                 fields = dict(shape=shape_name, dtype=str(dtype).removeprefix("torch."), mode=mode)
                 nbytes = bytes_per_element * dtype.itemsize * inputs["x0"].numel()
-                yield fields, call, nbytes, ALL_GRAPHABLE | {"triton_one_group"}
-
-
-@contextlib.contextmanager
-def one_group():
-    """The kernel with its L2-sized sample groups off: one launch pair for the whole batch."""
-    saved = dmd_target_triton.L2_BYTES
-    dmd_target_triton.L2_BYTES = 2**62
-    try:
-        yield
-    finally:
-        dmd_target_triton.L2_BYTES = saved
-
-
-def triton_one_group(kernel):
-    def run(**inputs):
-        with one_group():
-            return kernel(**inputs)
-    return run
+                yield fields, call, nbytes, ALL_GRAPHABLE
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0])
     run_benchmark(args, reference.dmd_target, cases(args),
-                  ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
-                   "triton: passes 1-2 per L2-sized group of samples; triton_one_group: one launch pair "
-                   "for the batch (pass 2 re-reads from DRAM what L2 no longer holds)"],
-                  kernel_variants={"triton_one_group": triton_one_group})
+                  ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()"])

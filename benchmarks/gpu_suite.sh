@@ -24,14 +24,20 @@
 #            batch 4, 512 px) and flux-dev at depth 2; results in OUTDIR/step_throughput_*.{json,md}
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
-# With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, at most
-# 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh), then two calls that carry
-# .wheels, each bounded below the command limit and ending in one archive (written even when the
-# suite is cut off), e.g.
-#   FASTDMD_STEP_TIMEOUT=120 timeout 540 bash benchmarks/gpu_suite.sh /tmp/s1 env install native tests \
-#       bench_dmd_target bench_group_advantages bench_clipped_policy_loss bench_native; tar czf $OUT/s1.tgz -C /tmp s1
-#   FASTDMD_STEP_TIMEOUT=200 timeout 540 bash benchmarks/gpu_suite.sh /tmp/s2 install gputests throughput \
-#       memplan; tar czf $OUT/s2.tgz -C /tmp s2
+# With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
+# start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
+# name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
+# (2026-11-26): env + install 27 s, native 55-67 s, tests 32-38 s (-n 6), gputests 26 s (-n 3),
+# bench_dmd_target 42 s, bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss
+# 28 s, throughput's sd3-medium run ~90 s for two variants, memplan 12 s; a machine started in ~30 s.
+# The steps that time nothing can share the machine; the timed ones run alone. One call, e.g.
+#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 420 bash -c "
+#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
+#   FASTDMD_STEP_TIMEOUT=130 bash $S $O/n native &
+#   FASTDMD_STEP_TIMEOUT=120 FASTDMD_PYTEST_ARGS='-n 3 --ignore=tests/test_ops_native.py' bash $S $O/g gputests &
+#   FASTDMD_STEP_TIMEOUT=120 FASTDMD_PYTEST_ARGS='-n 6 --ignore=tests/test_ops_native.py' bash $S $O/t tests
+#   wait; FASTDMD_STEP_TIMEOUT=200 bash $S $O/p throughput memplan
+#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/b bench_dmd_target bench_group_advantages"; tar czf $OUT/r.tgz -C /tmp r
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
@@ -127,7 +133,8 @@ step_gputests() {
 step_throughput() {
     local status=0  # the anchor shape first: a step cut off by its time limit still has it
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized optimized-graphs --out "$outdir/step_throughput_sd3-medium-d12" || status=1
+        --variants naive optimized optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12" \
+        || status=1
     "$python" benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512 \
         --out "$outdir/step_throughput_flux-dev-d2" || status=1
     "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1

@@ -1,19 +1,26 @@
-"""One training step, naive vs optimized, side by side in one process on the same preset, shape and
-device:
+"""One training step in several variants, side by side in one process on the same preset, shape
+and device:
 
-    naive      eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager rollout,
-               fp32 master weights (bf16 autocast on CUDA)
-    optimized  per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
-               rollout (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+    naive             eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager
+                      rollout, fp32 master weights (bf16 autocast on CUDA)
+    optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
+                      rollout (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+    optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
+                      forward and backward, replayed from CUDA graphs (CUDA only)
 
-For each: s/step (median of the timed steps), samples/s, FLOP/step (torch.utils.flop_counter),
-MFU against the matmul peak measured in the same run (bf16 on CUDA, fp32 on CPU), peak memory
-(CUDA: max allocated; CPU: process peak RSS, cumulative), the per-phase breakdown by the phase
-names of DESIGN.md (fastdmd.profiling), and the full few-step sample at batch 1 (every generator
-step, no grad) with the variant's generator, called eagerly and, on CUDA, replayed from one CUDA graph. Writes benchmarks/results/step_throughput_<preset>_<device>.{json,md}.
+For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
+FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
+same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated; CPU: process peak RSS,
+cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate
+steps, synchronized at each phase boundary), the full few-step sample at batch 1 (every generator
+step, no grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one
+profiled step (device busy time, top kernels, Chrome trace). Writes
+benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
+fails is recorded with its error and the others still run.
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
-    python benchmarks/step_throughput.py --preset sd3-medium --depth 4 --batch 2 --resolution 512
+    python benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
+        --variants naive optimized optimized-graphs --profile
     python benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512
 
 The sd3-medium and flux-dev presets build the real architectures with random weights (depth
@@ -25,11 +32,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import gzip
 import json
 import os
 import platform
 import resource
 import shlex
+import shutil
 import statistics
 import sys
 import time
@@ -106,7 +115,38 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     return best, str(dtype).removeprefix("torch.")
 
 
-def measure(name: str, args: list[str], family, device, warmup: int, steps: int) -> dict:
+def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: str | None) -> dict:
+    """One step under torch.profiler: the device's busy time (the sum of its kernels' times; below
+    s/step by what the GPU waits for the host), the top ops by self time, and the Chrome trace
+    (gzipped) when trace_path is given."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities) as prof:
+        trainer.train_step(step)
+        sync(device)
+    if cuda:  # the kernels (and copies) themselves: each once, not again under the op that launched it
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        self_time = lambda e: e.self_device_time_total  # noqa: E731
+    else:
+        events = list(prof.key_averages())
+        self_time = lambda e: e.self_cpu_time_total  # noqa: E731
+    top = sorted(events, key=self_time, reverse=True)[:25]
+    result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
+              "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top]}
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+        with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        os.remove(trace_path)
+        result["profile_trace"] = trace_path + ".gz"
+    return result
+
+
+def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
+            profile_trace: str | None = None, profile: bool = False) -> dict:
     """s/step from `steps` steps run back to back with no synchronization inside them (the step's
     own syncs only), then the phase breakdown from as many more steps with phase timing on (which
     synchronizes at every phase boundary, so its phases add up to more than s/step), one step under
@@ -119,7 +159,7 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
     for _ in range(warmup):  # compiles, captures the rollout graphs, fills the optimizer state
         step += 1
         trainer.train_step(step)
-    times = []
+    times, timed_steps = [], range(step + 1, step + 1 + steps)
     for _ in range(steps):
         step += 1
         sync(device)
@@ -134,14 +174,19 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int)
             trainer.train_step(step)
         for key, value in spent.items():
             phases[key] += value / steps
+    # The timed steps again under the FLOP counter: a step's work depends on its backward-simulation
+    # step k, drawn from the step number, so the same numbers give the same mix as the timing.
     with FlopCounterMode(display=False) as counter:
-        trainer.train_step(step + 1)
+        for timed in timed_steps:
+            trainer.train_step(timed)
     median = statistics.median(times)
     peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
                    else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     sample_ms = sample_batch1_ms(trainer, device)
+    if profile:
+        sample_ms |= profile_step(trainer, step + 1, device, profile_trace)
     return sample_ms | {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
-                        "flop_per_step_counted": counter.get_total_flops(), "peak_memory_bytes": peak_memory,
+                        "flop_per_step_counted": counter.get_total_flops() / steps, "peak_memory_bytes": peak_memory,
                         "phase_s": phases, "optimizer": trainer.optimizer_name,
                         "rollout": trainer.rollout.reason or "CUDA graph", "ops_backend": cfg.ops.backend}
 
@@ -189,6 +234,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", default=["naive", "optimized"], choices=VARIANTS,
                    help="the step variants to measure, in this order (naive first: the others' speed-up and MFU use it)")
     p.add_argument("--out", default=None, help="path stem of the .json and .md results")
+    p.add_argument("--profile", action="store_true", help="profile one more step of each variant: device busy "
+                   "time, top ops, Chrome trace <out>_<variant>_trace.json.gz")
     args = p.parse_args()
     device = torch.device(args.device)
     batch = args.batch or (64 if args.preset == "digits" else 2)
@@ -209,7 +256,8 @@ def main() -> None:
         run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
             + ["--run_dir", os.path.join("runs", "step_throughput", name)]
         try:
-            row = measure(name, run_args, family, device, args.warmup, args.steps)
+            row = measure(name, run_args, family, device, args.warmup, args.steps, profile=args.profile,
+                          profile_trace=f"{out}_{name}_trace.json" if args.profile else None)
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result too; the others still run
             traceback.print_exc()
             row = {"variant": name, "args": run_args, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}
@@ -284,6 +332,15 @@ def report(r: dict) -> str:
               "|---|" + "---:|" * len(done)]
     for name in PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in done) + " |")
+    for v in done:
+        if "profile_top" not in v:
+            continue
+        busy = v["profile_device_busy_ms"]
+        lines += ["", f"Profiled step, {v['variant']}: " + (f"device busy {busy:.1f} ms of {1e3 * v['s_per_step']:.1f} ms "
+                                                             f"per step" if busy is not None else "CPU self times")
+                  + (f"; trace {os.path.basename(v['profile_trace'])}" if v.get("profile_trace") else ""), "",
+                  ("| kernel | calls | ms |" if busy is not None else "| op | calls | self ms |"), "|---|---:|---:|"]
+        lines += [f"| `{t['name']}` | {t['calls']} | {t['self_ms']:.2f} |" for t in v["profile_top"]]
     return "\n".join(lines) + "\n"
 
 

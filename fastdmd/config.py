@@ -213,6 +213,9 @@ class PerfConfig:
                          "torch fused AdamW when missing)", choices=("torch", "apex"))
     attention: str = opt("sdpa", "attention backend of diffusers models: sdpa (torch), flash (flash-attn), "
                          "xformers; a missing package falls back to sdpa", choices=("sdpa", "flash", "xformers"))
+    cudnn_attention: bool = opt(True, "let torch SDPA use its cuDNN backend on CUDA (false: flash / memory-efficient / "
+                                "math only; process-wide). Its backward failed with an illegal address on FLUX shapes "
+                                "on an H100 (torch 2.11, cuDNN 9.19)")
     cuda_graph_rollout: bool = opt(False, "replay the no-grad rollout from a CUDA graph captured per static shape "
                                    "(CUDA only; eager elsewhere, with the reason logged)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")

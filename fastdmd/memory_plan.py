@@ -2,23 +2,30 @@
 --resolution 512 --world-size 8 --precision bf16 --activation-checkpointing`.
 
 What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenly):
-- generator: fp32 master weights, fp32 gradients, AdamW's two fp32 states, the fp32 EMA: 20 B/param / W
-- critic: weights, gradients, AdamW states: 16 B/param / W (a LoRA critic: its adapters only)
+- generator: fp32 master weights, AdamW's two fp32 states, the fp32 EMA: 16 B/param / W
+- critic: weights and AdamW states: 12 B/param / W (a LoRA critic: its adapters only)
+- gradients: fp32, of one network at a time (the generator's are freed before the critic's
+  backward, zero_grad(set_to_none=True)): 4 B/param of the larger / W
 - teacher: frozen weights in the teacher dtype / W (or whole when not sharded)
 - FSDP working set: the largest block unsharded twice (current + prefetched), in the compute dtype
+- autocast weight copies (bf16, one process): the bf16 casts of the fp32 weights that autocast
+  keeps for backward, 2 B/param
 - activations: the bytes autograd saves for backward in one generator (or critic) forward at the
   per-rank batch, measured by running the real network on the meta device (no memory, exact shapes)
-  under saved-tensor hooks; with activation checkpointing, what stays saved plus the largest block's
-  recompute. Weights saved by layers are not counted twice. Views that share storage are counted
-  once per view, so this leans high.
+  under saved-tensor hooks, each storage counted once, attention counted as a fused kernel saves
+  it (q, k, v, output, log-sum-exp; not the L x L probabilities of the math path that the meta
+  device takes); with activation checkpointing, what stays saved plus the largest block's
+  recompute. Weights saved by layers are not counted.
 Not counted: the CUDA context and allocator fragmentation (typically 1-3 GB), the no-grad teacher
-and critic forwards' transient buffers, the rollout.
+and critic forwards' transient buffers, the rollout. Checked on an H100 (SD3-medium shape, depth 12,
+batch 4, 512 px, one process, bf16): see benchmarks/results/memory_plan_sd3_medium_d12.md.
 """
 
 from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from unittest import mock
 
 import torch
 import torch.nn as nn
@@ -101,21 +108,42 @@ def build_meta_network(preset: str, depth: int | None, model_path: str = ""):
     return net, inputs
 
 
+class _FusedAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash, cuDNN, memory-efficient) keeps for backward."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty((*query.shape[:-1], value.shape[-1]))
+        log_sum_exp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, log_sum_exp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # never run: the plan only counts
+        raise NotImplementedError
+
+
+def _fused_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                     enable_gqa=False):
+    return _FusedAttention.apply(query, key, value)
+
+
 def saved_activation_bytes(net: nn.Module, kwargs: dict, dtype: torch.dtype) -> int:
-    """Bytes autograd keeps for backward in one forward of `net` (meta device: nothing is allocated)."""
+    """Bytes autograd keeps for backward in one forward of `net`: each saved storage once, weights
+    excluded, attention as a fused kernel keeps it. On the meta device nothing is allocated."""
     params = {id(p) for p in net.parameters()}
-    total = 0
+    saved: dict[int, torch.Tensor] = {}
 
     def pack(t):
-        nonlocal total
         base = t._base if t._base is not None else t
         if id(t) not in params and id(base) not in params:
-            total += t.numel() * t.element_size()
+            saved.setdefault(id(base), base)  # kept alive here, so ids stay unique
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+            mock.patch.object(torch.nn.functional, "scaled_dot_product_attention", _fused_attention):
         net(**kwargs)
-    return total
+    return sum(t.untyped_storage().nbytes() for t in saved.values())
 
 
 def plan(preset: str, batch: int, resolution: int, world_size: int, precision: str, checkpointing: bool,
@@ -131,11 +159,13 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
     teacher_bytes = {"bfloat16": 2, "float32": 4}[teacher_dtype]
     critic_params = critic_lora_params or params
     items = {
-        "generator weights + grads + AdamW + EMA (fp32)": 20 * params * shard,
-        "critic weights + grads + AdamW (fp32)": 16 * critic_params * shard + (teacher_bytes * params * shard
-                                                                              if critic_lora_params else 0),
+        "generator weights + AdamW + EMA (fp32)": 16 * params * shard,
+        "critic weights + AdamW (fp32)": 12 * critic_params * shard + (teacher_bytes * params * shard
+                                                                      if critic_lora_params else 0),
+        "gradients of one network (fp32)": 4 * max(params, critic_params) * shard,
         f"teacher ({teacher_dtype})": teacher_bytes * params * (shard if shard_teacher else 1),
         "FSDP unsharded working set (2 blocks)": 2 * largest_block * compute.itemsize if world_size > 1 else 0,
+        "autocast weight copies (bf16, one process)": 2 * params if precision == "bf16" and world_size == 1 else 0,
     }
     kwargs = make_inputs(batch, resolution, compute)
     full = saved_activation_bytes(net, kwargs, compute)

@@ -159,6 +159,9 @@ class Trainer:
             self.fake.to(world.device)
         perf = cfg.perf
         self.attention = set_attention(teacher, perf.attention)
+        if not perf.cudnn_attention:
+            torch.backends.cuda.enable_cudnn_sdp(False)
+            self.attention += ", SDPA's cuDNN backend off"
         for role in filter(None, (self.generator, self.fake, base)):
             set_attention(role.net, perf.attention)
         parallelize(self.generator.net, world, perf)

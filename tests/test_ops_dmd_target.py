@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastdmd import ops
-from fastdmd.ops import dmd_target_triton, reference
+from fastdmd.ops import reference
 from fastdmd.ops.dmd_target_triton import dmd_target
 from fastdmd.ops.testing import assert_no_worse_than_torch, default_device, small_chunks
 
@@ -81,28 +81,6 @@ def test_multi_block_chunks(dtype):
     # empty): the loops inside a program and the partial sums across programs.
     with small_chunks(block=32, max_chunks=4):
         assert_matches_reference(make_inputs((3, 300), dtype, weights=True, noise=True), dtype)
-
-
-@pytest.mark.parametrize("group", [1, 2])
-def test_l2_sized_sample_groups_change_no_bit(group, monkeypatch):
-    """Passes 1 and 2 launched per group of samples (as when a batch's inputs exceed L2) give the
-    same bits as one launch pair for the batch, gradients included."""
-    inputs = make_inputs((5, 3, 8, 8), torch.bfloat16, weights=True)
-    pass1_bytes = 4 * 2 * 3 * 8 * 8  # x0, x_t, real_cond, real_uncond in bf16, per sample
-
-    def run():
-        x0 = inputs["x0"].detach().clone().requires_grad_()
-        out = dmd_target(**dict(inputs, x0=x0))
-        out.loss.backward()
-        return out, x0.grad
-
-    whole, whole_grad = run()
-    monkeypatch.setattr(dmd_target_triton, "L2_BYTES", int(group * pass1_bytes / dmd_target_triton.L2_SHARE))
-    assert dmd_target_triton.samples_per_group(5, pass1_bytes, DEVICE) == group
-    grouped, grouped_grad = run()
-    for name, x, y in zip(whole._fields, whole, grouped):
-        assert torch.equal(x, y), name
-    assert torch.equal(whole_grad, grouped_grad)
 
 
 @pytest.mark.filterwarnings("ignore:.* encountered in divide:RuntimeWarning")  # interpreter's numpy

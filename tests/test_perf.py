@@ -98,6 +98,63 @@ def test_rollout_graph_replays_the_eager_rollout_on_cuda(tmp_path):
     assert trainer.rollout.active and len(trainer.rollout.graphs) == 1
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rollout_graph_under_bf16_autocast_reads_the_live_weights(tmp_path):
+    """Under bf16 autocast the graph must cast the fp32 weights itself at every replay: a cast cached
+    by autocast outside the graph is freed when its region ends, and the optimizer changes the
+    weights in place between steps."""
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import step_generator
+
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_rollout", "true",
+                             "--perf.mixed_precision", "bf16"])
+    dev = torch.device("cuda")
+    trainer = Trainer(cfg, World(device=dev))
+    for step in range(1, 4):
+        noise = torch.randn(8, 1, 16, 16, device=dev)
+        labels = torch.randint(0, 10, (8,), device=dev)
+        with trainer._autocast():  # as in a training step; the first call captures
+            got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
+        churn = torch.full((1 << 22,), float("nan"), device=dev)  # reuse what the region freed
+        del churn
+        with trainer._autocast():
+            want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                       step_generator(0, 0, step, dev))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-2, atol=1e-2)
+        with torch.no_grad():  # an optimizer step: in place
+            for p in trainer.generator.parameters():
+                p.mul_(1.05)
+    assert trainer.rollout.active and len(trainer.rollout.graphs) == 1
+
+
+def test_cudnn_attention_off_is_applied_and_reported(tmp_path):
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cudnn_attention", "false"])
+    try:
+        trainer = Trainer(cfg, World())
+        assert not torch.backends.cuda.cudnn_sdp_enabled()
+        assert trainer.attention == "torch SDPA, SDPA's cuDNN backend off"
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+    assert parse_args(["--recipe", "flux-dmd2", "--model.path", "x", "--model.prompts", "y"]).perf.cudnn_attention is False
+
+
+def test_uncached_autocast_keeps_the_callers_state_and_cache():
+    from fastdmd.rollout.graphs import uncached_autocast
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        weight = torch.nn.Parameter(torch.randn(4, 4))
+        x = torch.randn(2, 4)
+        torch.mm(x, weight)  # cached cast of the leaf weight
+        with uncached_autocast("cpu"):
+            assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+            assert not torch.is_autocast_cache_enabled()
+            assert torch.mm(x, weight).dtype == torch.bfloat16
+        assert torch.is_autocast_cache_enabled() and torch.is_autocast_enabled("cpu")
+    with uncached_autocast("cpu"):
+        assert not torch.is_autocast_enabled("cpu")
+
+
 def test_profile_trace_covers_the_window_and_names_the_phases(tmp_path, capsys):
     main(TINY + ["--run_dir", str(tmp_path), "--trainer.steps", "4", "--profile.trace", "true",
                  "--profile.start", "2", "--profile.steps", "2", "--profile.memory", "true"])

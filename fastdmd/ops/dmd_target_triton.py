@@ -16,19 +16,17 @@ fastdmd.ops.reference.dmd_target; this file is the same thing in three Triton ke
      last samples, whose inputs are the likeliest to still be in L2.
   3. _dmd_finalize_kernel, one program: per-sample grad_sq and cosine, the weighted loss.
   Backward: _dmd_backward_kernel, d x0 = d_loss * w * residual / N.
-Passes 1 and 2 run on groups of samples whose pass-1 inputs fit in a share of the L2 cache
-(L2_SHARE; a whole batch when it fits): pass 1 then pass 2 of group 0, then of group 1, ..., so
-pass 2 re-reads its inputs from L2 rather than DRAM. One group per launch pair: more launches (cheap
-in a CUDA graph) for fewer DRAM bytes. A sample's arithmetic does not depend on its group.
+One launch per pass for the whole batch. Launching passes 1-2 per group of samples sized to fit
+in L2 (so that pass 2 re-reads from L2) was measured slower on an H100: 142 us against 123 us at
+bf16 64x16x128x128, 42 against 33 us on the video shape (benchmarks/results/gpu_h100_2026-11-26.md).
 
 Bytes per element, E = input element size (2 for bf16), one more E per pass with the noise term:
   pass 1 reads x0, x_t, real_cond, real_uncond                                     4E
-  pass 2 reads x0, x_t, real_cond, real_uncond, fake                              5E (4E of
-         them L2 hits: the group's pass-1 working set fits in L2 by construction),
+  pass 2 reads x0, x_t, real_cond, real_uncond, fake                              5E (L2 hits
+         when the pass-1 working set B*M*4E fits in L2, 50 MB on H100; partly beyond),
          writes target (x0's dtype) E and, when x0 requires grad, the fp32 residual 4
   backward reads the residual 4, writes d x0 E
-  bf16 training step: 14 B/element from DRAM (4E + E + E + 4; 24 if pass 2 missed L2), plus 6 in
-  backward.
+  bf16 training step: 24 B/element from DRAM at worst, 14 when pass 2 hits L2, plus 6 in backward.
   Any implementation must at least read the 5 inputs and write the target: 6E = 12 B/element.
 
 Memory choice for backward: the residual x0 - target is saved in fp32 (4 bytes per element; a
@@ -58,12 +56,6 @@ from fastdmd.ops.sample_chunks import sample_chunks
 _STATS = 4
 # Finalize tile: samples x partial sums held at once by the single finalize program.
 _FINALIZE_TILE = 4096
-# Share of the device's L2 cache that one group's pass-1 inputs may fill (the rest holds the
-# target and residual writes and pass 2's fake reads in flight). L2_BYTES overrides the device's
-# L2 size; None reads it from CUDA (on CPU, in the interpreter, a batch is one group unless a
-# test sets L2_BYTES).
-L2_SHARE = 0.5
-L2_BYTES: Optional[int] = None
 
 
 @triton.jit
@@ -80,14 +72,14 @@ def _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
     return base, base + b * real
 
 
-@triton.jit(do_not_specialize=["first_program"])  # one compiled kernel for every group
+@triton.jit
 def _p_real_abs_sum_kernel(
     x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a_ptr, b_ptr, c_ptr, abs_partials_ptr,
-    numel_per_sample, num_chunks, first_program, guidance_scale,
+    numel_per_sample, num_chunks, guidance_scale,
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
 ):
-    pid = first_program + tl.program_id(0)  # programs of this launch's group of samples
+    pid = tl.program_id(0)
     sample = pid // num_chunks
     chunk = pid % num_chunks
     a = tl.load(a_ptr + sample)
@@ -108,15 +100,15 @@ def _p_real_abs_sum_kernel(
     tl.store(abs_partials_ptr + pid, tl.sum(total, axis=0))
 
 
-@triton.jit(do_not_specialize=["first_program", "total_programs"])
+@triton.jit
 def _dmd_elementwise_kernel(
     x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
     abs_partials_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
-    numel_per_sample, num_chunks, first_program, total_programs, guidance_scale, eps,
+    numel_per_sample, num_chunks, guidance_scale, eps,
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
 ):
-    pid = first_program + tl.num_programs(0) - 1 - tl.program_id(0)
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
     sample = pid // num_chunks
     chunk = pid % num_chunks
     slots = tl.arange(0, PARTIALS_BLOCK)
@@ -159,7 +151,7 @@ def _dmd_elementwise_kernel(
         grad_dot_p += grad * p_finite
         p_sq += p_finite * p_finite
         residual_sq += tl.where(mask, residual * residual, 0.0)
-    stride = total_programs
+    stride = tl.num_programs(0)
     tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
     tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
     tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
@@ -221,16 +213,6 @@ def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> to
     return placeholder if t is None else t.to(torch.float32).contiguous()
 
 
-def samples_per_group(batch: int, pass1_bytes_per_sample: int, device: torch.device) -> int:
-    """How many samples' pass-1 inputs fit in L2_SHARE of the L2 cache (at least 1, at most the batch)."""
-    l2_bytes = L2_BYTES
-    if l2_bytes is None:
-        if device.type != "cuda":
-            return batch
-        l2_bytes = torch.cuda.get_device_properties(device).L2_cache_size
-    return max(1, min(batch, int(L2_SHARE * l2_bytes) // max(1, pass1_bytes_per_sample)))
-
-
 def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise,
                        c, eps, save_residual):
     batch = x0.shape[0]
@@ -256,21 +238,13 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
 
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
-    pass1_inputs = [x0, x_t, real_cond] + ([real_uncond] if flags["HAS_UNCOND"] else []) + \
-        ([noise] if flags["HAS_NOISE"] else [])
-    group = samples_per_group(batch, numel_per_sample * sum(t.element_size() for t in pass1_inputs),
-                              x0.device)
-    for first in range(0, batch, group):
-        first_program = first * chunks.num_chunks
-        group_programs = (min(first + group, batch) - first) * chunks.num_chunks
-        _p_real_abs_sum_kernel[(group_programs,)](
-            x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
-            numel_per_sample, chunks.num_chunks, first_program, guidance_scale, **flags, **layout)
-        _dmd_elementwise_kernel[(group_programs,)](
-            x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, target, residual,
-            normalizer, stat_partials, numel_per_sample, chunks.num_chunks, first_program,
-            num_programs, guidance_scale, eps,
-            **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
+    _p_real_abs_sum_kernel[(num_programs,)](
+        x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
+        numel_per_sample, chunks.num_chunks, guidance_scale, **flags, **layout)
+    _dmd_elementwise_kernel[(num_programs,)](
+        x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, target, residual,
+        normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale, eps,
+        **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
     _dmd_finalize_kernel[(1,)](
         stat_partials, weights_fp32, grad_sq, cosine, residual_sq_sum, loss,
         batch, chunks.num_chunks, numel_per_sample, x0.numel(),

@@ -71,11 +71,24 @@ class GraphedRollout:
         static_draws = [d.clone() for d in draws]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
+        with torch.cuda.stream(stream), uncached_autocast("cuda"):
             for _ in range(WARMUP_ITERS):
                 simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph), uncached_autocast("cuda"):
             static_out = simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
         return graph, static_noise, static_labels, static_draws, static_out
+
+
+def uncached_autocast(device_type: str) -> torch.autocast:
+    """The caller's autocast state (on or off, its dtype) with autocast's weight-cast cache off.
+
+    A captured graph must cast the fp32 weights itself, into its own memory, at every replay. With
+    the cache on, a cast made before the capture (in the warm-up, or earlier in the caller's autocast
+    region) is reused by the graph, which then reads memory that is freed when that autocast region
+    ends: stale weights at best, an illegal address once the allocator has released it (what
+    benchmarks/step_throughput.py's optimized variant hit on an H100 under bf16 autocast). The
+    nested region leaves the caller's cache as it was."""
+    return torch.autocast(device_type, dtype=torch.get_autocast_dtype(device_type),
+                          enabled=torch.is_autocast_enabled(device_type), cache_enabled=False)
