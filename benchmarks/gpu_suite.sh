@@ -141,8 +141,10 @@ step_throughput() {
     return $status
 }
 
-step_memplan() {
-    "$python" -m fastdmd.memory_plan --preset sd3-medium --depth 12 --batch 4 --resolution 512 --gpu-memory 80
+step_memplan() {  # naive's plan, then the optimized variants' (rollout on a bf16 copy)
+    "$python" -m fastdmd.memory_plan --preset sd3-medium --depth 12 --batch 4 --resolution 512 --gpu-memory 80 &&
+        "$python" -m fastdmd.memory_plan --preset sd3-medium --depth 12 --batch 4 --resolution 512 --gpu-memory 80 \
+            --rollout-weights bf16
 }
 
 step_bench() {

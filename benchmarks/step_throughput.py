@@ -4,7 +4,8 @@ and device:
     naive             eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager
                       rollout, fp32 master weights (bf16 autocast on CUDA)
     optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
-                      rollout (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+                      rollout on a bf16 copy of the generator (CUDA only), fp32 master weights (bf16
+                      autocast on CUDA)
     optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
                       forward and backward, replayed from CUDA graphs (CUDA only)
 
@@ -69,11 +70,12 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", *precision]
+    rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
-            "--perf.cuda_graph_rollout", "true", *mode, *precision]
+            "--perf.cuda_graph_rollout", "true", *rollout_copy, *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -193,7 +195,7 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
     """Milliseconds of the full few-step sample (len(generator_sigmas) generator calls, no grad) at
-    batch 1 with the trainer's generator and precision: eager, and on CUDA replayed from one CUDA
+    batch 1 with the rollout's generator and the trainer's precision: eager, and on CUDA replayed from one CUDA
     graph (the error instead of a time where capture fails)."""
     sigmas = trainer.cfg.dmd.generator_sigmas
     noise = torch.randn((1, *trainer.family.sample_shape), device=device)
@@ -201,11 +203,13 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
     draws = [torch.randn_like(noise) for _ in sigmas[:-1]]
     last_sigma = torch.full((1,), sigmas[-1], device=device)
 
+    generator = trainer.rollout.x0_fn  # the rollout's generator: a bf16 copy with perf.rollout_weights bf16
+
     @torch.no_grad()
     def sample():
         with trainer._autocast():
-            x = simulate(trainer.generator, noise, labels, sigmas, draws)
-            return trainer.generator(x, last_sigma, labels)
+            x = simulate(generator, noise, labels, sigmas, draws)
+            return generator(x, last_sigma, labels)
 
     result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
     if trainer.cfg.perf.compile_mode == "reduce-overhead":

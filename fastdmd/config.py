@@ -218,6 +218,10 @@ class PerfConfig:
                                 "on an H100 (torch 2.11, cuDNN 9.19)")
     cuda_graph_rollout: bool = opt(False, "replay the no-grad rollout from a CUDA graph captured per static shape "
                                    "(CUDA only; eager elsewhere, with the reason logged)")
+    rollout_weights: str = opt("master", "weights of the no-grad rollout: master (the generator's fp32 weights, which "
+                               "autocast casts at every forward) or bf16 (a bf16 copy, refreshed after each step's "
+                               "generator updates: one cast per step, 2 B/param more; needs mixed_precision bf16, "
+                               "one process)", choices=("master", "bf16"))
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
 
 
@@ -312,6 +316,9 @@ class Config:
         if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
             raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
                               f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")
+        if self.perf.rollout_weights == "bf16" and self.perf.mixed_precision != "bf16":
+            raise ConfigError("perf.rollout_weights = 'bf16' runs the rollout on a bf16 copy of the generator under bf16 "
+                              f"autocast: it needs perf.mixed_precision bf16 (got {self.perf.mixed_precision!r})")
         if self.perf.compile_mode != "default" and not (self.perf.compile and self.perf.compile_backend == "inductor"):
             raise ConfigError(f"perf.compile_mode = {self.perf.compile_mode!r} is a mode of the inductor backend: it needs "
                               f"perf.compile true and perf.compile_backend inductor (got {self.perf.compile} and "

@@ -9,7 +9,8 @@ What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenl
 - teacher: frozen weights in the teacher dtype / W (or whole when not sharded)
 - FSDP working set: the largest block unsharded twice (current + prefetched), in the compute dtype
 - autocast weight copies (bf16, one process): the bf16 casts of the fp32 weights that autocast
-  keeps for backward, 2 B/param
+  keeps for backward, 2 B/param; with --rollout-weights bf16, the rollout's bf16 generator copy,
+  2 B/param more
 - activations: the bytes autograd saves for backward in one generator (or critic) forward at the
   per-rank batch, measured by running the real network on the meta device (no memory, exact shapes)
   under saved-tensor hooks, each storage counted once, attention counted as a fused kernel saves
@@ -148,7 +149,7 @@ def saved_activation_bytes(net: nn.Module, kwargs: dict, dtype: torch.dtype) -> 
 
 def plan(preset: str, batch: int, resolution: int, world_size: int, precision: str, checkpointing: bool,
          gpu_gib: float, depth: int | None = None, teacher_dtype: str = "bfloat16", shard_teacher: bool = True,
-         critic_lora_params: int = 0, model_path: str = "") -> Plan:
+         critic_lora_params: int = 0, model_path: str = "", rollout_copy: bool = False) -> Plan:
     net, make_inputs = build_meta_network(preset, depth, model_path)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     net.to(compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
@@ -167,6 +168,8 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
         "FSDP unsharded working set (2 blocks)": 2 * largest_block * compute.itemsize if world_size > 1 else 0,
         "autocast weight copies (bf16, one process)": 2 * params if precision == "bf16" and world_size == 1 else 0,
     }
+    if rollout_copy:
+        items["rollout's bf16 generator copy (perf.rollout_weights bf16)"] = 2 * params
     kwargs = make_inputs(batch, resolution, compute)
     full = saved_activation_bytes(net, kwargs, compute)
     if checkpointing and getattr(net, "_supports_gradient_checkpointing", False):
@@ -191,13 +194,15 @@ def main(argv: list[str] | None = None) -> Plan:
     p.add_argument("--activation-checkpointing", action="store_true")
     p.add_argument("--teacher-dtype", default="bfloat16", choices=("bfloat16", "float32"))
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
+    p.add_argument("--rollout-weights", default="master", choices=("master", "bf16"),
+                   help="perf.rollout_weights: bf16 adds the rollout's bf16 copy of the generator")
     args = p.parse_args(argv)
     if args.world_size < 1 or args.batch < 1 or args.resolution < 16:
         p.error(f"need --world-size >= 1, --batch >= 1, --resolution >= 16; got {args.world_size}, {args.batch}, "
                 f"{args.resolution}")
     result = plan(args.preset, args.batch, args.resolution, args.world_size, args.precision,
                   args.activation_checkpointing, args.gpu_memory, args.depth, args.teacher_dtype,
-                  model_path=args.model_path)
+                  model_path=args.model_path, rollout_copy=args.rollout_weights == "bf16")
     print(f"memory plan: {args.preset}" + (f" depth {args.depth}" if args.depth else "") +
           f", batch {args.batch}/rank" + ("" if args.preset == "digits" else f", {args.resolution}px") +
           f", {args.world_size} rank(s), {args.precision}, "

@@ -158,6 +158,16 @@ class Trainer:
         if self.fake is not None:
             self.fake.to(world.device)
         perf = cfg.perf
+        # perf.rollout_weights bf16: the rollout's own bf16 copy of the generator (made before compile wraps
+        # the blocks), synchronized after each step's generator updates.
+        self.rollout_generator = self.generator
+        if perf.rollout_weights == "bf16":
+            if world.distributed:
+                raise ValueError("perf.rollout_weights = 'bf16' keeps a whole bf16 copy of the generator: one process "
+                                 f"only (world size {world.world_size}); under torchrun FSDP2's MixedPrecisionPolicy "
+                                 "already runs every forward in bf16")
+            self.rollout_generator = Generator(copy.deepcopy(self.generator.net).to(torch.bfloat16)
+                                               .requires_grad_(False), self.adapter)
         self.attention = set_attention(teacher, perf.attention)
         if not perf.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -165,6 +175,9 @@ class Trainer:
         for role in filter(None, (self.generator, self.fake, base)):
             set_attention(role.net, perf.attention)
         parallelize(self.generator.net, world, perf)
+        if self.rollout_generator is not self.generator:
+            set_attention(self.rollout_generator.net, perf.attention)
+            parallelize(self.rollout_generator.net, world, perf, trainable=False)
         if self.fake is not None:
             parallelize(self.fake.net, world, perf, root=self.fake if self.use_gan else None)
         if perf.shard_teacher or not world.distributed:
@@ -175,7 +188,7 @@ class Trainer:
         self.reward = build_reward(cfg.reward, self.classifier, self.family.condition_names, world.device,
                                    None if self.family.name == "digits" else self.family.decode) \
             if cfg.method != "dmd2" else None
-        self.rollout = GraphedRollout(self.generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
+        self.rollout = GraphedRollout(self.rollout_generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
                                       world.device, world.distributed,
                                       blocks_graphed=perf.compile and perf.compile_mode == "reduce-overhead")
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
@@ -214,6 +227,7 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
         self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        self._sync_rollout_weights()
         for sched in filter(None, (self.sched_g, self.sched_c)):
             sched.last_epoch = self.step - 1
             sched.step()
@@ -248,6 +262,7 @@ class Trainer:
                 if self.ema is not None and not skipped:
                     self.ema.update(self.generator)
             logs.append(update.logs | {"loss_generator": update.loss.item(), "grad_norm_generator": gnorm_g})
+        self._sync_rollout_weights()
         self.sched_g.step()
         row = {key: float(np.mean([u[key] for u in logs])) for key in logs[0]}
         skipped_c = 0
@@ -273,6 +288,15 @@ class Trainer:
                                  f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
                                  f"check the teacher and data, then --resume.")
         return row | {"skipped_generator_updates": float(skipped_g), "skipped_critic_updates": float(skipped_c)}
+
+    @torch.no_grad()
+    def _sync_rollout_weights(self) -> None:
+        """perf.rollout_weights bf16: cast the generator's updated weights into the rollout's copy, in place
+        (a captured rollout graph reads the copy's storage)."""
+        if self.rollout_generator is self.generator:
+            return
+        with phase("optimizer"):
+            torch._foreach_copy_(list(self.rollout_generator.net.parameters()), list(self.generator.net.parameters()))
 
     def _autocast(self):
         """bf16 autocast for the forwards in one process (under torchrun FSDP2's policy casts instead)."""

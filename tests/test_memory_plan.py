@@ -53,6 +53,8 @@ def test_sharding_batch_and_checkpointing_move_the_right_parts():
     assert one.items["FSDP unsharded working set (2 blocks)"] == 0 < eight.items["FSDP unsharded working set (2 blocks)"]
     copies = "autocast weight copies (bf16, one process)"
     assert one.items[copies] == 2 * one.params and eight.items[copies] == 0
+    with_copy = plan("sd3-medium", 1, 256, 1, "bf16", False, 80, depth=2, rollout_copy=True)
+    assert with_copy.total - one.total == 2 * one.params
     act = "activations (generator or critic forward + backward)"
     two = plan("sd3-medium", 2, 256, 1, "bf16", False, 80, depth=2)
     assert 1.8 < two.items[act] / one.items[act] <= 2.0

@@ -139,6 +139,30 @@ def test_cudnn_attention_off_is_applied_and_reported(tmp_path):
     assert parse_args(["--recipe", "flux-dmd2", "--model.path", "x", "--model.prompts", "y"]).perf.cudnn_attention is False
 
 
+def test_bf16_rollout_weights_follow_the_generator(tmp_path):
+    """perf.rollout_weights bf16: the rollout runs a bf16 copy of the generator, refreshed after every
+    step's generator updates, and gives the master weights' rollout up to bf16 rounding."""
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import step_generator
+
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16",
+                             "--perf.rollout_weights", "bf16"])
+    trainer = Trainer(cfg, World())
+    copy_net, master = trainer.rollout.x0_fn.net, trainer.generator.net
+    assert copy_net is not master and {p.dtype for p in copy_net.parameters()} == {torch.bfloat16}
+    assert not any(p.requires_grad for p in copy_net.parameters())
+    trainer.train_step(1)
+    for c, m in zip(copy_net.parameters(), master.parameters()):
+        assert torch.equal(c, m.detach().to(torch.bfloat16))
+    noise, labels = torch.randn(4, 1, 16, 16), torch.arange(4)
+    with trainer._autocast():
+        got = trainer.rollout(noise, labels, 3, step_generator(0, 0, 5))
+        want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3, step_generator(0, 0, 5))
+    torch.testing.assert_close(got[0], want[0], rtol=0.05, atol=0.05)
+    with pytest.raises(ValueError, match="rollout_weights.*mixed_precision bf16"):
+        parse_args(TINY + ["--perf.rollout_weights", "bf16"])
+
+
 def test_uncached_autocast_keeps_the_callers_state_and_cache():
     from fastdmd.rollout.graphs import uncached_autocast
 

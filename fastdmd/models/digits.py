@@ -47,7 +47,8 @@ class DigitsFlowAdapter(FlowAdapter):
     null_index = NULL_LABEL
 
     def predict(self, model: nn.Module, x_t: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return model(x_t, sigma * self.num_train_timesteps, class_labels=labels).sample
+        dtype = next(model.parameters()).dtype  # a bf16 copy (perf.rollout_weights) takes bf16 inputs
+        return model(x_t.to(dtype), sigma * self.num_train_timesteps, class_labels=labels).sample
 
 
 class DigitsClassifier(nn.Module):
