@@ -80,6 +80,10 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
                              f"needs a CUDA device (this run is on {world.device.type}) and one process (FSDP2's "
                              f"all-gathers run outside any graph; world size {world.world_size}); use perf.compile_mode "
                              f"default")
+        # Each role (teacher, generator, critic, the rollout's bf16 copy) at each batch shape, dtype and grad
+        # mode compiles its own variant of the same block code; past dynamo's default of 8 per code object
+        # the rest would run eagerly, with only a log line to say so.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in blocks:
             block.compile(backend=perf.compile_backend, mode=mode, dynamic=False)  # static shapes: no symbolic recompiles
     if not world.distributed:
