@@ -166,7 +166,8 @@ def write_results(op: str, device: torch.device, env: dict, rows: list[dict], ou
     return [json_path, csv_path]
 
 
-def run_benchmark(args: argparse.Namespace, reference_fn, cases, notes: list[str]) -> None:
+def run_benchmark(args: argparse.Namespace, reference_fn, cases, notes: list[str],
+                  kernel_variants: dict | None = None) -> None:
     """Time every case with each implementation of the op, print the table and write the files.
 
     `reference_fn` is the op's reference in fastdmd.ops.reference; the kernel is the function of
@@ -174,7 +175,8 @@ def run_benchmark(args: argparse.Namespace, reference_fn, cases, notes: list[str
     graphable): the row's descriptive columns, call(impl) -> a zero-argument function running one
     step with that implementation, the bytes the op must move, and the implementation names that
     a CUDA graph can capture (not those that synchronize with the host). Cases are generated one
-    at a time, so only one case's inputs are alive.
+    at a time, so only one case's inputs are alive. `kernel_variants` (CUDA only) adds rows for
+    other settings of the kernel: name -> function of the kernel returning the variant.
     """
     op, device = reference_fn.__name__, args.device
     copy_gbs = copy_bandwidth(device, (128 if args.small else 1024) * 2**20)
@@ -182,6 +184,7 @@ def run_benchmark(args: argparse.Namespace, reference_fn, cases, notes: list[str
     impls = dict(zip(IMPLEMENTATIONS[:2], (reference_fn, reference_compiled(reference_fn))))
     if device.type == "cuda":
         impls["triton"] = getattr(importlib.import_module(f"fastdmd.ops.{op}_triton"), op)
+        impls |= {name: make(impls["triton"]) for name, make in (kernel_variants or {}).items()}
     else:
         notes = [*notes, TRITON_ON_CPU_NOTE]
     # On CUDA each implementation is timed as called (eager launches) and replayed from a CUDA graph.

@@ -14,7 +14,7 @@ of copy bandwidth is measured against what a perfect one-pass implementation wou
 import torch
 
 from _bench_common import ALL_GRAPHABLE, parse_args, run_benchmark
-from fastdmd.ops import reference
+from fastdmd.ops import dmd_target_triton, reference
 
 # The issue's target shape first: a run cut short by a time limit still has it.
 FULL_SHAPES = {"image_64x16x128x128": (64, 16, 128, 128), "image_8x16x128x128": (8, 16, 128, 128),
@@ -49,10 +49,24 @@ def cases(args):
 
                 fields = dict(shape=shape_name, dtype=str(dtype).removeprefix("torch."), mode=mode)
                 nbytes = bytes_per_element * dtype.itemsize * inputs["x0"].numel()
-                yield fields, call, nbytes, ALL_GRAPHABLE
+                yield fields, call, nbytes, ALL_GRAPHABLE | {"triton_one_pass"}
+
+
+def triton_one_pass(kernel):
+    """The kernel with passes 1 and 2 in one launch (dmd_target_triton.ONE_PASS), whatever the default."""
+    def run(**inputs):
+        saved, dmd_target_triton.ONE_PASS = dmd_target_triton.ONE_PASS, True
+        try:
+            return kernel(**inputs)
+        finally:
+            dmd_target_triton.ONE_PASS = saved
+    return run
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0])
     run_benchmark(args, reference.dmd_target, cases(args),
-                  ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()"])
+                  ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
+                   "triton: the default launches; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
+                   "barrier between them"],
+                  kernel_variants={"triton_one_pass": triton_one_pass})

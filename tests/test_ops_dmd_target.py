@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from fastdmd import ops
-from fastdmd.ops import reference
+from fastdmd.ops import dmd_target_triton, reference
 from fastdmd.ops.dmd_target_triton import dmd_target
 from fastdmd.ops.testing import assert_no_worse_than_torch, default_device, small_chunks
 
@@ -261,6 +261,31 @@ def test_kernel_rejects_cpu_tensors_on_gpu_machine():
 @pytest.mark.parametrize("shape", [(8, 16, 128, 128), (2, 336, 60, 104)], ids=["image", "video"])
 def test_full_size_latents_bf16(shape):
     assert_matches_reference(make_inputs(shape, torch.bfloat16, weights=True), torch.bfloat16)
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.timeout(120)  # a one-pass kernel whose programs waited for each other forever would hang
+@pytest.mark.parametrize("shape", [(3, 5, 7), (4, 16, 64, 64), (64, 16, 128, 128), (2, 336, 60, 104)],
+                         ids=["odd", "training", "image_64", "video"])
+def test_one_pass_kernel_gives_the_two_pass_bits(shape, monkeypatch):
+    inputs = make_inputs(shape, torch.bfloat16, weights=True, noise=True)
+
+    def run():
+        x0 = inputs["x0"].detach().clone().requires_grad_()
+        out = dmd_target(**dict(inputs, x0=x0))
+        out.loss.backward()
+        return out, x0.grad
+
+    monkeypatch.setattr(dmd_target_triton, "ONE_PASS", False)
+    two_pass, two_pass_grad = run()
+    monkeypatch.setattr(dmd_target_triton, "ONE_PASS", True)
+    assert dmd_target_triton.one_pass_enabled(DEVICE)
+    for _ in range(3):  # repeated: a race in the per-sample barrier would show as a difference
+        one_pass, one_pass_grad = run()
+        for name, x, y in zip(two_pass._fields, two_pass, one_pass):
+            assert torch.equal(x, y), name
+        assert torch.equal(two_pass_grad, one_pass_grad)
 
 
 @pytest.mark.gpu

@@ -19,6 +19,10 @@ fastdmd.ops.reference.dmd_target; this file is the same thing in three Triton ke
 One launch per pass for the whole batch. Launching passes 1-2 per group of samples sized to fit
 in L2 (so that pass 2 re-reads from L2) was measured slower on an H100: 142 us against 123 us at
 bf16 64x16x128x128, 42 against 33 us on the video shape (benchmarks/results/gpu_h100_2026-11-26.md).
+_dmd_one_pass_kernel (ONE_PASS; off until measured on a GPU) fuses passes 1 and 2: each program
+publishes its chunk's partial sum, waits on its sample's arrival counter, then runs pass 2 on the
+chunk it has just read (L2 hits whatever the batch size): 6E per element from DRAM in forward.
+The same helpers compute both, so its results are the two-pass results bit for bit.
 
 Bytes per element, E = input element size (2 for bf16), one more E per pass with the noise term:
   pass 1 reads x0, x_t, real_cond, real_uncond                                     4E
@@ -39,6 +43,7 @@ in its own dtype and upcast); non-contiguous inputs are copied to contiguous one
 All arithmetic and accumulation is fp32.
 """
 
+import os
 from typing import Optional
 
 import torch
@@ -56,6 +61,9 @@ from fastdmd.ops.sample_chunks import sample_chunks
 _STATS = 4
 # Finalize tile: samples x partial sums held at once by the single finalize program.
 _FINALIZE_TILE = 4096
+# One launch for passes 1 and 2 (_dmd_one_pass_kernel) instead of two. Off until measured and
+# tested on a GPU (it cannot run in the interpreter); the results are bit for bit the two-pass ones.
+ONE_PASS = False
 
 
 @triton.jit
@@ -73,21 +81,10 @@ def _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
 
 
 @triton.jit
-def _p_real_abs_sum_kernel(
-    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a_ptr, b_ptr, c_ptr, abs_partials_ptr,
-    numel_per_sample, num_chunks, guidance_scale,
-    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    sample = pid // num_chunks
-    chunk = pid % num_chunks
-    a = tl.load(a_ptr + sample)
-    b = tl.load(b_ptr + sample)
-    c = 0.0
-    if HAS_NOISE:
-        c = tl.load(c_ptr + sample)
-    sample_start = sample.to(tl.int64) * numel_per_sample
+def _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start, chunk,
+                          numel_per_sample, guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+                          BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
+    """Pass 1 of one (sample, chunk): the sum of |x0 - x0_real| over the chunk."""
     total = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(BLOCKS_PER_CHUNK):
         index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
@@ -97,32 +94,16 @@ def _p_real_abs_sum_kernel(
         _, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
                                           a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
         total += tl.where(mask, tl.abs(x0 - x0_real), 0.0)
-    tl.store(abs_partials_ptr + pid, tl.sum(total, axis=0))
+    return tl.sum(total, axis=0)
 
 
 @triton.jit
-def _dmd_elementwise_kernel(
-    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
-    abs_partials_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
-    numel_per_sample, num_chunks, guidance_scale, eps,
-    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-):
-    pid = tl.num_programs(0) - 1 - tl.program_id(0)
-    sample = pid // num_chunks
-    chunk = pid % num_chunks
-    slots = tl.arange(0, PARTIALS_BLOCK)
-    abs_partials = tl.load(abs_partials_ptr + sample * num_chunks + slots, mask=slots < num_chunks,
-                           other=0.0)
-    normalizer = tl.sum(abs_partials, axis=0) / numel_per_sample + eps
-    if chunk == 0:
-        tl.store(normalizer_ptr + sample, normalizer)
-    a = tl.load(a_ptr + sample)
-    b = tl.load(b_ptr + sample)
-    c = 0.0
-    if HAS_NOISE:
-        c = tl.load(c_ptr + sample)
-    sample_start = sample.to(tl.int64) * numel_per_sample
+def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
+               stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
+               guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+               SAVE_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr):
+    """Pass 2 of one (sample, chunk), given its sample's normalizer: target (and residual) stores,
+    and the chunk's partial sums of grad^2, grad * p_real, p_real^2, residual^2 in row `pid`."""
     grad_sq = tl.zeros([BLOCK], dtype=tl.float32)
     grad_dot_p = tl.zeros([BLOCK], dtype=tl.float32)
     p_sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -156,6 +137,102 @@ def _dmd_elementwise_kernel(
     tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
     tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
     tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
+
+
+@triton.jit
+def _sample_normalizer(abs_partials_ptr, sample, num_chunks, numel_per_sample, eps,
+                       PARTIALS_BLOCK: tl.constexpr, VOLATILE: tl.constexpr):
+    """mean |p_real| + eps of `sample` from its chunks' partial sums, added in the same order by
+    every program (all agree bit for bit)."""
+    slots = tl.arange(0, PARTIALS_BLOCK)
+    abs_partials = tl.load(abs_partials_ptr + sample * num_chunks + slots, mask=slots < num_chunks,
+                           other=0.0, volatile=VOLATILE)
+    return tl.sum(abs_partials, axis=0) / numel_per_sample + eps
+
+
+@triton.jit
+def _p_real_abs_sum_kernel(
+    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a_ptr, b_ptr, c_ptr, abs_partials_ptr,
+    numel_per_sample, num_chunks, guidance_scale,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    sample = pid // num_chunks
+    c = 0.0
+    if HAS_NOISE:
+        c = tl.load(c_ptr + sample)
+    partial = _abs_p_real_chunk_sum(
+        x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, tl.load(a_ptr + sample), tl.load(b_ptr + sample), c,
+        sample.to(tl.int64) * numel_per_sample, pid % num_chunks, numel_per_sample, guidance_scale,
+        HAS_UNCOND, HAS_NOISE, BLOCK, BLOCKS_PER_CHUNK)
+    tl.store(abs_partials_ptr + pid, partial)
+
+
+@triton.jit
+def _dmd_elementwise_kernel(
+    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
+    abs_partials_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
+    numel_per_sample, num_chunks, guidance_scale, eps,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+):
+    pid = tl.num_programs(0) - 1 - tl.program_id(0)
+    sample = pid // num_chunks
+    chunk = pid % num_chunks
+    normalizer = _sample_normalizer(abs_partials_ptr, sample, num_chunks, numel_per_sample, eps,
+                                    PARTIALS_BLOCK, False)
+    if chunk == 0:
+        tl.store(normalizer_ptr + sample, normalizer)
+    c = 0.0
+    if HAS_NOISE:
+        c = tl.load(c_ptr + sample)
+    _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
+               stat_partials_ptr, normalizer, tl.load(a_ptr + sample), tl.load(b_ptr + sample), c,
+               sample.to(tl.int64) * numel_per_sample, chunk, pid, numel_per_sample, guidance_scale,
+               HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
+
+
+@triton.jit
+def _dmd_one_pass_kernel(
+    x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
+    abs_partials_ptr, arrivals_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
+    numel_per_sample, num_chunks, guidance_scale, eps,
+    HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+):
+    """Passes 1 and 2 in one launch: after its pass 1 a program waits until every chunk of its
+    sample has published its partial sum (a per-sample arrival counter), then runs pass 2 on the
+    chunk it has just read, which is still in L2. CUDA only: it needs a sample's programs to be
+    resident together (at most MAX_CHUNKS of them; blocks are dispatched in order), which the
+    interpreter, running programs one after another, never gives."""
+    pid = tl.program_id(0)
+    sample = pid // num_chunks
+    chunk = pid % num_chunks
+    a = tl.load(a_ptr + sample)
+    b = tl.load(b_ptr + sample)
+    c = 0.0
+    if HAS_NOISE:
+        c = tl.load(c_ptr + sample)
+    sample_start = sample.to(tl.int64) * numel_per_sample
+    partial = _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start,
+                                    chunk, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK,
+                                    BLOCKS_PER_CHUNK)
+    tl.store(abs_partials_ptr + pid, partial)
+    # Publish (CUTLASS's semaphore pattern): every thread's store done, then one release increment;
+    # wait: acquire reads of the counter, then a barrier before any thread reads the partials.
+    tl.debug_barrier()
+    arrived = tl.atomic_add(arrivals_ptr + sample, 1, sem="release", scope="gpu") + 1
+    while arrived < num_chunks:
+        arrived = tl.atomic_add(arrivals_ptr + sample, 0, sem="acquire", scope="gpu")
+    tl.debug_barrier()
+    normalizer = _sample_normalizer(abs_partials_ptr, sample, num_chunks, numel_per_sample, eps,
+                                    PARTIALS_BLOCK, True)
+    if chunk == 0:
+        tl.store(normalizer_ptr + sample, normalizer)
+    _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
+               stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
+               guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
 
 
 @triton.jit
@@ -208,13 +285,23 @@ def _dmd_backward_kernel(
                  mask=mask)
 
 
+def one_pass_enabled(device: torch.device) -> bool:
+    """Whether the launcher takes the one-pass kernel: ONE_PASS, never in the interpreter."""
+    return ONE_PASS and not _interpreted(device)
+
+
+def _interpreted(device: torch.device) -> bool:
+    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
     """[B] coefficients as contiguous fp32; a placeholder pointer for an absent optional input."""
     return placeholder if t is None else t.to(torch.float32).contiguous()
 
 
 def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise,
-                       c, eps, save_residual):
+                       c, eps, save_residual, one_pass: Optional[bool] = None):
+    """The kernels' launches; one_pass None: one_pass_enabled (compile_check forces either)."""
     batch = x0.shape[0]
     numel_per_sample = x0.numel() // batch
     chunks = sample_chunks(numel_per_sample)
@@ -238,13 +325,20 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
 
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
-    _p_real_abs_sum_kernel[(num_programs,)](
-        x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
-        numel_per_sample, chunks.num_chunks, guidance_scale, **flags, **layout)
-    _dmd_elementwise_kernel[(num_programs,)](
-        x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, target, residual,
-        normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale, eps,
-        **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
+    if one_pass_enabled(x0.device) if one_pass is None else one_pass:
+        arrivals = torch.zeros(batch, dtype=torch.int32, device=x0.device)
+        _dmd_one_pass_kernel[(num_programs,)](
+            x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, arrivals, target,
+            residual, normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale,
+            eps, **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
+    else:
+        _p_real_abs_sum_kernel[(num_programs,)](
+            x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
+            numel_per_sample, chunks.num_chunks, guidance_scale, **flags, **layout)
+        _dmd_elementwise_kernel[(num_programs,)](
+            x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, target, residual,
+            normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale, eps,
+            **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
     _dmd_finalize_kernel[(1,)](
         stat_partials, weights_fp32, grad_sq, cosine, residual_sq_sum, loss,
         batch, chunks.num_chunks, numel_per_sample, x0.numel(),
