@@ -280,7 +280,9 @@ def test_one_pass_kernel_gives_the_two_pass_bits(shape, monkeypatch):
     monkeypatch.setattr(dmd_target_triton, "ONE_PASS", False)
     two_pass, two_pass_grad = run()
     monkeypatch.setattr(dmd_target_triton, "ONE_PASS", True)
-    assert dmd_target_triton.one_pass_enabled(DEVICE)
+    chunks = dmd_target_triton.sample_chunks(inputs["x0"][0].numel()).num_chunks
+    if not dmd_target_triton.one_pass_enabled(DEVICE, chunks):  # e.g. the video latent's 256 on an H100
+        pytest.skip(f"{chunks} programs per sample exceed this GPU's SMs: the launcher keeps two passes")
     for _ in range(3):  # repeated: a race in the per-sample barrier would show as a difference
         one_pass, one_pass_grad = run()
         for name, x, y in zip(two_pass._fields, two_pass, one_pass):

@@ -203,9 +203,9 @@ def _dmd_one_pass_kernel(
 ):
     """Passes 1 and 2 in one launch: after its pass 1 a program waits until every chunk of its
     sample has published its partial sum (a per-sample arrival counter), then runs pass 2 on the
-    chunk it has just read, which is still in L2. CUDA only: it needs a sample's programs to be
-    resident together (at most MAX_CHUNKS of them; blocks are dispatched in order), which the
-    interpreter, running programs one after another, never gives."""
+    chunk it has just read, which is still in L2. CUDA only, and only where a sample's programs can
+    all be resident at once (one_pass_enabled), which the interpreter, running programs one after
+    another, never gives."""
     pid = tl.program_id(0)
     sample = pid // num_chunks
     chunk = pid % num_chunks
@@ -285,9 +285,13 @@ def _dmd_backward_kernel(
                  mask=mask)
 
 
-def one_pass_enabled(device: torch.device) -> bool:
-    """Whether the launcher takes the one-pass kernel: ONE_PASS, never in the interpreter."""
-    return ONE_PASS and not _interpreted(device)
+def one_pass_enabled(device: torch.device, num_chunks: int) -> bool:
+    """Whether the launcher takes the one-pass kernel: ONE_PASS, never in the interpreter, and only
+    when a sample's programs cannot all wait at once with none of its other programs resident: at
+    most one program per SM of the sample (blocks are dispatched in order, so only the last sample
+    of the resident ones can be waiting for programs not yet started)."""
+    return (ONE_PASS and not _interpreted(device)
+            and num_chunks <= torch.cuda.get_device_properties(device).multi_processor_count)
 
 
 def _interpreted(device: torch.device) -> bool:
@@ -325,7 +329,7 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
 
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
-    if one_pass_enabled(x0.device) if one_pass is None else one_pass:
+    if one_pass_enabled(x0.device, chunks.num_chunks) if one_pass is None else one_pass:
         arrivals = torch.zeros(batch, dtype=torch.int32, device=x0.device)
         _dmd_one_pass_kernel[(num_programs,)](
             x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, arrivals, target,
