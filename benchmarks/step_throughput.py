@@ -64,15 +64,16 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     """naive: eager, reference ops, for-loop AdamW. optimized: per-block torch.compile, fused ops
-    and AdamW, CUDA-graph rollout. optimized-graphs: the same with torch.compile's
-    reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
-    and backward; the rollout then needs no graph of its own."""
+    and AdamW, the rollout on a bf16 copy of the generator replayed from a CUDA graph (CUDA).
+    optimized-graphs: the same with torch.compile's reduce-overhead mode, every compiled block
+    replayed from CUDA graphs (cudagraph trees), forward and backward; the rollout then needs no
+    graph of its own."""
+    if name not in VARIANTS:
+        raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", *precision]
     rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", *rollout_copy, *mode, *precision]
