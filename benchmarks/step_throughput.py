@@ -152,8 +152,9 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
             profile_trace: str | None = None, profile: bool = False) -> dict:
     """s/step from `steps` steps run back to back with no synchronization inside them (the step's
     own syncs only), then the phase breakdown from as many more steps with phase timing on (which
-    synchronizes at every phase boundary, so its phases add up to more than s/step), one step under
-    the FLOP counter, peak memory over all of them, and the batch-1 sample."""
+    synchronizes at every phase boundary, so its phases add up to more than s/step), and peak memory
+    over all of them. Then the extras, each of which records its error instead of failing the
+    variant: the FLOPs of the timed steps, the batch-1 sample, the profiled step."""
     cfg = parse_args(args)
     trainer = Trainer(cfg, World(device=device), family=family)
     if device.type == "cuda":
@@ -177,21 +178,31 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
             trainer.train_step(step)
         for key, value in spent.items():
             phases[key] += value / steps
-    # The timed steps again under the FLOP counter: a step's work depends on its backward-simulation
-    # step k, drawn from the step number, so the same numbers give the same mix as the timing.
-    with FlopCounterMode(display=False) as counter:
-        for timed in timed_steps:
-            trainer.train_step(timed)
     median = statistics.median(times)
-    peak_memory = (torch.cuda.max_memory_allocated() if device.type == "cuda"
-                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    sample_ms = sample_batch1_ms(trainer, device)
+    row = {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
+           "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda"
+           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+           "phase_s": phases, "optimizer": trainer.optimizer_name,
+           "rollout": trainer.rollout.reason or "CUDA graph", "ops_backend": cfg.ops.backend}
+
+    def count_flops() -> dict:
+        # The timed steps again: a step's work depends on its backward-simulation step k, drawn from
+        # the step number, so the same numbers give the same mix as the timing.
+        with FlopCounterMode(display=False) as counter:
+            for timed in timed_steps:
+                trainer.train_step(timed)
+        return {"flop_per_step_counted": counter.get_total_flops() / steps}
+
+    extras = [("flop_count", count_flops), ("sample_batch1", lambda: sample_batch1_ms(trainer, device))]
     if profile:
-        sample_ms |= profile_step(trainer, step + 1, device, profile_trace)
-    return sample_ms | {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
-                        "flop_per_step_counted": counter.get_total_flops() / steps, "peak_memory_bytes": peak_memory,
-                        "phase_s": phases, "optimizer": trainer.optimizer_name,
-                        "rollout": trainer.rollout.reason or "CUDA graph", "ops_backend": cfg.ops.backend}
+        extras.append(("profile", lambda: profile_step(trainer, step + 1, device, profile_trace)))
+    for extra, run in extras:
+        try:
+            row |= run()
+        except Exception as e:  # noqa: BLE001 - the timing stands; say what could not be measured
+            traceback.print_exc()
+            row[f"{extra}_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
+    return row
 
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
@@ -271,10 +282,9 @@ def main() -> None:
         add_ratios(record)
         if "error" not in row:
             print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
-                  f"MFU {100 * row['mfu']:.2f}%, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
-                  f"{row['sample_steps']}-step sample at batch 1: {row['sample_batch1_eager_ms']:.2f} ms eager, "
-                  f"{row.get('sample_batch1_graph_ms')} ms CUDA graph {row.get('sample_batch1_graph_error', '')}",
-                  flush=True)
+                  f"MFU {_percent(row['mfu'])}, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
+                  f"batch-1 sample: {_ms(row.get('sample_batch1_eager_ms'))} eager, "
+                  f"{_ms(row.get('sample_batch1_graph_ms'))} CUDA graph", flush=True)
         with open(out + ".json", "w") as f:  # after every variant: a run cut short keeps what it measured
             json.dump(record, f, indent=2)
         with open(out + ".md", "w") as f:
@@ -288,10 +298,11 @@ def add_ratios(record: dict) -> None:
     count taken through compiled code or graph replays need not be), and the speed-up over naive."""
     done = [v for v in record["variants"] if "error" not in v]
     naive = next((v for v in done if v["variant"] == "naive"), None)
-    flops = naive["flop_per_step_counted"] if naive else None
+    flops = naive.get("flop_per_step_counted") if naive else None
     for v in done:
-        v["model_flop_per_step"] = flops or v["flop_per_step_counted"]
-        v["mfu"] = v["model_flop_per_step"] / v["s_per_step"] / record["matmul_peak_flops"]
+        v["model_flop_per_step"] = flops or v.get("flop_per_step_counted")
+        v["mfu"] = v["model_flop_per_step"] / v["s_per_step"] / record["matmul_peak_flops"] \
+            if v["model_flop_per_step"] else None
         v["speedup_vs_naive"] = naive["s_per_step"] / v["s_per_step"] if naive else None
 
 
@@ -311,6 +322,14 @@ def _version(package: str) -> str:
         return "not installed"
 
 
+def _percent(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.2f}%"
+
+
+def _ms(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f} ms"
+
+
 def report(r: dict) -> str:
     done = [v for v in r["variants"] if "error" not in v]
     lines = [f"# Step throughput, preset {r['preset']}", "",
@@ -328,16 +347,22 @@ def report(r: dict) -> str:
             continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
+        eager = v.get("sample_batch1_eager_ms")
+        eager = f"{eager:.2f}" if eager is not None else v.get("sample_batch1_error", "n/a")
         speedup = f"{v['speedup_vs_naive']:.2f}x" if v.get("speedup_vs_naive") else "n/a"
+        counted = v.get("flop_per_step_counted")
+        counted = f"{counted / 1e9:.1f}" if counted is not None else v.get("flop_count_error", "n/a")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
-                     f"| {100 * v['mfu']:.2f}% | {v['flop_per_step_counted'] / 1e9:.1f} | {v['peak_memory_bytes'] / 2**20:.0f} "
-                     f"| {v['optimizer']} | {v['rollout']} | {v['sample_batch1_eager_ms']:.2f} | {graph} |")
+                     f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} "
+                     f"| {v['optimizer']} | {v['rollout']} | {eager} | {graph} |")
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]
     for name in PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in done) + " |")
     for v in done:
+        if "profile_error" in v:
+            lines += ["", f"Profiled step, {v['variant']}: failed ({v['profile_error']})"]
         if "profile_top" not in v:
             continue
         busy = v["profile_device_busy_ms"]

@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import torch
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -49,3 +51,18 @@ def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path):
     assert naive["s_per_step"] > 0 and "error" not in naive
     assert "reduce-overhead" in graphs["error"] and "CUDA" in graphs["error"]
     assert "| optimized-graphs | failed:" in (tmp_path / "st.md").read_text()
+
+
+def test_an_extra_that_fails_leaves_the_timing(tmp_path, monkeypatch):
+    """The FLOP count, the batch-1 sample and the profile are extras: one that fails records its error
+    and the variant keeps its s/step."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    monkeypatch.setattr(step_throughput, "sample_batch1_ms", lambda *args: 1 / 0)
+    args = step_throughput.preset_args("digits", 4) + step_throughput.variant_args("naive", False, "aot_eager") \
+        + ["--run_dir", str(tmp_path), "--threads", "1"]
+    row = step_throughput.measure("naive", args, None, torch.device("cpu"), warmup=1, steps=1)
+    assert row["s_per_step"] > 0 and row["flop_per_step_counted"] > 0
+    assert row["sample_batch1_error"].startswith("ZeroDivisionError")
+    assert "sample_batch1_eager_ms" not in row
