@@ -447,9 +447,11 @@ class Trainer:
               f"optimizer={self.optimizer_name} attention={self.attention} threads={torch.get_num_threads()} "
               f"run_dir={self.run_dir}")
         print(f"  metrics={os.path.join(self.run_dir, 'metrics.jsonl')} tensorboard={self.tensorboard.status}")
-        print(f"  compile={'per block (' + p.compile_backend + ')' if p.compile else 'off'} "
+        compile_desc = f"per block ({p.compile_backend}" + (f", {p.compile_mode})" if p.compile_mode != "default" else ")")
+        print(f"  compile={compile_desc if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
-              f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}")
+              f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"
+              + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else ""))
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))
