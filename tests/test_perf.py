@@ -88,14 +88,16 @@ def test_rollout_graph_replays_the_eager_rollout_on_cuda(tmp_path):
     trainer = Trainer(cfg, World(device=torch.device("cuda")))
     assert trainer.rollout.active, trainer.rollout.reason
     dev = torch.device("cuda")
-    for step in range(1, 4):  # capture once, then replay with new inputs
+    # One graph per k, captured on first use, then replayed out of capture order with new inputs:
+    # the graphs share one memory pool.
+    for step, k in enumerate([3, 1, 2, 3, 1, 2, 2, 3], start=1):
         noise = torch.randn(8, 1, 16, 16, device=dev)
         labels = torch.randint(0, 10, (8,), device=dev)
-        got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
-        want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3,
+        got = trainer.rollout(noise, labels, k, step_generator(0, 0, step, dev))
+        want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, k,
                                    step_generator(0, 0, step, dev))
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
-    assert trainer.rollout.active and len(trainer.rollout.graphs) == 1
+    assert trainer.rollout.active and len(trainer.rollout.graphs) == 3
 
 
 @pytest.mark.gpu

@@ -37,6 +37,10 @@ class GraphedRollout:
         elif distributed:
             self.reason = "eager: FSDP-sharded weights are all-gathered outside any graph"
         self.graphs: dict[tuple, tuple] = {}
+        # One memory pool for all of them (one per k and shape): a graph's scratch memory is free once
+        # it has run, its output is copied out right after the replay, and the graphs never run at
+        # once, so sharing costs nothing and saves a pool per extra graph.
+        self._pool = None
 
     @property
     def active(self) -> bool:
@@ -76,7 +80,9 @@ class GraphedRollout:
                 simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph), uncached_autocast("cuda"):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=self._pool), uncached_autocast("cuda"):
             static_out = simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
         return graph, static_noise, static_labels, static_draws, static_out
 
