@@ -57,7 +57,7 @@ def parse_args(description: str) -> argparse.Namespace:
     return args
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -71,18 +71,18 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: int = 3,
     """
     for _ in range(warmup):
         fn()
-    _synchronize(device)
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     calls = max(1, int(min_sample_seconds / max(time.perf_counter() - start, 1e-9)))
     samples = []
     for _ in range(repeats):
-        _synchronize(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(calls):
             fn()
-        _synchronize(device)
+        synchronize(device)
         samples.append((time.perf_counter() - start) / calls)
     return statistics.median(samples)
 

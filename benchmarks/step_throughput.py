@@ -49,7 +49,7 @@ from datetime import datetime, timezone
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _bench_common import cuda_graphed, median_seconds
+from _bench_common import cuda_graphed, median_seconds, synchronize
 from fastdmd.config import parse_args
 from fastdmd.distributed import World
 from fastdmd.profiling import PHASES, phase_times
@@ -95,11 +95,6 @@ def build_family(preset: str, depth: int | None, resolution: int, device: torch.
     return random_family(preset, depth, resolution, device=device)
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def matmul_peak(device: torch.device) -> tuple[float, str]:
     """FLOP/s of a large square matmul, best of 3 trials: bf16 on CUDA, fp32 on CPU (where bf16 is
     not the fast path)."""
@@ -109,11 +104,11 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
     a @ b
     reps, best = (20 if device.type == "cuda" else 3), 0.0
     for _ in range(3):
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         for _ in range(reps):
             a @ b
-        sync(device)
+        synchronize(device)
         best = max(best, 2 * n**3 * reps / (time.perf_counter() - start))
     return best, str(dtype).removeprefix("torch.")
 
@@ -129,7 +124,7 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     with profile(activities=activities) as prof:
         trainer.train_step(step)
-        sync(device)
+        synchronize(device)
     if cuda:  # the kernels (and copies) themselves: each once, not again under the op that launched it
         events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
         self_time = lambda e: e.self_device_time_total  # noqa: E731
@@ -166,10 +161,10 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
     times, timed_steps = [], range(step + 1, step + 1 + steps)
     for _ in range(steps):
         step += 1
-        sync(device)
+        synchronize(device)
         start = time.perf_counter()
         trainer.train_step(step)
-        sync(device)
+        synchronize(device)
         times.append(time.perf_counter() - start)
     phases = dict.fromkeys(PHASES, 0.0)
     for _ in range(steps):
@@ -224,7 +219,7 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
             return generator(x, last_sigma, labels)
 
     result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
-    if trainer.cfg.perf.compile_mode == "reduce-overhead":
+    if trainer.cfg.perf.blocks_in_cuda_graphs:
         result["sample_batch1_graph_ms"] = None
         result["sample_batch1_graph_error"] = "n/a: the compiled blocks replay CUDA graphs already (eager column)"
     elif device.type == "cuda":

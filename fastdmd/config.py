@@ -224,6 +224,11 @@ class PerfConfig:
                                "one process)", choices=("master", "bf16"))
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
 
+    @property
+    def blocks_in_cuda_graphs(self) -> bool:
+        """torch.compile's reduce-overhead mode: every compiled block replays its own CUDA graphs."""
+        return self.compile and self.compile_mode == "reduce-overhead"
+
 
 @dataclass
 class ProfileConfig:

@@ -190,7 +190,7 @@ class Trainer:
             if cfg.method != "dmd2" else None
         self.rollout = GraphedRollout(self.rollout_generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
                                       world.device, world.distributed,
-                                      blocks_graphed=perf.compile and perf.compile_mode == "reduce-overhead")
+                                      blocks_graphed=perf.blocks_in_cuda_graphs)
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
@@ -239,7 +239,7 @@ class Trainer:
     def train_step(self, step: int) -> dict[str, float]:
         cfg, t = self.cfg, self.cfg.trainer
         dev = self.world.device
-        if cfg.perf.compile and cfg.perf.compile_mode == "reduce-overhead":
+        if cfg.perf.blocks_in_cuda_graphs:
             # A new step for cudagraph trees: the graphs' outputs of the last step are no longer read.
             torch.compiler.cudagraph_mark_step_begin()
         rng = step_generator(t.seed, self.world.rank, step, dev)

@@ -119,11 +119,16 @@ def check_clipped_policy_loss_inputs(x_prev, mean, std, old_log_prob, advantages
     check_number("clip_range", clip_range, minimum=0)
 
 
-def check_kernel_device(kernel, device: torch.device) -> None:
-    """Triton kernels run on CUDA tensors, or anywhere when triton was imported in interpreter mode."""
+def interpreted(kernel) -> bool:
+    """Whether triton was imported in interpreter mode (TRITON_INTERPRET=1): `kernel` runs in Python."""
     from triton.runtime.interpreter import InterpretedFunction
 
-    if device.type != "cuda" and not isinstance(kernel, InterpretedFunction):
+    return isinstance(kernel, InterpretedFunction)
+
+
+def check_kernel_device(kernel, device: torch.device) -> None:
+    """Triton kernels run on CUDA tensors, or anywhere when triton was imported in interpreter mode."""
+    if device.type != "cuda" and not interpreted(kernel):
         raise ValueError(f"the triton backend needs CUDA tensors, got tensors on {device}; use "
                          f"fastdmd.ops.backend = 'reference' (or set TRITON_INTERPRET=1 before "
                          f"triton is imported to run the kernels in the slow interpreter)")

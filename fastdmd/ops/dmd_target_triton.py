@@ -43,14 +43,13 @@ in its own dtype and upcast); non-contiguous inputs are copied to contiguous one
 All arithmetic and accumulation is fp32.
 """
 
-import os
 from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 
-from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_kernel_device
+from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_kernel_device, interpreted
 from fastdmd.ops.op_contracts import (
     dmd_target_backward, dmd_target_backward_fake, dmd_target_fake, dmd_target_setup_context,
 )
@@ -290,12 +289,8 @@ def one_pass_enabled(device: torch.device, num_chunks: int) -> bool:
     when a sample's programs cannot all wait at once with none of its other programs resident: at
     most one program per SM of the sample (blocks are dispatched in order, so only the last sample
     of the resident ones can be waiting for programs not yet started)."""
-    return (ONE_PASS and not _interpreted(device)
+    return (ONE_PASS and device.type == "cuda" and not interpreted(_dmd_one_pass_kernel)
             and num_chunks <= torch.cuda.get_device_properties(device).multi_processor_count)
-
-
-def _interpreted(device: torch.device) -> bool:
-    return device.type == "cpu" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
