@@ -4,10 +4,11 @@ and device:
     naive             eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager
                       rollout, fp32 master weights (bf16 autocast on CUDA)
     optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
-                      rollout on a bf16 copy of the generator (CUDA only), fp32 master weights (bf16
-                      autocast on CUDA)
+                      rollout on a bf16 copy of the generator and CUDA-graph DMD scores (CUDA only),
+                      fp32 master weights (bf16 autocast on CUDA)
     optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
-                      forward and backward, replayed from CUDA graphs (CUDA only)
+                      forward and backward, replayed from CUDA graphs (CUDA only); the skips that
+                      torch reports (count and reasons) are recorded
 
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
@@ -32,9 +33,11 @@ overridable); flux-dev needs a GPU's memory even at depth 1 (about 22 GB of host
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import gzip
 import json
+import logging
 import os
 import platform
 import resource
@@ -64,10 +67,10 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     """naive: eager, reference ops, for-loop AdamW. optimized: per-block torch.compile, fused ops
-    and AdamW, the rollout on a bf16 copy of the generator replayed from a CUDA graph (CUDA).
-    optimized-graphs: the same with torch.compile's reduce-overhead mode, every compiled block
-    replayed from CUDA graphs (cudagraph trees), forward and backward; the rollout then needs no
-    graph of its own."""
+    and AdamW, the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic,
+    no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
+    reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
+    and backward; the rollout and the scores then need no graphs of their own."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
@@ -76,7 +79,7 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
-            "--perf.cuda_graph_rollout", "true", *rollout_copy, *mode, *precision]
+            "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", *rollout_copy, *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -150,6 +153,12 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
     synchronizes at every phase boundary, so its phases add up to more than s/step), and peak memory
     over all of them. Then the extras, each of which records its error instead of failing the
     variant: the FLOPs of the timed steps, the batch-1 sample, the profiled step."""
+    with cudagraph_tree_skips() as skips:
+        row = _measure(name, args, family, device, warmup, steps, profile_trace, profile)
+    return row | skips
+
+
+def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
     cfg = parse_args(args)
     trainer = Trainer(cfg, World(device=device), family=family)
     if device.type == "cuda":
@@ -178,7 +187,8 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
            "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda"
            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
            "phase_s": phases, "optimizer": trainer.optimizer_name,
-           "rollout": trainer.rollout.reason or "CUDA graph", "ops_backend": cfg.ops.backend}
+           "rollout": trainer.rollout.reason or "CUDA graph", "scores": trainer.scores_graphs,
+           "ops_backend": cfg.ops.backend}
 
     def count_flops() -> dict:
         # The timed steps again: a step's work depends on its backward-simulation step k, drawn from
@@ -198,6 +208,33 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
             traceback.print_exc()
             row[f"{extra}_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:300]
     return row
+
+
+@contextlib.contextmanager
+def cudagraph_tree_skips():
+    """What torch.compile's cudagraph trees (reduce-overhead) declined to replay from CUDA graphs while
+    inside: the number of skips and their distinct reasons (torch logs each one as a warning). A
+    skipped block runs its compiled kernels without a graph, so a variant's speed is read with this."""
+    from torch._dynamo.utils import counters
+    from torch._inductor.cudagraph_utils import cudagraphs_log
+
+    reasons: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = record.getMessage().splitlines()[0][:300]
+            if message not in reasons:
+                reasons.append(message)
+
+    handler, before = Collect(), counters["inductor"]["cudagraph_skips"]
+    found: dict = {}
+    cudagraphs_log.addHandler(handler)
+    try:
+        yield found
+    finally:
+        cudagraphs_log.removeHandler(handler)
+        found |= {"cudagraph_skips": counters["inductor"]["cudagraph_skips"] - before,
+                  "cudagraph_skip_reasons": reasons[:10]}
 
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
@@ -334,11 +371,11 @@ def report(r: dict) -> str:
              f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
              "eager step's FLOP count over each variant's s/step and the peak.", "",
              "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) "
-             "| optimizer | rollout | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---:|---:|"]
+             "| optimizer | rollout | DMD scores | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|"]
     for v in r["variants"]:
         if "error" in v:
-            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 9)
+            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 10)
             continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
@@ -349,13 +386,16 @@ def report(r: dict) -> str:
         counted = f"{counted / 1e9:.1f}" if counted is not None else v.get("flop_count_error", "n/a")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
                      f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} "
-                     f"| {v['optimizer']} | {v['rollout']} | {eager} | {graph} |")
+                     f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {eager} | {graph} |")
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]
     for name in PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in done) + " |")
     for v in done:
+        if v.get("cudagraph_skips"):
+            lines += ["", f"{v['variant']}: torch.compile's cudagraph trees skipped {v['cudagraph_skips']} time(s): "
+                      + "; ".join(f"`{reason}`" for reason in v["cudagraph_skip_reasons"])]
         if "profile_error" in v:
             lines += ["", f"Profiled step, {v['variant']}: failed ({v['profile_error']})"]
         if "profile_top" not in v:

@@ -218,6 +218,9 @@ class PerfConfig:
                                 "on an H100 (torch 2.11, cuDNN 9.19)")
     cuda_graph_rollout: bool = opt(False, "replay the no-grad rollout from a CUDA graph captured per static shape "
                                    "(CUDA only; eager elsewhere, with the reason logged)")
+    cuda_graph_scores: bool = opt(False, "replay the DMD scores (the teacher's and the critic's no-grad predictions) "
+                                  "from CUDA graphs captured per static shape (CUDA only; eager elsewhere, with the "
+                                  "reason logged)")
     rollout_weights: str = opt("master", "weights of the no-grad rollout: master (the generator's fp32 weights, which "
                                "autocast casts at every forward) or bf16 (a bf16 copy, refreshed after each step's "
                                "generator updates: one cast per step, 2 B/param more; needs mixed_precision bf16, "

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from fastdmd.models.flow import FlowAdapter
 from fastdmd.models.lora import add_lora, lora_scale
+from fastdmd.rollout.graphs import CudaGraphs
 
 
 class Generator(nn.Module):
@@ -30,12 +31,19 @@ class Generator(nn.Module):
 
 
 class RealScore:
+    graphs: CudaGraphs | None = None  # the trainer's, with perf.cuda_graph_scores: predict replays CUDA graphs
+
     def __init__(self, net: nn.Module, adapter: FlowAdapter):
         self.net, self.adapter = net.eval().requires_grad_(False), adapter
 
     @torch.no_grad()
     def predict(self, x_t, sigma, labels, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(cond, uncond) raw predictions; uncond is None when guidance_scale == 1."""
+        if self.graphs is not None:
+            return self.graphs(x_t, sigma, labels, constants=(guidance_scale,))
+        return self.eager_predict(x_t, sigma, labels, guidance_scale)
+
+    def eager_predict(self, x_t, sigma, labels, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if guidance_scale == 1.0:
             return self.adapter.predict(self.net, x_t, sigma, labels), None
         return self.adapter.predict_cond_uncond(self.net, x_t, sigma, labels)
@@ -86,6 +94,7 @@ class FakeScore(nn.Module):
         self.net, self.adapter = net, adapter
         self.lora_multiplier = lora_multiplier if lora_rank else None
         self.gan_head = GanHead(net.mid_block.resnets[-1].out_channels) if gan else None
+        self.graphs: CudaGraphs | None = None  # the trainer's, with perf.cuda_graph_scores: no-grad predict only
         self._mid_features = None
         if gan:
             net.mid_block.register_forward_hook(self._keep_mid_features)
@@ -94,6 +103,11 @@ class FakeScore(nn.Module):
         self._mid_features = output
 
     def predict(self, x_t, sigma, labels) -> torch.Tensor:
+        if self.graphs is not None and not torch.is_grad_enabled():
+            return self.graphs(x_t, sigma, labels)
+        return self.eager_predict(x_t, sigma, labels)
+
+    def eager_predict(self, x_t, sigma, labels) -> torch.Tensor:
         if self.lora_multiplier is None:
             return self.adapter.predict(self.net, x_t, sigma, labels)
         with lora_scale(self.net, self.lora_multiplier):

@@ -42,7 +42,7 @@ from fastdmd.plot import save_grids
 from fastdmd.profiling import StepProfiler, phase
 from fastdmd.roles import Generator, build_roles
 from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
-from fastdmd.rollout.graphs import GraphedRollout
+from fastdmd.rollout.graphs import CudaGraphs, GraphedRollout, graph_blocker
 from fastdmd.tensorboard_log import TensorBoardLog
 
 
@@ -191,6 +191,10 @@ class Trainer:
         self.rollout = GraphedRollout(self.rollout_generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
                                       world.device, world.distributed,
                                       blocks_graphed=perf.blocks_in_cuda_graphs)
+        scores_blocker = graph_blocker("perf.cuda_graph_scores", perf.cuda_graph_scores, world.device,
+                                       world.distributed, perf.blocks_in_cuda_graphs)
+        for score in filter(None, (self.real, self.fake)):
+            score.graphs = CudaGraphs(score.eager_predict, scores_blocker)
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
@@ -451,10 +455,20 @@ class Trainer:
         print(f"  compile={compile_desc if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"
-              + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else ""))
+              + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else "")
+              + f" scores={self.scores_graphs}")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))
+
+    @property
+    def scores_graphs(self) -> str:
+        """How the DMD scores run: 'CUDA graph', or why not (per score where the two differ)."""
+        reasons = {name: score.graphs.reason for name, score in (("real", self.real), ("fake", self.fake))
+                   if score is not None}
+        if len(set(reasons.values())) == 1:
+            return next(iter(reasons.values())) or "CUDA graph"
+        return "; ".join(f"{name}: {reason or 'CUDA graph'}" for name, reason in reasons.items())
 
     # ----- evaluation (rank 0 on unsharded copies; every rank joins the state-dict gather) ------
     def _plain_generator(self) -> Generator:

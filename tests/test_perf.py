@@ -130,6 +130,75 @@ def test_rollout_graph_under_bf16_autocast_reads_the_live_weights(tmp_path):
     assert trainer.rollout.active and len(trainer.rollout.graphs) == 1
 
 
+def test_score_graphs_fall_back_to_eager_off_cuda_with_a_reason(tmp_path, capsys):
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_scores", "true", "--dmd.guidance_scale", "2"])
+    trainer = Trainer(cfg, World())
+    assert trainer.scores_graphs == "eager: CUDA graphs need a CUDA device, the run is on cpu"
+    x_t, sigma, labels = torch.randn(4, 1, 16, 16), torch.rand(4), torch.arange(4)
+    cond, uncond = trainer.real.predict(x_t, sigma, labels, 2.0)
+    want = trainer.real.adapter.predict_cond_uncond(trainer.real.net, x_t, sigma, labels)
+    assert torch.equal(cond, want[0]) and torch.equal(uncond, want[1])
+    with torch.no_grad():
+        assert torch.equal(trainer.fake.predict(x_t, sigma, labels),
+                           trainer.fake.adapter.predict(trainer.fake.net, x_t, sigma, labels))
+    main(TINY + ["--run_dir", str(tmp_path / "run"), "--trainer.steps", "1", "--perf.cuda_graph_scores", "true"])
+    assert "scores=eager: CUDA graphs need a CUDA device, the run is on cpu" in capsys.readouterr().out
+    off = Trainer(parse_args(TINY + ["--run_dir", str(tmp_path / "off")]), World())
+    assert off.scores_graphs == "off (perf.cuda_graph_scores false)"
+
+
+def test_dmdr_real_score_is_never_captured(tmp_path):
+    """DMDR's real score is the critic's network at a LoRA scale that changes every step: a graph
+    would replay the first scale, so it is built per step without graphs."""
+    cfg = parse_args(["--recipe", "digits-dmdr"] + TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_scores", "true"])
+    trainer = Trainer(cfg, World())
+    assert trainer.fake.graphs is not None and trainer.objective.real_score(5).graphs is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_graphs_replay_the_eager_scores_and_read_the_live_critic(tmp_path):
+    dev = torch.device("cuda")
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_scores", "true",
+                             "--perf.mixed_precision", "bf16"])
+    trainer = Trainer(cfg, World(device=dev))
+    assert trainer.scores_graphs == "CUDA graph"
+    real, fake = trainer.real, trainer.fake
+    for _ in range(3):
+        x_t, sigma = torch.randn(8, 1, 16, 16, device=dev), torch.rand(8, device=dev)
+        labels = torch.randint(0, 10, (8,), device=dev)
+        with trainer._autocast(), torch.no_grad():  # as in a training step; the first calls capture
+            got = real.predict(x_t, sigma, labels, 2.0), real.predict(x_t, sigma, labels, 1.0), \
+                fake.predict(x_t, sigma, labels)
+        churn = torch.full((1 << 22,), float("nan"), device=dev)  # reuse what the region freed
+        del churn
+        with trainer._autocast(), torch.no_grad():
+            want = real.eager_predict(x_t, sigma, labels, 2.0), real.eager_predict(x_t, sigma, labels, 1.0), \
+                fake.eager_predict(x_t, sigma, labels)
+        assert got[1][1] is None
+        for g, w in [(got[0][0], want[0][0]), (got[0][1], want[0][1]), (got[1][0], want[1][0]), (got[2], want[2])]:
+            torch.testing.assert_close(g, w, rtol=1e-2, atol=1e-2)
+        with torch.no_grad():  # a critic optimizer step: in place
+            for p in fake.parameters():
+                p.mul_(1.05)
+    assert trainer.scores_graphs == "CUDA graph" and len(real.graphs) == 2 and len(fake.graphs) == 1
+    with trainer._autocast():  # the critic's training forward needs its autograd graph: eager
+        assert fake.predict(x_t, sigma, labels).requires_grad and len(fake.graphs) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_score_graphs_keep_the_losses(tmp_path):
+    dev = torch.device("cuda")
+    runs = {}
+    for name, extra in [("eager", []), ("graphs", ["--perf.cuda_graph_scores", "true"])]:
+        cfg = parse_args(TINY + ["--run_dir", str(tmp_path / name), *extra])
+        trainer = Trainer(cfg, World(device=dev))
+        runs[name] = [trainer.train_step(step)["loss_dmd"] for step in range(1, 4)]
+    assert trainer.scores_graphs == "CUDA graph"
+    torch.testing.assert_close(runs["graphs"], runs["eager"], rtol=1e-4, atol=1e-6)
+
+
 def test_cudnn_attention_off_is_applied_and_reported(tmp_path):
     cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cudnn_attention", "false"])
     try:

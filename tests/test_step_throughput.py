@@ -66,3 +66,19 @@ def test_an_extra_that_fails_leaves_the_timing(tmp_path, monkeypatch):
     assert row["s_per_step"] > 0 and row["flop_per_step_counted"] > 0
     assert row["sample_batch1_error"].startswith("ZeroDivisionError")
     assert "sample_batch1_eager_ms" not in row
+
+
+def test_cudagraph_tree_skips_are_counted_with_their_reasons(monkeypatch):
+    """torch.compile's reduce-overhead mode reports a block it will not replay from a CUDA graph
+    through this logger and counter; the benchmark records both per variant."""
+    from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    with step_throughput.cudagraph_tree_skips() as found:
+        for _ in range(2):
+            log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
+    log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to something after")
+    assert found == {"cudagraph_skips": 2,
+                     "cudagraph_skip_reasons": ["skipping cudagraphs due to mutated inputs (2 instances)"]}

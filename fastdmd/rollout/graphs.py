@@ -1,12 +1,17 @@
-"""The no-grad rollout (backward simulation) replayed from CUDA graphs.
+"""No-grad model calls replayed from CUDA graphs: the rollout (backward simulation) and the DMD scores.
 
-One graph per static shape and step count k: static buffers hold the starting noise, the labels
-and the k re-noise draws; each training step copies its inputs into them and replays. The draws are
-made outside the graph from the step's generator, in the same order as the eager path, so graph and
-eager rollouts see the same numbers. The generator's weights are read in place (the optimizer
-updates them in place), so one capture serves the whole run.
+`CudaGraphs` wraps a pure no-grad function of CUDA tensors: one graph per input signature (shapes,
+dtypes and any Python constants), captured on first use with static input buffers; each call copies
+its inputs into them, replays, and returns copies of the outputs. Weights are read in place (the
+optimizer updates them in place), so one capture serves the whole run. Randomness stays outside:
+the rollout's re-noise draws are made from the step's generator, in the eager path's order, and
+passed in as inputs, so graph and eager rollouts see the same numbers.
 
-Where a graph cannot work the rollout stays eager and `reason` says why (logged once in the run
+Every graph of the process shares one memory pool: a graph's scratch memory is free once it has
+run, its outputs are copied out right after the replay, its inputs live outside the pool and no two
+graphs run at once, so sharing costs nothing and saves a pool per graph.
+
+Where a graph cannot work the call stays eager and `reason` says why (logged once in the run
 header): no CUDA device, FSDP-sharded weights (their all-gathers run outside any graph), blocks
 that torch.compile already replays from CUDA graphs (reduce-overhead), or a capture that failed
 (the error is kept).
@@ -14,37 +19,104 @@ that torch.compile already replays from CUDA graphs (reduce-overhead), or a capt
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
 from fastdmd.rollout import X0Fn, renoise_draws, simulate
 
 WARMUP_ITERS = 3
+_pool = None  # the process's one memory pool for these graphs (created on the first capture)
 
 
-class GraphedRollout:
-    def __init__(self, x0_fn: X0Fn, sigmas: Sequence[float], enabled: bool, device: torch.device,
-                 distributed: bool = False, blocks_graphed: bool = False):
-        self.x0_fn, self.sigmas = x0_fn, tuple(sigmas)
-        self.reason = None
-        if not enabled:
-            self.reason = "off (perf.cuda_graph_rollout false)"
-        elif blocks_graphed:
-            self.reason = "eager: the compiled blocks replay CUDA graphs of their own (perf.compile_mode reduce-overhead)"
-        elif device.type != "cuda":
-            self.reason = f"eager: CUDA graphs need a CUDA device, the run is on {device.type}"
-        elif distributed:
-            self.reason = "eager: FSDP-sharded weights are all-gathered outside any graph"
-        self.graphs: dict[tuple, tuple] = {}
-        # One memory pool for all of them (one per k and shape): a graph's scratch memory is free once
-        # it has run, its output is copied out right after the replay, and the graphs never run at
-        # once, so sharing costs nothing and saves a pool per extra graph.
-        self._pool = None
+def graph_blocker(option: str, enabled: bool, device: torch.device, distributed: bool = False,
+                  blocks_graphed: bool = False) -> str | None:
+    """Why calls configured by `option` cannot replay CUDA graphs here; None when they can."""
+    if not enabled:
+        return f"off ({option} false)"
+    if blocks_graphed:
+        return "eager: the compiled blocks replay CUDA graphs of their own (perf.compile_mode reduce-overhead)"
+    if device.type != "cuda":
+        return f"eager: CUDA graphs need a CUDA device, the run is on {device.type}"
+    if distributed:
+        return "eager: FSDP-sharded weights are all-gathered outside any graph"
+    return None
+
+
+class CudaGraphs:
+    """`fn(*tensors, *constants)` without grad, replayed from a CUDA graph per (shapes, dtypes, constants)."""
+
+    def __init__(self, fn: Callable, reason: str | None):
+        self.fn, self.reason = fn, reason
+        self._graphs: dict[tuple, tuple] = {}
 
     @property
     def active(self) -> bool:
         return self.reason is None
+
+    def __len__(self) -> int:
+        return len(self._graphs)
+
+    def __call__(self, *tensors: torch.Tensor, constants: tuple = ()):
+        if not self.active:
+            return self.fn(*tensors, *constants)
+        key = tuple((t.shape, t.dtype) for t in tensors) + tuple(constants)
+        if key not in self._graphs:
+            try:
+                self._graphs[key] = self._capture(tensors, constants)
+            except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager, say why
+                self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {e})"
+                self._graphs.clear()
+                return self.fn(*tensors, *constants)
+        graph, static_inputs, static_out = self._graphs[key]
+        for buffer, tensor in zip(static_inputs, tensors):
+            buffer.copy_(tensor)
+        graph.replay()
+        return _clone(static_out)
+
+    @torch.no_grad()
+    def _capture(self, tensors, constants):
+        global _pool
+        static_inputs = [t.clone() for t in tensors]
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), uncached_autocast("cuda"):
+            for _ in range(WARMUP_ITERS):
+                self.fn(*static_inputs, *constants)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        if _pool is None:
+            _pool = torch.cuda.graph_pool_handle()
+        with torch.cuda.graph(graph, pool=_pool), uncached_autocast("cuda"):
+            static_out = self.fn(*static_inputs, *constants)
+        return graph, static_inputs, static_out
+
+
+def _clone(out):
+    if isinstance(out, tuple):
+        return tuple(None if o is None else o.clone() for o in out)
+    return out.clone()
+
+
+class GraphedRollout:
+    """The rollout of backward simulation: x_{s_k} from noise, labels and k re-noise draws; one graph per k."""
+
+    def __init__(self, x0_fn: X0Fn, sigmas: Sequence[float], enabled: bool, device: torch.device,
+                 distributed: bool = False, blocks_graphed: bool = False):
+        self.x0_fn, self.sigmas = x0_fn, tuple(sigmas)
+        self.graphs = CudaGraphs(self._simulate, graph_blocker("perf.cuda_graph_rollout", enabled, device,
+                                                               distributed, blocks_graphed))
+
+    @property
+    def active(self) -> bool:
+        return self.graphs.active
+
+    @property
+    def reason(self) -> str | None:
+        return self.graphs.reason
+
+    def _simulate(self, noise: torch.Tensor, labels: torch.Tensor, *draws: torch.Tensor) -> torch.Tensor:
+        return simulate(self.x0_fn, noise, labels, self.sigmas, draws)
 
     def __call__(self, noise: torch.Tensor, labels: torch.Tensor, k: int,
                  generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,39 +124,9 @@ class GraphedRollout:
             raise ValueError(f"backward-simulation step k must be in [0, {len(self.sigmas) - 1}], got {k}")
         draws = renoise_draws(noise, k, generator)
         sigma = torch.full((noise.shape[0],), self.sigmas[k], device=noise.device)
-        if not self.active or k == 0:
+        if k == 0:  # no generator call: x_{s_0} is the noise
             return simulate(self.x0_fn, noise, labels, self.sigmas, draws), sigma
-        key = (k, tuple(noise.shape), noise.dtype, labels.dtype)
-        if key not in self.graphs:
-            try:
-                self.graphs[key] = self._capture(noise, labels, draws)
-            except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager, say why
-                self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {e})"
-                return simulate(self.x0_fn, noise, labels, self.sigmas, draws), sigma
-        graph, static_noise, static_labels, static_draws, static_out = self.graphs[key]
-        static_noise.copy_(noise)
-        static_labels.copy_(labels)
-        for buffer, draw in zip(static_draws, draws):
-            buffer.copy_(draw)
-        graph.replay()
-        return static_out.clone(), sigma
-
-    @torch.no_grad()
-    def _capture(self, noise, labels, draws):
-        static_noise, static_labels = noise.clone(), labels.clone()
-        static_draws = [d.clone() for d in draws]
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream), uncached_autocast("cuda"):
-            for _ in range(WARMUP_ITERS):
-                simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        if self._pool is None:
-            self._pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=self._pool), uncached_autocast("cuda"):
-            static_out = simulate(self.x0_fn, static_noise, static_labels, self.sigmas, static_draws)
-        return graph, static_noise, static_labels, static_draws, static_out
+        return self.graphs(noise, labels, *draws), sigma
 
 
 def uncached_autocast(device_type: str) -> torch.autocast:
