@@ -351,9 +351,15 @@ class Trainer:
         return False
 
     def _clip(self, module: torch.nn.Module) -> float:
+        """The gradient norm; the gradients are scaled to trainer.grad_clip only when it is exceeded, under
+        clip_grad_norm_'s own condition (its coefficient below 1), so the numbers are the same: the
+        scaling reads and writes every gradient, which most steps need not pay."""
         limit = self.cfg.trainer.grad_clip
-        norm = torch.nn.utils.clip_grad_norm_(module.parameters(), limit if limit > 0 else float("inf"))
-        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        if limit > 0 and limit / (value + 1e-6) < 1.0:
+            torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
+        return value
 
     # ----- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
