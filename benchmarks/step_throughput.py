@@ -12,11 +12,12 @@ and device:
 
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
-same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated; CPU: process peak RSS,
-cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate
-steps, synchronized at each phase boundary), the full few-step sample at batch 1 (every generator
-step, no grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one
-profiled step (device busy time, top kernels, Chrome trace). Writes
+same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated over the warm-up and timed
+steps; CPU: process peak RSS, cumulative), the per-phase breakdown by the phase names of DESIGN.md
+(fastdmd.profiling; separate steps, synchronized at each phase boundary, with the peak memory
+allocated in each phase on CUDA), the full few-step sample at batch 1 (every generator step, no
+grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one profiled
+step (device busy time, top kernels, Chrome trace). Writes
 benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
 fails is recorded with its error and the others still run.
 
@@ -175,18 +176,21 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
         trainer.train_step(step)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    phases = dict.fromkeys(PHASES, 0.0)
-    for _ in range(steps):
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" \
+        else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    phases, phase_peaks = dict.fromkeys(PHASES, 0.0), {}
+    for _ in range(steps):  # phase timing resets CUDA's peak statistics: after the step's peak was read
         step += 1
         with phase_times() as spent:
             trainer.train_step(step)
-        for key, value in spent.items():
+        for key, value in spent.seconds.items():
             phases[key] += value / steps
+        for key, value in spent.peak_bytes.items():
+            phase_peaks[key] = max(phase_peaks.get(key, 0), value)
     median = statistics.median(times)
     row = {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
-           "peak_memory_bytes": torch.cuda.max_memory_allocated() if device.type == "cuda"
-           else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-           "phase_s": phases, "optimizer": trainer.optimizer_name,
+           "peak_memory_bytes": peak, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
+           "optimizer": trainer.optimizer_name,
            "rollout": trainer.rollout.reason or "CUDA graph", "scores": trainer.scores_graphs,
            "ops_backend": cfg.ops.backend}
 
@@ -392,6 +396,14 @@ def report(r: dict) -> str:
               "|---|" + "---:|" * len(done)]
     for name in PHASES:
         lines.append(f"| {name} | " + " | ".join(f"{v['phase_s'][name]:.4f}" for v in done) + " |")
+    peaks = [v for v in done if v.get("phase_peak_memory_bytes")]
+    if peaks:
+        lines += ["", "Peak memory allocated during each phase (GiB; CUDA, the same phase-timed steps):", "",
+                  "| phase | " + " | ".join(v["variant"] for v in peaks) + " |", "|---|" + "---:|" * len(peaks)]
+        for name in PHASES:
+            lines.append(f"| {name} | " + " | ".join(
+                f"{v['phase_peak_memory_bytes'][name] / 2**30:.2f}" if name in v["phase_peak_memory_bytes"] else "-"
+                for v in peaks) + " |")
     for v in done:
         if v.get("cudagraph_skips"):
             lines += ["", f"{v['variant']}: torch.compile's cudagraph trees skipped {v['cudagraph_skips']} time(s): "

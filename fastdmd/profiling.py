@@ -3,7 +3,8 @@
 `phase(name)` opens an NVTX range (torch.cuda.nvtx when CUDA is present; a no-op otherwise) named
 after the step phases of DESIGN.md, and a torch.profiler record_function so CPU traces show the
 same names. Inside `phase_times()` it also adds its wall time to a table (outermost phases only, so
-the parts add up to the step; CUDA is synchronized at each boundary), which is what
+the parts add up to the step; CUDA is synchronized at each boundary) and, on CUDA, the peak memory
+allocated while it ran (the allocator's peak is reset at each boundary), which is what
 benchmarks/step_throughput.py reports.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
+from typing import NamedTuple
 
 import torch
 
@@ -30,24 +32,29 @@ def _nvtx_range(name: str):
     return nvtx.annotate(name)
 
 
-_times: dict[str, float] | None = None
+class PhaseTable(NamedTuple):
+    seconds: dict[str, float]     # wall time per phase, summed over its runs
+    peak_bytes: dict[str, int]    # CUDA: the most memory allocated during any run of the phase (else empty)
+
+
+_table: PhaseTable | None = None
 _depth = 0
 
 
-def _sync() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
+def _cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
 
 
 @contextlib.contextmanager
 def phase_times():
-    """Collect {phase: seconds} of the outermost phases run inside the block."""
-    global _times
-    _times = dict.fromkeys(PHASES, 0.0)
+    """Collect the wall time and (CUDA) the peak allocated memory of the outermost phases run inside
+    the block. Resets CUDA's peak-memory statistics at every phase boundary."""
+    global _table
+    _table = PhaseTable(dict.fromkeys(PHASES, 0.0), {})
     try:
-        yield _times
+        yield _table
     finally:
-        _times = None
+        _table = None
 
 
 @contextlib.contextmanager
@@ -55,9 +62,11 @@ def phase(name: str):
     global _depth
     if name not in PHASES:
         raise ValueError(f"unknown phase {name!r}; phases are {PHASES}")
-    timed = _times is not None and _depth == 0
+    timed = _table is not None and _depth == 0
     if timed:
-        _sync()
+        if _cuda():
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
     _depth += 1
     try:
@@ -65,9 +74,11 @@ def phase(name: str):
             yield
     finally:
         _depth -= 1
-        if timed and _times is not None:
-            _sync()
-            _times[name] += time.perf_counter() - start
+        if timed and _table is not None:
+            if _cuda():
+                torch.cuda.synchronize()
+                _table.peak_bytes[name] = max(_table.peak_bytes.get(name, 0), torch.cuda.max_memory_allocated())
+            _table.seconds[name] += time.perf_counter() - start
 
 
 class StepProfiler:

@@ -82,3 +82,31 @@ def test_cudagraph_tree_skips_are_counted_with_their_reasons(monkeypatch):
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to something after")
     assert found == {"cudagraph_skips": 2,
                      "cudagraph_skip_reasons": ["skipping cudagraphs due to mutated inputs (2 instances)"]}
+
+
+def test_phase_table_keeps_each_phases_peak_memory(monkeypatch):
+    """On CUDA every outermost phase starts from a reset peak and keeps the highest peak of its runs;
+    nested phases belong to the outer one. (CUDA's allocator statistics are stood in for here.)"""
+    from fastdmd import profiling
+
+    allocated = {"now": 0, "peak": 0}
+
+    def allocate(nbytes):
+        allocated["now"] += nbytes
+        allocated["peak"] = max(allocated["peak"], allocated["now"])
+
+    monkeypatch.setattr(profiling, "_cuda", lambda: True)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda: allocated.update(peak=allocated["now"]))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda: allocated["peak"])
+    with profiling.phase_times() as table:
+        for transient in (300, 500):
+            with profiling.phase("rollout"):
+                allocate(transient)
+                allocate(-transient)
+        with profiling.phase("critic_update"):
+            allocate(100)
+            with profiling.phase("optimizer"):
+                allocate(1000)
+    assert table.peak_bytes == {"rollout": 500, "critic_update": 1100}
+    assert set(table.seconds) == set(profiling.PHASES) and table.seconds["rollout"] > 0
