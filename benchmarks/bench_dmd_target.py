@@ -53,8 +53,13 @@ def cases(args):
 
 
 def triton_one_pass(kernel):
-    """The kernel with passes 1 and 2 in one launch (dmd_target_triton.ONE_PASS), whatever the default."""
+    """The kernel with passes 1 and 2 in one launch (dmd_target_triton.ONE_PASS), whatever the default;
+    an error (recorded in the row) where the launcher would keep two passes."""
     def run(**inputs):
+        x0 = inputs["x0"]
+        chunks = dmd_target_triton.sample_chunks(x0[0].numel()).num_chunks
+        if not dmd_target_triton.one_pass_fits(x0.device, chunks):
+            raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this GPU's SMs")
         saved, dmd_target_triton.ONE_PASS = dmd_target_triton.ONE_PASS, True
         try:
             return kernel(**inputs)

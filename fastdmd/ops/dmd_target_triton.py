@@ -63,6 +63,10 @@ _FINALIZE_TILE = 4096
 # One launch for passes 1 and 2 (_dmd_one_pass_kernel) instead of two. Off until measured and
 # tested on a GPU (it cannot run in the interpreter); the results are bit for bit the two-pass ones.
 ONE_PASS = False
+# The one-pass kernel's wait gives up after this many polls of its sample's counter (about a second):
+# a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
+# a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
+_MAX_POLLS = 1 << 20
 
 
 @triton.jit
@@ -195,17 +199,24 @@ def _dmd_elementwise_kernel(
 @triton.jit
 def _dmd_one_pass_kernel(
     x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a_ptr, b_ptr, c_ptr,
-    abs_partials_ptr, arrivals_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
+    abs_partials_ptr, arrivals_ptr, ticket_ptr, target_ptr, residual_ptr, normalizer_ptr, stat_partials_ptr,
     numel_per_sample, num_chunks, guidance_scale, eps,
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
+    MAX_POLLS: tl.constexpr,
 ):
     """Passes 1 and 2 in one launch: after its pass 1 a program waits until every chunk of its
     sample has published its partial sum (a per-sample arrival counter), then runs pass 2 on the
     chunk it has just read, which is still in L2. CUDA only, and only where a sample's programs can
     all be resident at once (one_pass_enabled), which the interpreter, running programs one after
-    another, never gives."""
-    pid = tl.program_id(0)
+    another, never gives.
+
+    A program takes its work from a ticket counter, not from its program id: tickets go out in the
+    order programs start, so every sample but the one holding the newest tickets has all its
+    programs started, and only that sample's programs (fewer than one_pass_enabled's bound) can be
+    waiting. The wait cannot then block the programs it waits for, whatever order the GPU starts
+    programs in."""
+    pid = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
     sample = pid // num_chunks
     chunk = pid % num_chunks
     a = tl.load(a_ptr + sample)
@@ -222,8 +233,10 @@ def _dmd_one_pass_kernel(
     # wait: acquire reads of the counter, then a barrier before any thread reads the partials.
     tl.debug_barrier()
     arrived = tl.atomic_add(arrivals_ptr + sample, 1, sem="release", scope="gpu") + 1
-    while arrived < num_chunks:
+    polls = 0
+    while (arrived < num_chunks) & (polls < MAX_POLLS):
         arrived = tl.atomic_add(arrivals_ptr + sample, 0, sem="acquire", scope="gpu")
+        polls += 1
     tl.debug_barrier()
     normalizer = _sample_normalizer(abs_partials_ptr, sample, num_chunks, numel_per_sample, eps,
                                     PARTIALS_BLOCK, True)
@@ -232,6 +245,9 @@ def _dmd_one_pass_kernel(
     _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
                stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
                guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
+    if arrived < num_chunks:  # gave up waiting: the normalizer may lack chunks, so poison the loss
+        tl.debug_barrier()  # after _dmd_chunk's own store of this slot
+        tl.store(stat_partials_ptr + 3 * tl.num_programs(0) + pid, float("nan"))
 
 
 @triton.jit
@@ -284,13 +300,17 @@ def _dmd_backward_kernel(
                  mask=mask)
 
 
-def one_pass_enabled(device: torch.device, num_chunks: int) -> bool:
-    """Whether the launcher takes the one-pass kernel: ONE_PASS, never in the interpreter, and only
-    when a sample's programs cannot all wait at once with none of its other programs resident: at
-    most one program per SM of the sample (blocks are dispatched in order, so only the last sample
-    of the resident ones can be waiting for programs not yet started)."""
-    return (ONE_PASS and device.type == "cuda" and not interpreted(_dmd_one_pass_kernel)
+def one_pass_fits(device: torch.device, num_chunks: int) -> bool:
+    """Whether the one-pass kernel can run: CUDA, not the interpreter, and at most one program per SM
+    in a sample: the programs that can be waiting (one sample's, see _dmd_one_pass_kernel) then
+    never fill the GPU, so the programs they wait for can start."""
+    return (device.type == "cuda" and not interpreted(_dmd_one_pass_kernel)
             and num_chunks <= torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def one_pass_enabled(device: torch.device, num_chunks: int) -> bool:
+    """Whether the launcher takes the one-pass kernel: ONE_PASS, where it fits."""
+    return ONE_PASS and one_pass_fits(device, num_chunks)
 
 
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -325,11 +345,12 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
     if one_pass_enabled(x0.device, chunks.num_chunks) if one_pass is None else one_pass:
-        arrivals = torch.zeros(batch, dtype=torch.int32, device=x0.device)
+        counters = torch.zeros(batch + 1, dtype=torch.int32, device=x0.device)  # arrivals per sample, ticket
         _dmd_one_pass_kernel[(num_programs,)](
-            x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, arrivals, target,
-            residual, normalizer, stat_partials, numel_per_sample, chunks.num_chunks, guidance_scale,
-            eps, **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block, **layout)
+            x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, counters[:batch],
+            counters[batch:], target, residual, normalizer, stat_partials, numel_per_sample, chunks.num_chunks,
+            guidance_scale, eps, **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block,
+            MAX_POLLS=_MAX_POLLS, **layout)
     else:
         _p_real_abs_sum_kernel[(num_programs,)](
             x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
