@@ -34,6 +34,7 @@ overridable); flux-dev needs a GPU's memory even at depth 1 (about 22 GB of host
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import gc
 import gzip
@@ -164,9 +165,14 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
     trainer = Trainer(cfg, World(device=device), family=family)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    step = 0
-    for _ in range(warmup):  # compiles, captures the rollout graphs, fills the optimizer state
+    # Warm-up: compiles, captures the CUDA graphs, fills the optimizer state. On CUDA a step's graphs
+    # depend on its backward-simulation step k, so there it runs until every k has come twice (the
+    # cudagraph trees of reduce-overhead record a path on its second run); `warmup` steps at least.
+    step, seen = 0, collections.Counter()
+    every_k = range(len(cfg.dmd.generator_sigmas)) if device.type == "cuda" else ()
+    while step < warmup or any(seen[k] < 2 for k in every_k):
         step += 1
+        seen[trainer.backward_simulation_step(step)] += 1
         trainer.train_step(step)
     times, timed_steps = [], range(step + 1, step + 1 + steps)
     for _ in range(steps):
@@ -255,6 +261,8 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
 
     @torch.no_grad()
     def sample():
+        if trainer.cfg.perf.blocks_in_cuda_graphs:  # no output of an earlier call is read again
+            torch.compiler.cudagraph_mark_step_begin()
         with trainer._autocast():
             x = simulate(generator, noise, labels, sigmas, draws)
             return generator(x, last_sigma, labels)
@@ -279,7 +287,8 @@ def main() -> None:
                    "double-stream, with twice as many single-stream)")
     p.add_argument("--batch", type=int, default=None, help="samples per step (digits 64, sd3-medium 2)")
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium: image resolution in pixels")
-    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=3, help="warm-up steps at least (on CUDA, until every "
+                   "backward-simulation step k has come twice)")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -251,8 +251,7 @@ class Trainer:
         conditions = self.family.num_conditions
         labels = torch.randint(0, conditions, (t.batch_size // n,), generator=rng, device=dev).repeat_interleave(n)
         noise = torch.randn((t.batch_size, *self.family.sample_shape), generator=rng, device=dev)
-        k = int(torch.randint(0, len(cfg.dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step)))
-        batch = Batch(step, labels, noise, k, rng)
+        batch = Batch(step, labels, noise, self.backward_simulation_step(step), rng)
 
         logs, skipped_g = [], 0
         updates = self.objective.generator_updates(batch)
@@ -292,6 +291,12 @@ class Trainer:
                                  f"{step}); stopping. The last good checkpoint is {last}; lower the learning rates or "
                                  f"check the teacher and data, then --resume.")
         return row | {"skipped_generator_updates": float(skipped_g), "skipped_critic_updates": float(skipped_c)}
+
+    def backward_simulation_step(self, step: int) -> int:
+        """The step k of the few-step sampler that receives the gradient at training step `step`: drawn
+        from the seed and the step alone, so every rank, and a resumed run, draws the same."""
+        generator = shared_step_generator(self.cfg.trainer.seed, step)
+        return int(torch.randint(0, len(self.cfg.dmd.generator_sigmas), (1,), generator=generator))
 
     @torch.no_grad()
     def _sync_rollout_weights(self) -> None:

@@ -234,6 +234,35 @@ def test_bf16_rollout_weights_follow_the_generator(tmp_path):
         parse_args(TINY + ["--perf.rollout_weights", "bf16"])
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_bf16_rollout_copy_in_a_cuda_graph_follows_the_generator(tmp_path):
+    """The rollout graph, captured before training, reads the bf16 copy in place: after steps that
+    update the generator (and refresh the copy), it replays the eager rollout of the updated copy."""
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import step_generator
+
+    dev = torch.device("cuda")
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16", "--perf.rollout_weights",
+                             "bf16", "--perf.cuda_graph_rollout", "true"])
+    trainer = Trainer(cfg, World(device=dev))
+    noise, labels = torch.randn(8, 1, 16, 16, device=dev), torch.randint(0, 10, (8,), device=dev)
+    with trainer._autocast():
+        before = trainer.rollout(noise, labels, 3, step_generator(0, 0, 99, dev))[0]  # captures
+    for step in range(1, 4):
+        trainer.train_step(step)
+    copy_net = trainer.rollout.x0_fn.net
+    for c, m in zip(copy_net.parameters(), trainer.generator.net.parameters()):
+        assert torch.equal(c, m.detach().to(torch.bfloat16))
+    with trainer._autocast():
+        got = trainer.rollout(noise, labels, 3, step_generator(0, 0, 99, dev))[0]
+        want = backward_simulation(trainer.rollout.x0_fn, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                   step_generator(0, 0, 99, dev))[0]
+    assert trainer.rollout.active  # (the training steps captured graphs for their own k too)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    assert not torch.equal(got, before)  # the generator did change
+
+
 def test_uncached_autocast_keeps_the_callers_state_and_cache():
     from fastdmd.rollout.graphs import uncached_autocast
 
