@@ -356,13 +356,14 @@ class Trainer:
         return False
 
     def _clip(self, module: torch.nn.Module) -> float:
-        """The gradient norm; the gradients are scaled to trainer.grad_clip only when it is exceeded, under
-        clip_grad_norm_'s own condition (its coefficient below 1), so the numbers are the same: the
-        scaling reads and writes every gradient, which most steps need not pay."""
+        """The gradient norm; the gradients are scaled to trainer.grad_clip only when it is (nearly)
+        exceeded, and then by clip_grad_norm_'s own code, so the numbers are the same: the scaling
+        reads and writes every gradient, which most steps need not pay. The margin covers the fp32
+        rounding of clip_grad_norm_'s coefficient (below it, the coefficient is clamped to 1)."""
         limit = self.cfg.trainer.grad_clip
         norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
         value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if limit > 0 and limit / (value + 1e-6) < 1.0:
+        if limit > 0 and limit / (value + 1e-6) < 1.0 + 1e-6:
             torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
         return value
 
