@@ -182,6 +182,10 @@ def test_score_graphs_replay_the_eager_scores_and_read_the_live_critic(tmp_path)
             for p in fake.parameters():
                 p.mul_(1.05)
     assert trainer.scores_graphs == "CUDA graph" and len(real.graphs) == 2 and len(fake.graphs) == 1
+    with torch.no_grad():  # outside autocast: a graph of its own, in fp32 like the eager call
+        torch.testing.assert_close(fake.predict(x_t, sigma, labels), fake.eager_predict(x_t, sigma, labels),
+                                   rtol=1e-5, atol=1e-5)
+    assert len(fake.graphs) == 2
     with trainer._autocast():  # the critic's training forward needs its autograd graph: eager
         assert fake.predict(x_t, sigma, labels).requires_grad and len(fake.graphs) == 1
 

@@ -1,7 +1,7 @@
 """No-grad model calls replayed from CUDA graphs: the rollout (backward simulation) and the DMD scores.
 
 `CudaGraphs` wraps a pure no-grad function of CUDA tensors: one graph per input signature (shapes,
-dtypes and any Python constants), captured on first use with static input buffers; each call copies
+dtypes, any Python constants and the caller's autocast state), captured on first use with static input buffers; each call copies
 its inputs into them, replays, and returns copies of the outputs. Weights are read in place (the
 optimizer updates them in place), so one capture serves the whole run. Randomness stays outside:
 the rollout's re-noise draws are made from the step's generator, in the eager path's order, and
@@ -44,7 +44,8 @@ def graph_blocker(option: str, enabled: bool, device: torch.device, distributed:
 
 
 class CudaGraphs:
-    """`fn(*tensors, *constants)` without grad, replayed from a CUDA graph per (shapes, dtypes, constants)."""
+    """`fn(*tensors, *constants)` without grad, replayed from a CUDA graph per (shapes, dtypes, constants,
+    autocast state)."""
 
     def __init__(self, fn: Callable, reason: str | None):
         self.fn, self.reason = fn, reason
@@ -60,7 +61,9 @@ class CudaGraphs:
     def __call__(self, *tensors: torch.Tensor, constants: tuple = ()):
         if not self.active:
             return self.fn(*tensors, *constants)
-        key = tuple((t.shape, t.dtype) for t in tensors) + tuple(constants)
+        # A capture bakes in the caller's autocast state (on or off, dtype): part of the key.
+        autocast = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
+        key = tuple((t.shape, t.dtype) for t in tensors) + tuple(constants) + autocast
         if key not in self._graphs:
             try:
                 self._graphs[key] = self._capture(tensors, constants)
