@@ -2,10 +2,11 @@
 and device:
 
     naive             eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager
-                      rollout, fp32 master weights (bf16 autocast on CUDA)
-    optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CUDA-graph
-                      rollout on a bf16 copy of the generator and CUDA-graph DMD scores (CUDA only),
-                      fp32 master weights (bf16 autocast on CUDA)
+                      rollout, the teacher's CFG as two forwards (issue 6's anchor), fp32 master
+                      weights (bf16 autocast on CUDA)
+    optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CFG as one
+                      forward of twice the batch, CUDA-graph rollout on a bf16 copy of the generator
+                      and CUDA-graph DMD scores (CUDA only), fp32 master weights (bf16 autocast on CUDA)
     optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
                       forward and backward, replayed from CUDA graphs (CUDA only); the skips that
                       torch reports (count and reasons) are recorded
@@ -68,7 +69,7 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
-    """naive: eager, reference ops, for-loop AdamW. optimized: per-block torch.compile, fused ops
+    """naive: eager, reference ops, for-loop AdamW, CFG as two forwards. optimized: per-block torch.compile, fused ops
     and AdamW, the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic,
     no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
@@ -77,7 +78,8 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
-        return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", *precision]
+        return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", "--perf.batched_cfg", "false",
+                *precision]
     rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,

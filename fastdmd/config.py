@@ -218,6 +218,8 @@ class PerfConfig:
                                 "on an H100 (torch 2.11, cuDNN 9.19)")
     cuda_graph_rollout: bool = opt(False, "replay the no-grad rollout from a CUDA graph captured per static shape "
                                    "(CUDA only; eager elsewhere, with the reason logged)")
+    batched_cfg: bool = opt(True, "the teacher's conditional and unconditional predictions as one forward of twice "
+                            "the batch (false: two forwards, as in issue 6's naive anchor step)")
     cuda_graph_scores: bool = opt(False, "replay the DMD scores (the teacher's and the critic's no-grad predictions) "
                                   "from CUDA graphs captured per static shape (CUDA only; eager elsewhere, with the "
                                   "reason logged)")

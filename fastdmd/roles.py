@@ -32,6 +32,7 @@ class Generator(nn.Module):
 
 class RealScore:
     graphs: CudaGraphs | None = None  # the trainer's, with perf.cuda_graph_scores: predict replays CUDA graphs
+    batched_cfg = True                # perf.batched_cfg: cond and uncond in one forward (False: two)
 
     def __init__(self, net: nn.Module, adapter: FlowAdapter):
         self.net, self.adapter = net.eval().requires_grad_(False), adapter
@@ -46,7 +47,7 @@ class RealScore:
     def eager_predict(self, x_t, sigma, labels, guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
         if guidance_scale == 1.0:
             return self.adapter.predict(self.net, x_t, sigma, labels), None
-        return self.adapter.predict_cond_uncond(self.net, x_t, sigma, labels)
+        return self.adapter.predict_cond_uncond(self.net, x_t, sigma, labels, batched=self.batched_cfg)
 
     @torch.no_grad()
     def velocity(self, x_t, sigma, labels, guidance_scale: float) -> torch.Tensor:

@@ -191,6 +191,7 @@ class Trainer:
         self.rollout = GraphedRollout(self.rollout_generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
                                       world.device, world.distributed,
                                       blocks_graphed=perf.blocks_in_cuda_graphs)
+        self.real.batched_cfg = perf.batched_cfg
         scores_blocker = graph_blocker("perf.cuda_graph_scores", perf.cuda_graph_scores, world.device,
                                        world.distributed, perf.blocks_in_cuda_graphs)
         for score in filter(None, (self.real, self.fake)):

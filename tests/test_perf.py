@@ -147,6 +147,25 @@ def test_score_graphs_fall_back_to_eager_off_cuda_with_a_reason(tmp_path, capsys
     assert off.scores_graphs == "off (perf.cuda_graph_scores false)"
 
 
+def test_cfg_as_two_forwards_gives_the_batched_predictions(tmp_path):
+    """perf.batched_cfg false (the naive benchmark step): the teacher runs cond and uncond as two
+    forwards of the batch instead of one of twice the batch, with the same predictions."""
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--dmd.guidance_scale", "2", "--perf.batched_cfg", "false"])
+    trainer = Trainer(cfg, World())
+    real = trainer.real
+    batches = []
+    hook = real.net.register_forward_pre_hook(lambda module, args, kwargs: batches.append(
+        (args[0] if args else kwargs["sample"]).shape[0]), with_kwargs=True)
+    x_t, sigma, labels = torch.randn(4, 1, 16, 16), torch.rand(4), torch.arange(4)
+    cond, uncond = real.predict(x_t, sigma, labels, 2.0)
+    hook.remove()
+    assert batches == [4, 4] and real.batched_cfg is False
+    want = real.adapter.predict_cond_uncond(real.net, x_t, sigma, labels, batched=True)
+    torch.testing.assert_close(cond, want[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(uncond, want[1], rtol=1e-5, atol=1e-6)
+    assert Trainer(parse_args(TINY + ["--run_dir", str(tmp_path / "b")]), World()).real.batched_cfg is True
+
+
 def test_dmdr_real_score_is_never_captured(tmp_path):
     """DMDR's real score is the critic's network at a LoRA scale that changes every step: a graph
     would replay the first scale, so it is built per step without graphs."""

@@ -44,8 +44,10 @@ class FlowAdapter:
         cond, uncond = self.predict_cond_uncond(model, x_t, sigma, labels)
         return uncond + guidance_scale * (cond - uncond)
 
-    def predict_cond_uncond(self, model, x_t, sigma, labels) -> tuple[torch.Tensor, torch.Tensor]:
-        """Conditional and unconditional predictions batched as one forward."""
+    def predict_cond_uncond(self, model, x_t, sigma, labels, batched: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+        """Conditional and unconditional predictions, batched as one forward (or as two forwards)."""
         null = torch.full_like(labels, self.null_index)
+        if not batched:
+            return self.predict(model, x_t, sigma, labels), self.predict(model, x_t, sigma, null)
         out = self.predict(model, torch.cat([x_t, x_t]), torch.cat([sigma, sigma]), torch.cat([labels, null]))
         return out.chunk(2)
