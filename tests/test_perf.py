@@ -201,9 +201,10 @@ def test_score_graphs_replay_the_eager_scores_and_read_the_live_critic(tmp_path)
             for p in fake.parameters():
                 p.mul_(1.05)
     assert trainer.scores_graphs == "CUDA graph" and len(real.graphs) == 2 and len(fake.graphs) == 1
-    with torch.no_grad():  # outside autocast: a graph of its own, in fp32 like the eager call
+    with torch.no_grad():  # outside autocast: a graph of its own, in fp32 like the eager call (well inside
+        # bf16's error, which a replay of the autocast graph would show; TF32 convolutions allow some noise)
         torch.testing.assert_close(fake.predict(x_t, sigma, labels), fake.eager_predict(x_t, sigma, labels),
-                                   rtol=1e-5, atol=1e-5)
+                                   rtol=2e-3, atol=2e-3)
     assert len(fake.graphs) == 2
     with trainer._autocast():  # the critic's training forward needs its autograd graph: eager
         assert fake.predict(x_t, sigma, labels).requires_grad and len(fake.graphs) == 1
@@ -219,7 +220,7 @@ def test_score_graphs_keep_the_losses(tmp_path):
         trainer = Trainer(cfg, World(device=dev))
         runs[name] = [trainer.train_step(step)["loss_dmd"] for step in range(1, 4)]
     assert trainer.scores_graphs == "CUDA graph"
-    torch.testing.assert_close(runs["graphs"], runs["eager"], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(runs["graphs"], runs["eager"], rtol=1e-3, atol=1e-6)  # TF32 convolutions
 
 
 def test_cudnn_attention_off_is_applied_and_reported(tmp_path):
