@@ -1,7 +1,8 @@
 """Process groups and FSDP2 wrapping.
 
 `python -m fastdmd.train` runs as one process; under `torchrun` each rank joins a process group
-(nccl on CUDA, gloo on CPU), draws its own labels and noise from (seed, rank, step), and shards the
+(nccl for CUDA tensors, with gloo beside it for the few CPU tensors the trainer reduces: the
+non-finite flags, the stop flag, the logged metrics; gloo alone on CPU), draws its own labels and noise from (seed, rank, step), and shards the
 trainable roles with FSDP2: `fully_shard` per UNet block, then the root. Rank 0 alone logs and
 writes files; every rank takes part in collectives (checkpoints, full state dicts for evaluation).
 """
@@ -40,9 +41,14 @@ def init_world() -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+        dist.init_process_group(process_group_backend(use_cuda))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
+
+
+def process_group_backend(use_cuda: bool) -> str:
+    """nccl alone serves CUDA tensors only: an all_reduce of a CPU tensor would fail at the first step."""
+    return "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
 
 
 def shutdown(world: World) -> None:

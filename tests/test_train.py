@@ -156,6 +156,18 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
 
 
+def test_the_cuda_process_group_reduces_cpu_tensors_too():
+    """Under torchrun on GPUs the trainer all-reduces a few CPU tensors (non-finite flags, the stop flag,
+    metrics): a group of nccl alone has no backend for them and would fail at the first step."""
+    from torch.distributed.distributed_c10d import Backend, BackendConfig
+
+    from fastdmd.distributed import process_group_backend
+
+    assert BackendConfig(Backend(process_group_backend(use_cuda=True))).get_device_backend_map() == \
+        {"cpu": "gloo", "cuda": "nccl"}
+    assert "cpu" in BackendConfig(Backend(process_group_backend(use_cuda=False))).get_device_backend_map()
+
+
 @pytest.mark.slow
 def test_short_run_brings_the_student_closer_to_real_digits(tmp_path):
     """100 DMD2 steps of the default recipe: the 4-step student's FD to held-out digits drops well
