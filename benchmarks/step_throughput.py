@@ -5,8 +5,9 @@ and device:
                       rollout, the teacher's CFG as two forwards (issue 6's anchor), fp32 master
                       weights (bf16 autocast on CUDA)
     optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CFG as one
-                      forward of twice the batch, CUDA-graph rollout on a bf16 copy of the generator
-                      and CUDA-graph DMD scores (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+                      forward of twice the batch, fused q/k/v projections in the teacher and the
+                      rollout copy, CUDA-graph rollout on a bf16 copy of the generator and CUDA-graph
+                      DMD scores (CUDA only), fp32 master weights (bf16 autocast on CUDA)
     optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
                       forward and backward, replayed from CUDA graphs (CUDA only); the skips that
                       torch reports (count and reasons) are recorded
@@ -70,8 +71,9 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     """naive: eager, reference ops, for-loop AdamW, CFG as two forwards. optimized: per-block torch.compile, fused ops
-    and AdamW, the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic,
-    no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
+    and AdamW, fused q/k/v projections in the networks that only run forward (teacher, rollout copy),
+    the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic, no grad)
+    replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
     and backward; the rollout and the scores then need no graphs of their own."""
     if name not in VARIANTS:
@@ -83,7 +85,8 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
-            "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", *rollout_copy, *mode, *precision]
+            "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",
+            *rollout_copy, *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -200,7 +203,7 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
            "peak_memory_bytes": peak, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
            "optimizer": trainer.optimizer_name,
            "rollout": trainer.rollout.reason or "CUDA graph", "scores": trainer.scores_graphs,
-           "ops_backend": cfg.ops.backend}
+           "fused_qkv": trainer.fused_qkv, "ops_backend": cfg.ops.backend}
 
     def count_flops() -> dict:
         # The timed steps again: a step's work depends on its backward-simulation step k, drawn from
@@ -386,11 +389,11 @@ def report(r: dict) -> str:
              f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
              "eager step's FLOP count over each variant's s/step and the peak.", "",
              "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) "
-             "| optimizer | rollout | DMD scores | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|---:|"]
+             "| optimizer | rollout | DMD scores | fused q/k/v | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|"]
     for v in r["variants"]:
         if "error" in v:
-            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 10)
+            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 11)
             continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
@@ -401,7 +404,8 @@ def report(r: dict) -> str:
         counted = f"{counted / 1e9:.1f}" if counted is not None else v.get("flop_count_error", "n/a")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
                      f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} "
-                     f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {eager} | {graph} |")
+                     f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {v.get('fused_qkv', 'n/a')} "
+                     f"| {eager} | {graph} |")
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]

@@ -227,6 +227,8 @@ class PerfConfig:
                                "autocast casts at every forward) or bf16 (a bf16 copy, refreshed after each step's "
                                "generator updates: one cast per step, 2 B/param more; needs mixed_precision bf16, "
                                "one process)", choices=("master", "bf16"))
+    fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks that "
+                         "only run forward (the teacher, the rollout's bf16 copy): one matmul for three (SD3, FLUX)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
 
     @property

@@ -139,7 +139,7 @@ class FakeScore(nn.Module):
         softplus(-D(noised real)) + softplus(D(noised generated))."""
         if self.gan_head is None or gan_weight == 0:
             loss = self.denoising_loss(x0, labels, generator, sigma)
-            return loss, {"loss_critic": loss.item()}
+            return loss, {"loss_critic": loss.detach()}
         x0 = x0.detach()
         x_t, sigma, eps = self.noised(x0, generator)
         pred, logit_fake = self.predict_and_logit(x_t, sigma, labels)
@@ -147,7 +147,7 @@ class FakeScore(nn.Module):
         real_t, real_sigma, _ = self.noised(real_x0, generator)
         _, logit_real = self.predict_and_logit(real_t, real_sigma, real_labels)
         disc = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
-        return denoise + gan_weight * disc, {"loss_critic": denoise.item(), "loss_discriminator": disc.item()}
+        return denoise + gan_weight * disc, {"loss_critic": denoise.detach(), "loss_discriminator": disc.detach()}
 
     def generator_gan_loss(self, x0: torch.Tensor, labels: torch.Tensor, generator) -> torch.Tensor:
         """softplus(-D(noised x0)): differentiable w.r.t. x0 through the critic."""

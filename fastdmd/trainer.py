@@ -35,6 +35,7 @@ from fastdmd.accel import make_adamw, set_attention
 from fastdmd.distributed import World, barrier, mean_across_ranks, parallelize
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
+from fastdmd.models.fusion import fuse_qkv
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
@@ -126,6 +127,21 @@ def lr_factor(updates_done: int, t) -> float:
     return warm * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def read_scalars(*tensors: torch.Tensor) -> list[float]:
+    """One-element tensors as floats, read with one device-to-host copy: each read waits for the GPU
+    to finish its queue, so a step reads once per update rather than once per value."""
+    device = tensors[0].device
+    return torch.stack([t.detach().to(device, torch.float64).reshape(()) for t in tensors]).tolist()
+
+
+def read_logs(rows: list[dict]) -> list[dict[str, float]]:
+    """Logged values as floats; the tensors among them (objectives may log device tensors so as not
+    to wait for the GPU mid-step) read together by `read_scalars`."""
+    tensors = [v for row in rows for v in row.values() if isinstance(v, torch.Tensor)]
+    values = iter(read_scalars(*tensors) if tensors else [])
+    return [{k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in row.items()} for row in rows]
+
+
 def default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
@@ -168,6 +184,8 @@ class Trainer:
                                  "already runs every forward in bf16")
             self.rollout_generator = Generator(copy.deepcopy(self.generator.net).to(torch.bfloat16)
                                                .requires_grad_(False), self.adapter)
+        # perf.fuse_qkv: after build_roles copied the teacher's separate projections into the trained roles.
+        self.fused_qkv, rollout_views = self._fuse_qkv(teacher, perf.fuse_qkv)
         self.attention = set_attention(teacher, perf.attention)
         if not perf.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -178,6 +196,11 @@ class Trainer:
         if self.rollout_generator is not self.generator:
             set_attention(self.rollout_generator.net, perf.attention)
             parallelize(self.rollout_generator.net, world, perf, trainable=False)
+        self._rollout_sync = None  # (the copy's weights, the generator's), paired by the generator's parameter names
+        if self.rollout_generator is not self.generator:
+            copy_params = dict(self.rollout_generator.net.named_parameters()) | rollout_views
+            self._rollout_sync = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
+                                  list(self.generator.net.parameters()))
         if self.fake is not None:
             parallelize(self.fake.net, world, perf, root=self.fake if self.use_gan else None)
         if perf.shard_teacher or not world.distributed:
@@ -260,30 +283,36 @@ class Trainer:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
-                gnorm_g = self._clip(self.generator)
-                skipped = self._step_if_finite("generator", update.loss, gnorm_g, self.opt_g, step)
+                norm = self._grad_norm(self.generator)
+                loss_value, norm_value = read_scalars(update.loss, norm)
+                self._clip(self.generator, norm, norm_value)
+                skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step)
                 skipped_g += skipped
                 if self.ema is not None and not skipped:
                     self.ema.update(self.generator)
-            logs.append(update.logs | {"loss_generator": update.loss.item(), "grad_norm_generator": gnorm_g})
+            logs.append(update.logs | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
         self._sync_rollout_weights()
         self.sched_g.step()
-        row = {key: float(np.mean([u[key] for u in logs])) for key in logs[0]}
-        skipped_c = 0
+        skipped_c, critic_logs = 0, []
         if self.fake is not None:
             with phase("critic_update"):
                 self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
-                critic_logs = []
                 for i in range(t.critic_updates):
                     with self._autocast():
                         if t.critic_samples != "step":
                             self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
-                    gnorm_c = self._clip(self.fake)
-                    skipped_c += self._step_if_finite("critic", loss_c, gnorm_c, self.opt_c, step)
+                    norm = self._grad_norm(self.fake)
+                    loss_value, norm_value = read_scalars(loss_c, norm)
+                    self._clip(self.fake, norm, norm_value)
+                    skipped_c += self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
                     critic_logs.append(c_logs)
                 self.sched_c.step()
+        rows = read_logs(logs + critic_logs)
+        logs, critic_logs = rows[:len(logs)], rows[len(logs):]
+        row = {key: float(np.mean([u[key] for u in logs])) for key in logs[0]}
+        if critic_logs:
             row |= {key: float(np.mean([c[key] for c in critic_logs])) for key in critic_logs[0]}
         self.bad_steps = self.bad_steps + 1 if (skipped_g or skipped_c) else 0
         if self.bad_steps >= t.max_bad_steps:
@@ -303,10 +332,24 @@ class Trainer:
     def _sync_rollout_weights(self) -> None:
         """perf.rollout_weights bf16: cast the generator's updated weights into the rollout's copy, in place
         (a captured rollout graph reads the copy's storage)."""
-        if self.rollout_generator is self.generator:
+        if self._rollout_sync is None:
             return
         with phase("optimizer"):
-            torch._foreach_copy_(list(self.rollout_generator.net.parameters()), list(self.generator.net.parameters()))
+            torch._foreach_copy_(*self._rollout_sync)
+
+    def _fuse_qkv(self, teacher: torch.nn.Module, enabled: bool) -> tuple[str, dict[str, torch.Tensor]]:
+        """perf.fuse_qkv on the teacher and the rollout's bf16 copy: (what the run header says, the copy's
+        removed parameters as views of its fused ones, for the per-step sync)."""
+        if not enabled:
+            return "off", {}
+        fused = {"teacher": len(fuse_qkv(teacher))}
+        views = {}
+        if self.rollout_generator is not self.generator:
+            views = fuse_qkv(self.rollout_generator.net)
+            fused["rollout copy"] = len(views)
+        if not any(fused.values()):
+            return "nothing to fuse (no SD3 / FLUX attention)", {}
+        return ", ".join(name for name, n in fused.items() if n), views
 
     def _autocast(self):
         """bf16 autocast for the forwards in one process (under torchrun FSDP2's policy casts instead)."""
@@ -339,10 +382,10 @@ class Trainer:
         idx = torch.randint(0, len(labels), (self.cfg.trainer.batch_size,), generator=rng, device=rng.device).cpu()
         return images[idx].to(self.world.device), labels[idx].to(self.world.device)
 
-    def _step_if_finite(self, role: str, loss: torch.Tensor, grad_norm: float, opt, step: int) -> bool:
+    def _step_if_finite(self, role: str, loss: float, grad_norm: float, opt, step: int) -> bool:
         """Apply the update only when the loss and the gradient are finite on every rank; otherwise
         drop the gradient (the optimizer state stays untouched) and say which phase produced it."""
-        bad = torch.tensor([0.0 if torch.isfinite(loss) else 1.0, 0.0 if math.isfinite(grad_norm) else 1.0])
+        bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0, 0.0 if math.isfinite(grad_norm) else 1.0])
         if self.world.distributed:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
         if bad.any():
@@ -356,17 +399,20 @@ class Trainer:
         opt.zero_grad(set_to_none=True)
         return False
 
-    def _clip(self, module: torch.nn.Module) -> float:
-        """The gradient norm; the gradients are scaled to trainer.grad_clip only when it is (nearly)
-        exceeded, and then by clip_grad_norm_'s own code, so the numbers are the same: the scaling
-        reads and writes every gradient, which most steps need not pay. The margin covers the fp32
-        rounding of clip_grad_norm_'s coefficient (below it, the coefficient is clamped to 1)."""
-        limit = self.cfg.trainer.grad_clip
+    @staticmethod
+    def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+        """The total gradient norm, on the device (whole, not a shard, under FSDP2)."""
         norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
-        value = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-        if limit > 0 and limit / (value + 1e-6) < 1.0 + 1e-6:
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _clip(self, module: torch.nn.Module, norm: torch.Tensor, norm_value: float) -> None:
+        """Scale the gradients to trainer.grad_clip only when their norm (nearly) exceeds it, and then
+        by clip_grad_norm_'s own code, so the numbers are the same: the scaling reads and writes every
+        gradient, which most steps need not pay. The margin covers the fp32 rounding of
+        clip_grad_norm_'s coefficient (below it, the coefficient is clamped to 1)."""
+        limit = self.cfg.trainer.grad_clip
+        if limit > 0 and limit / (norm_value + 1e-6) < 1.0 + 1e-6:
             torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
-        return value
 
     # ----- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:
@@ -469,7 +515,7 @@ class Trainer:
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"
               + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else "")
-              + f" scores={self.scores_graphs}")
+              + f" scores={self.scores_graphs} fused_qkv={self.fused_qkv}")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))

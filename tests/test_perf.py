@@ -176,6 +176,29 @@ def test_dmdr_real_score_is_never_captured(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_dmd2_step_waits_for_the_gpu_once_per_update_and_once_for_its_logs(tmp_path):
+    """Each device-to-host read makes the host wait for the GPU's whole queue, after which the GPU idles
+    until the host queues more. A DMD2 step reads three times: the generator's loss and gradient norm
+    together (skip a non-finite update, clip), the critic's, and every logged value at the end."""
+    import warnings
+
+    dev = torch.device("cuda")
+    trainer = Trainer(parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16"]), World(device=dev))
+    trainer.train_step(1)  # first-use work (optimizer state, library handles) out of the way
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train_step(2)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
+    assert len(waits) == 3, "\n".join(waits)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_score_graphs_replay_the_eager_scores_and_read_the_live_critic(tmp_path):
     dev = torch.device("cuda")
     cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.cuda_graph_scores", "true",
@@ -331,6 +354,7 @@ def test_gradient_clipping_gives_clip_grad_norm_numbers(tmp_path, norm):
     for r, p in zip(reference, module.parameters()):
         r.grad = p.grad.clone()
     want_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
-    got_norm = trainer._clip(module)
-    assert got_norm == float(want_norm)
+    norm = trainer._grad_norm(module)
+    trainer._clip(module, norm, float(norm))
+    assert float(norm) == float(want_norm)
     assert all(torch.equal(p.grad, r.grad) for p, r in zip(module.parameters(), reference))

@@ -148,6 +148,34 @@ def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     assert [s for s, _, _ in losses] == [1, 2] and all(0 < d < float("inf") for _, d, _ in losses)
 
 
+def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):
+    """perf.fuse_qkv fuses the networks that only run forward; the rollout's bf16 copy, fused, still
+    takes the generator's weights after every step (written through the fused layers' rows)."""
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    cfg = parse_args(args_for(sd3_dir, tmp_path / "run", "--perf.fuse_qkv", "true", "--perf.mixed_precision", "bf16",
+                              "--perf.rollout_weights", "bf16", "--trainer.steps", "2", "--eval.at_end", "false",
+                              "--trainer.lr_generator", "1e-2"))  # steps that move bf16 weights
+    trainer = Trainer(cfg, World())
+    assert trainer.fused_qkv == "teacher, rollout copy"
+    for net in (trainer.real.net, trainer.rollout_generator.net):
+        assert not any(name.endswith("attn.to_q.weight") for name, _ in net.named_parameters())
+    assert any(name.endswith("attn.to_q.weight") for name, _ in trainer.generator.net.named_parameters())
+    x_t, sigma, labels = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.3]), torch.tensor([0, 2])
+    to_qkv = dict(trainer.rollout_generator.net.named_parameters())["transformer_blocks.0.attn.to_qkv.weight"]
+    before = to_qkv.clone()
+    for step in (1, 2):
+        trainer.train_step(step)
+        with torch.no_grad(), trainer._autocast():
+            torch.testing.assert_close(trainer.rollout_generator(x_t, sigma, labels), trainer.generator(x_t, sigma, labels),
+                                       rtol=2e-2, atol=2e-2)
+    assert not torch.equal(to_qkv, before)
+    with torch.no_grad():  # the copy holds the generator's weights, in bf16
+        want = torch.cat([trainer.generator.net.get_parameter(f"transformer_blocks.0.attn.to_{x}.weight") for x in "qkv"])
+        assert torch.equal(to_qkv, want.to(torch.bfloat16))
+
+
 def test_dmdr_with_a_clip_reward_on_decoded_latents(sd3_dir, tmp_path):
     """A reward method on SD3: the LoRA critic on the transformer's attention, PickScore (a tiny random
     CLIP) scoring the VAE-decoded samples against the run's prompts, its gradient back to the generator."""

@@ -48,7 +48,8 @@ class Batch(NamedTuple):
 
 class Update(NamedTuple):
     loss: torch.Tensor         # scalar generator loss of one optimizer update
-    logs: dict[str, float]     # metrics of this update (means over a step's updates are logged)
+    logs: dict                 # name -> float or one-element tensor (read at the step's end); means over a
+                               # step's updates are logged
 
 
 class Objective:
@@ -81,7 +82,7 @@ class Objective:
         """Noise levels of the critic's denoising loss (None: U(0, 1))."""
         return None
 
-    def critic_loss(self, step: int, rng: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, step: int, rng: torch.Generator) -> tuple[torch.Tensor, dict]:
         fake, d = self.roles.fake, self.cfg.dmd
         real_x0, real_labels = self.roles.real_batch(rng) if fake.gan_head is not None else (None, None)
         return fake.critic_loss(self.samples, self.sample_labels, real_x0, real_labels, d.gan_critic_weight, rng,

@@ -59,13 +59,15 @@ def dmd_loss(x0: torch.Tensor, labels: torch.Tensor, real, fake, cfg: DMDConfig,
     return dmd_op(x0, dmd_predictions(x0, labels, real, fake, cfg, generator, sigma), cfg, weights)
 
 
-def dmd_logs(out: ops.DMDTarget) -> dict[str, float]:
+def dmd_logs(out: ops.DMDTarget) -> dict[str, torch.Tensor]:
+    """Device tensors, read by the trainer at the end of the step (reading them here would make the
+    host wait for the GPU before it can queue the backward)."""
     return {
-        "loss_dmd": out.loss.item(),
-        "nonfinite_teacher_samples": float((~torch.isfinite(out.normalizer)).sum()),
-        "dmd_normalizer": out.normalizer.nanmean().item(),
-        "dmd_grad_sq": out.grad_sq.mean().item(),
-        "dmd_cosine": out.cosine.mean().item(),
+        "loss_dmd": out.loss.detach(),
+        "nonfinite_teacher_samples": (~torch.isfinite(out.normalizer)).sum(),
+        "dmd_normalizer": out.normalizer.nanmean(),
+        "dmd_grad_sq": out.grad_sq.mean(),
+        "dmd_cosine": out.cosine.mean(),
     }
 
 
@@ -80,6 +82,6 @@ class DMD2(Objective):
         if cfg.dmd.gan_generator_weight > 0:
             gan = roles.fake.generator_gan_loss(x0, batch.labels, batch.rng)
             loss = loss + cfg.dmd.gan_generator_weight * gan
-            logs["loss_gan_generator"] = gan.item()
+            logs["loss_gan_generator"] = gan.detach()
         self.remember(x0, batch.labels)
         yield Update(loss, logs)

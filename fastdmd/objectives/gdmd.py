@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from fastdmd import ops
@@ -41,6 +40,7 @@ class GDMD(Objective):
         outs = [dmd_op(x0, inp, cfg.dmd, weights=weights[:, i].contiguous()) for i, inp in enumerate(inputs)]
         loss = torch.stack([o.loss for o in outs]).mean()
         self.remember(x0, batch.labels)
-        logs = {key: float(np.mean([dmd_logs(o)[key] for o in plain])) for key in dmd_logs(plain[0])}
+        plain_logs = [dmd_logs(o) for o in plain]
+        logs = {key: torch.stack([row[key].double() for row in plain_logs]).mean() for key in plain_logs[0]}
         yield Update(loss, logs | {"reward_targets": torch.stack([s.total for s in scored]).mean().item(), "gdmd_weight_max": weights.max().item(),
                                    "gdmd_weight_min": weights.min().item()})

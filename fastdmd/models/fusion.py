@@ -1,0 +1,105 @@
+"""Fused QKV projections (`perf.fuse_qkv`) for the networks that only run forward: the frozen teacher
+and the rollout's bf16 copy of the generator.
+
+Each attention's query, key and value projections become one linear layer of three times the width,
+and so do the text stream's (`add_q_proj`, `add_k_proj`, `add_v_proj`): one matmul instead of three.
+At the few-step sampler's batch 1 (1024 image rows, 333 text rows for SD3 at 512 px) three narrow
+matmuls leave most of an H100's SMs idle; one wide matmul fills them. The trained networks keep
+their separate projections: their parameter names are the checkpoint's and the exported model's.
+
+SD3's attention (diffusers' `Attention` with `JointAttnProcessor2_0`) gets `FusedJointAttnProcessor`
+below, the same computation with the fused projections; diffusers' own `FusedJointAttnProcessor2_0`
+drops the q/k RMS norms of SD3.5, so it is not used. FLUX's `FluxAttention` reads fused projections
+itself once `fuse_projections()` has run. The separate layers are removed after fusing (no second
+copy of the weights); `fuse_qkv` returns, for each removed parameter, its rows of the fused one, so
+that code which writes weights by their original names (the rollout copy's per-step sync) writes
+into the fused layers.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+SEPARATE = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
+
+
+class FusedJointAttnProcessor:
+    """diffusers' JointAttnProcessor2_0 (SD3 / SD3.5 joint attention, and SD3.5's image-only second
+    attention) with q, k, v from one fused projection per stream."""
+
+    def __call__(self, attn: nn.Module, hidden_states: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, *args, **kwargs):
+        batch_size = hidden_states.shape[0]
+        query, key, value = attn.to_qkv(hidden_states).chunk(3, dim=-1)
+        head_dim = key.shape[-1] // attn.heads
+
+        def heads(x: torch.Tensor) -> torch.Tensor:
+            return x.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+
+        query, key, value = heads(query), heads(key), heads(value)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+        if encoder_hidden_states is not None:
+            text_query, text_key, text_value = (heads(x) for x in attn.to_added_qkv(encoder_hidden_states).chunk(3, dim=-1))
+            if attn.norm_added_q is not None:
+                text_query = attn.norm_added_q(text_query)
+            if attn.norm_added_k is not None:
+                text_key = attn.norm_added_k(text_key)
+            query = torch.cat([query, text_query], dim=2)
+            key = torch.cat([key, text_key], dim=2)
+            value = torch.cat([value, text_value], dim=2)
+
+        out = F.scaled_dot_product_attention(query, key, value, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim).to(query.dtype)
+        if encoder_hidden_states is not None:
+            out, text_out = out[:, :hidden_states.shape[1]], out[:, hidden_states.shape[1]:]
+            if not attn.context_pre_only:
+                text_out = attn.to_add_out(text_out)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return (out, text_out) if encoder_hidden_states is not None else out
+
+
+def _fusable(module: nn.Module) -> bool:
+    """Attention modules whose fused form is known: SD3's joint attention, FLUX's attention."""
+    from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
+    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+
+    if isinstance(module, Attention):
+        return type(module.processor) is JointAttnProcessor2_0 and not module.is_cross_attention
+    return isinstance(module, FluxAttention) and type(module.processor) is FluxAttnProcessor
+
+
+@torch.no_grad()
+def fuse_qkv(net: nn.Module) -> dict[str, torch.Tensor]:
+    """Fuse the q/k/v projections of every SD3 / FLUX attention in `net`, in place, and return
+    {name of a removed parameter: the rows of the fused parameter that now hold it} (views). Empty
+    when `net` has no such attention (the digits UNet)."""
+    views = {}
+    for name, module in list(net.named_modules()):
+        if not _fusable(module) or getattr(module, "fused_projections", False):
+            continue
+        joint = type(module.processor).__name__ == "JointAttnProcessor2_0"  # SD3's; FLUX's reads the fused layers itself
+        module.fuse_projections()  # diffusers': builds to_qkv (and to_added_qkv) from the separate layers
+        if joint:
+            module.set_processor(FusedJointAttnProcessor())
+        for fused_name, parts in SEPARATE.items():
+            fused = getattr(module, fused_name, None)
+            if fused is None:
+                continue
+            fused.requires_grad_(getattr(module, parts[0]).weight.requires_grad)  # a new Linear would require grad
+            for param_name in ("weight", "bias"):
+                whole = getattr(fused, param_name)
+                if whole is None:
+                    continue
+                start = 0
+                for part in parts:
+                    rows = getattr(getattr(module, part), param_name).shape[0]
+                    views[f"{name}.{part}.{param_name}".lstrip(".")] = whole[start:start + rows]
+                    start += rows
+            for part in parts:
+                delattr(module, part)
+    return views
