@@ -26,9 +26,19 @@ def set_attention(net: nn.Module, choice: str) -> str:
         return f"torch SDPA ({package} not installed; `pip install '.[accel]'` on a CUDA machine to use {choice})"
     if not torch.cuda.is_available():
         return f"torch SDPA ({choice} needs CUDA)"
-    if hasattr(net, "set_attention_backend"):
-        net.set_attention_backend(DIFFUSERS_BACKENDS[choice])
+    if not hasattr(net, "set_attention_backend"):
+        return f"torch SDPA ({type(net).__name__} has no diffusers attention backends; {choice} not used)"
+    net.set_attention_backend(DIFFUSERS_BACKENDS[choice])
+    if not takes_attention_backend(net):
+        return f"torch SDPA ({type(net).__name__}'s attention processors call torch SDPA themselves; {choice} not used)"
     return choice
+
+
+def takes_attention_backend(net: nn.Module) -> bool:
+    """Whether diffusers' set_attention_backend reaches any attention of `net`: it sets the backend on
+    processors that dispatch through diffusers (FLUX's) and skips those that call torch SDPA directly
+    (SD3's JointAttnProcessor2_0, the UNets' AttnProcessor2_0)."""
+    return any(hasattr(getattr(m, "processor", None), "_attention_backend") for m in net.modules())
 
 
 def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[torch.optim.Optimizer, str]:

@@ -82,3 +82,13 @@ def test_networks_without_joint_attention_are_left_alone():
     before = {k: v.clone() for k, v in net.state_dict().items()}
     assert fuse_qkv(net) == {}
     assert net.state_dict().keys() == before.keys()
+
+
+@pytest.mark.parametrize("name, takes", [("sd3", False), ("flux", True)])
+def test_the_attention_backend_report_knows_which_networks_take_one(name, takes):
+    """perf.attention flash / xformers reach FLUX's attention (it dispatches through diffusers) but not
+    SD3's (torch SDPA called directly): the run header must not claim a backend that is not used."""
+    from fastdmd.accel import takes_attention_backend
+
+    net, _, _ = build(name)
+    assert takes_attention_backend(net) is takes
