@@ -70,8 +70,8 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
-    """naive: eager, reference ops, for-loop AdamW, CFG as two forwards. optimized: per-block torch.compile, fused ops
-    and AdamW, fused q/k/v projections in the networks that only run forward (teacher, rollout copy),
+    """naive: eager, reference ops, torch's default AdamW (foreach on CUDA), CFG as two forwards. optimized:
+    per-block torch.compile, fused ops and AdamW, fused q/k/v projections in the networks that only run forward (teacher, rollout copy),
     the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic, no grad)
     replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward

@@ -208,7 +208,8 @@ class PerfConfig:
                                          "gradient checkpointing)")
     mixed_precision: str = opt("fp32", "bf16: FSDP2 MixedPrecisionPolicy (bf16 params, fp32 reduce) under torchrun, "
                                "bf16 autocast in one process; fp32: none", choices=("fp32", "bf16"))
-    fused_optimizer: bool = opt(True, "torch AdamW with fused=True (False: the for-loop AdamW)")
+    fused_optimizer: bool = opt(True, "torch AdamW with fused=True (False: torch's default, foreach on CUDA and the "
+                                "per-parameter loop on CPU)")
     optimizer: str = opt("torch", "torch AdamW, or apex FusedAdam (NVIDIA apex built from source; falls back to "
                          "torch fused AdamW when missing)", choices=("torch", "apex"))
     attention: str = opt("sdpa", "attention backend of diffusers models: sdpa (torch), flash (flash-attn), "
