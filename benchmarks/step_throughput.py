@@ -71,9 +71,9 @@ VARIANTS = ("naive", "optimized", "optimized-graphs")
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     """naive: eager, reference ops, torch's default AdamW (foreach on CUDA), CFG as two forwards. optimized:
-    per-block torch.compile, fused ops and AdamW, fused q/k/v projections in the networks that only run forward (teacher, rollout copy),
-    the rollout on a bf16 copy of the generator and the DMD scores (teacher and critic, no grad)
-    replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
+    per-block torch.compile, fused ops and AdamW, fused q/k/v projections in the networks that only
+    run forward (teacher, rollout copy), the rollout on a bf16 copy of the generator and the DMD
+    scores (teacher and critic, no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
     and backward; the rollout and the scores then need no graphs of their own."""
     if name not in VARIANTS:
