@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
+import copy
+import dataclasses
 import gc
 import gzip
 import json
@@ -99,10 +101,20 @@ def preset_args(preset: str, batch: int) -> list[str]:
 
 
 def build_family(preset: str, depth: int | None, resolution: int, device: torch.device):
+    """The preset's random-weight family, its teacher kept in host memory: each variant takes its own
+    copy (`variant_family`). None for digits (each variant loads the shipped teacher)."""
     if preset == "digits":
         return None
     from fastdmd.models.family import random_family
-    return random_family(preset, depth, resolution, device=device)
+    family = random_family(preset, depth, resolution, device=device)
+    family.teacher.cpu()
+    return family
+
+
+def variant_family(family):
+    """A fresh copy of the teacher for one variant: a variant changes its teacher in place (compiled
+    blocks, fused q/k/v projections), which must not carry into the next variant."""
+    return None if family is None else dataclasses.replace(family, teacher=copy.deepcopy(family.teacher))
 
 
 def matmul_peak(device: torch.device) -> tuple[float, str]:
@@ -322,7 +334,7 @@ def main() -> None:
         run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
             + ["--run_dir", os.path.join("runs", "step_throughput", name)]
         try:
-            row = measure(name, run_args, family, device, args.warmup, args.steps, profile=args.profile,
+            row = measure(name, run_args, variant_family(family), device, args.warmup, args.steps, profile=args.profile,
                           profile_trace=f"{out}_{name}_trace.json" if args.profile else None)
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result too; the others still run
             traceback.print_exc()

@@ -35,7 +35,7 @@ from fastdmd.accel import make_adamw, set_attention
 from fastdmd.distributed import World, barrier, mean_across_ranks, parallelize
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
-from fastdmd.models.fusion import fuse_qkv
+from fastdmd.models.fusion import fuse_qkv, fused_attentions
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
@@ -342,11 +342,12 @@ class Trainer:
         removed parameters as views of its fused ones, for the per-step sync)."""
         if not enabled:
             return "off", {}
-        fused = {"teacher": len(fuse_qkv(teacher))}
+        fuse_qkv(teacher)
+        fused = {"teacher": fused_attentions(teacher)}
         views = {}
         if self.rollout_generator is not self.generator:
             views = fuse_qkv(self.rollout_generator.net)
-            fused["rollout copy"] = len(views)
+            fused["rollout copy"] = fused_attentions(self.rollout_generator.net)
         if not any(fused.values()):
             return "nothing to fuse (no SD3 / FLUX attention)", {}
         return ", ".join(name for name, n in fused.items() if n), views

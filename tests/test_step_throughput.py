@@ -110,3 +110,22 @@ def test_phase_table_keeps_each_phases_peak_memory(monkeypatch):
                 allocate(1000)
     assert table.peak_bytes == {"rollout": 500, "critic_update": 1100}
     assert set(table.seconds) == set(profiling.PHASES) and table.seconds["rollout"] > 0
+
+
+def test_each_variant_takes_an_unchanged_teacher(tmp_path, monkeypatch):
+    """A variant changes its teacher in place (compiled blocks, fused q/k/v): the next variant, naive
+    included, must start from the preset's own weights and layers."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    cpu = torch.device("cpu")
+    family = step_throughput.build_family("sd3-medium", 1, 64, cpu)
+    before = {k: v.clone() for k, v in family.teacher.state_dict().items()}
+    args = step_throughput.preset_args("sd3-medium", 1) + step_throughput.variant_args("optimized", False, "aot_eager") \
+        + ["--run_dir", str(tmp_path), "--threads", "1", "--model.resolution", "64"]
+    row = step_throughput.measure("optimized", args, step_throughput.variant_family(family), cpu, warmup=1, steps=1)
+    assert row["fused_qkv"] == "teacher"
+    naive_teacher = step_throughput.variant_family(family).teacher
+    assert naive_teacher.state_dict().keys() == before.keys()  # not fused
+    assert all(torch.equal(v, before[k]) for k, v in naive_teacher.state_dict().items())
+    assert not any(getattr(block, "_compiled_call_impl", None) for block in naive_teacher.transformer_blocks)

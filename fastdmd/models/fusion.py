@@ -73,6 +73,11 @@ def _fusable(module: nn.Module) -> bool:
     return isinstance(module, FluxAttention) and type(module.processor) is FluxAttnProcessor
 
 
+def fused_attentions(net: nn.Module) -> int:
+    """How many attentions of `net` run fused projections (by fuse_qkv, now or before)."""
+    return sum(bool(getattr(m, "fused_projections", False)) for m in net.modules())
+
+
 @torch.no_grad()
 def fuse_qkv(net: nn.Module) -> dict[str, torch.Tensor]:
     """Fuse the q/k/v projections of every SD3 / FLUX attention in `net`, in place, and return
