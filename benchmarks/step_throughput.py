@@ -15,8 +15,8 @@ and device:
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
 same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated over the warm-up and timed
-steps; CPU: process peak RSS, cumulative), the per-phase breakdown by the phase names of DESIGN.md
-(fastdmd.profiling; separate steps, synchronized at each phase boundary, with the peak memory
+steps, and max reserved, which holds the CUDA graphs' private pools; CPU: process peak RSS,
+cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate steps, synchronized at each phase boundary, with the peak memory
 allocated in each phase on CUDA), the full few-step sample at batch 1 (every generator step, no
 grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one profiled
 step (device busy time, top kernels, Chrome trace). Writes
@@ -179,6 +179,9 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
 
 def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
     cfg = parse_args(args)
+    if device.type == "cuda":  # reserved memory too starts from what this variant holds (nothing cached)
+        gc.collect()
+        torch.cuda.empty_cache()
     trainer = Trainer(cfg, World(device=device), family=family)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -201,6 +204,8 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
         times.append(time.perf_counter() - start)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    # CUDA graphs keep their memory in private pools, which count as reserved, not allocated, between replays.
+    peak_reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
     phases, phase_peaks = dict.fromkeys(PHASES, 0.0), {}
     for _ in range(steps):  # phase timing resets CUDA's peak statistics: after the step's peak was read
         step += 1
@@ -212,7 +217,7 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
             phase_peaks[key] = max(phase_peaks.get(key, 0), value)
     median = statistics.median(times)
     row = {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
-           "peak_memory_bytes": peak, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
+           "peak_memory_bytes": peak, "peak_reserved_bytes": peak_reserved, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
            "optimizer": trainer.optimizer_name,
            "rollout": trainer.rollout.reason or "CUDA graph", "scores": trainer.scores_graphs,
            "fused_qkv": trainer.fused_qkv, "ops_backend": cfg.ops.backend}
@@ -388,6 +393,10 @@ def _percent(x: float | None) -> str:
     return "n/a" if x is None else f"{100 * x:.2f}%"
 
 
+def _mb(x: int | None) -> str:
+    return f"{x / 2**20:.0f}" if x is not None else "n/a"
+
+
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} ms"
 
@@ -400,12 +409,12 @@ def report(r: dict) -> str:
              f"batch {r['batch']}, depth {r['depth']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s "
              f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
              "eager step's FLOP count over each variant's s/step and the peak.", "",
-             "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) "
+             "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) | peak reserved (MB) "
              "| optimizer | rollout | DMD scores | fused q/k/v | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
-             "|---|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|"]
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|"]
     for v in r["variants"]:
         if "error" in v:
-            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 11)
+            lines.append(f"| {v['variant']} | failed: {v['error']} |" + " |" * 12)
             continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
@@ -415,7 +424,7 @@ def report(r: dict) -> str:
         counted = v.get("flop_per_step_counted")
         counted = f"{counted / 1e9:.1f}" if counted is not None else v.get("flop_count_error", "n/a")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
-                     f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} "
+                     f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} | {_mb(v.get('peak_reserved_bytes'))} "
                      f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {v.get('fused_qkv', 'n/a')} "
                      f"| {eager} | {graph} |")
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
