@@ -16,8 +16,9 @@ For each: s/step (median of the timed steps, run back to back), samples/s, MFU (
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
 same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated over the warm-up and timed
 steps, and max reserved, which holds the CUDA graphs' private pools; CPU: process peak RSS,
-cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate steps, synchronized at each phase boundary, with the peak memory
-allocated in each phase on CUDA), the full few-step sample at batch 1 (every generator step, no
+cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate
+steps, synchronized at each phase boundary, with the peak memory allocated in each phase on CUDA),
+the full few-step sample at batch 1 (every generator step, no
 grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one profiled
 step (device busy time, top kernels, Chrome trace). Writes
 benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
