@@ -62,5 +62,5 @@ class DrPO(Objective):
                 losses_pref.append(drift_loss(f, pos, neg, c.pos_weight, c.pos_weight).loss)
                 losses_ref.append(drift_loss(f, base_feats[rows], f.detach(), 1.0, 1.0, mask_negative_self=True).loss)
         pref, ref = torch.stack(losses_pref).mean(), torch.stack(losses_ref).mean()
-        yield Update(pref + c.ref_weight * ref, {"loss_pref": pref.item(), "loss_ref": ref.item(),
-                                                 "reward": reward.mean().item()})
+        yield Update(pref + c.ref_weight * ref, {"loss_pref": pref.detach(), "loss_ref": ref.detach(),
+                                                 "reward": reward.mean()})

@@ -42,5 +42,5 @@ class GDMD(Objective):
         self.remember(x0, batch.labels)
         plain_logs = [dmd_logs(o) for o in plain]
         logs = {key: torch.stack([row[key].double() for row in plain_logs]).mean() for key in plain_logs[0]}
-        yield Update(loss, logs | {"reward_targets": torch.stack([s.total for s in scored]).mean().item(), "gdmd_weight_max": weights.max().item(),
-                                   "gdmd_weight_min": weights.min().item()})
+        yield Update(loss, logs | {"reward_targets": torch.stack([s.total for s in scored]).mean(), "gdmd_weight_max": weights.max(),
+                                   "gdmd_weight_min": weights.min()})

@@ -112,17 +112,17 @@ class GNDM(Objective):
             adv = ops.group_advantages(scores.per_reward, group_size=self.group_size, weights=weights,
                                        clip=cfg.reward.clip)
         self.remember(x0, batch.labels)
-        logs = dmd_logs(out_dm) | {"reward": scores.total.mean().item()} | \
-            {f"fusion_weight_{i}": float(w) for i, w in enumerate(weights.tolist())}
+        logs = dmd_logs(out_dm) | {"reward": scores.total.mean()} | \
+            {f"fusion_weight_{i}": w for i, w in enumerate(weights)}
         for update in range(c.policy_updates):
             with phase("generator_fwd"):
                 pols = [policy_loss(self._velocity, rollout, i, batch.labels, adv.advantages, c.clip_range)
                         for i in rollout.stochastic]
             pg = torch.stack([p.loss.mean() for p in pols]).mean()
             loss = c.pg_weight * pg + (loss_dm if update == 0 else 0.0)
-            yield Update(loss, logs | {"loss_policy": pg.item(),
-                                       "ratio_max_dev": max((p.ratio - 1).abs().max().item() for p in pols),
-                                       "clip_frac": torch.stack([p.clip_frac.mean() for p in pols]).mean().item()})
+            yield Update(loss, logs | {"loss_policy": pg.detach(),
+                                       "ratio_max_dev": torch.stack([(p.ratio - 1).abs().max() for p in pols]).max(),
+                                       "clip_frac": torch.stack([p.clip_frac.mean() for p in pols]).mean()})
 
     def fusion_weights(self, per_reward: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
         if not self.cfg.gndm.adaptive_fusion:

@@ -144,12 +144,12 @@ class RTDMD(Objective):
                                                           device=batch.noise.device), batch.labels)
         out = self.ac_dmd(x0, 0.0, batch.labels, batch.rng)
         loss = pg + c.last_step_dmd_weight * out.loss
-        logs = dmd_logs(out) | {"stage": 2.0, "loss_policy": pg.item(), "reward": scores.total.mean().item()}
+        logs = dmd_logs(out) | {"stage": 2.0, "loss_policy": pg.detach(), "reward": scores.total.mean()}
         if c.reward_backprop_weight > 0:
             with phase("reward"):
                 backprop = F.relu(c.reward_margin - self.roles.reward(x0, batch.labels)).mean()
             loss = loss + c.reward_backprop_weight * backprop
-            logs["loss_reward_backprop"] = backprop.item()
+            logs["loss_reward_backprop"] = backprop.detach()
         self.samples, self.sample_labels, self.sample_sigma = x0.detach(), batch.labels, 0.0
         return Update(loss, logs)
 
@@ -159,7 +159,7 @@ class RTDMD(Objective):
         super().remember(x0, labels)
         self.sample_sigma = 0.0
 
-    def critic_loss(self, step: int, rng) -> tuple[torch.Tensor, dict[str, float]]:
+    def critic_loss(self, step: int, rng) -> tuple[torch.Tensor, dict]:
         fake, s, x_s, labels = self.roles.fake, self.sample_sigma, self.samples, self.sample_labels
         x_t, t, sigma_ts, eps = self._renoise(x_s, s, rng)
         shape = (x_s.shape[0],) + (1,) * (x_s.dim() - 1)
@@ -168,13 +168,13 @@ class RTDMD(Objective):
         weight = (10 * sigma_ts**2).clamp(max=1.0)
         pred = fake.predict(x_t, t, labels)
         denoise = (weight * (pred - v_star).pow(2).flatten(1).mean(1)).mean()
-        logs = {"loss_critic": denoise.item()}
+        logs = {"loss_critic": denoise.detach()}
         loss = denoise
         w = self.cfg.rtdmd.consistency_weight
         if w > 0:
             cons = self._consistency(x_t, t, pred, labels, rng)
             loss = loss + w * cons
-            logs["loss_consistency"] = cons.item()
+            logs["loss_consistency"] = cons.detach()
         return loss, logs
 
     def _consistency(self, x_t, t, pred_t, labels, rng) -> torch.Tensor:
