@@ -130,6 +130,7 @@ def lr_factor(updates_done: int, t) -> float:
 def read_scalars(*tensors: torch.Tensor) -> list[float]:
     """One-element tensors as floats, read with one device-to-host copy: each read waits for the GPU
     to finish its queue, so a step reads once per update rather than once per value."""
+    tensors = [t.full_tensor() if hasattr(t, "full_tensor") else t for t in tensors]  # FSDP2's DTensors
     device = tensors[0].device
     return torch.stack([t.detach().to(device, torch.float64).reshape(()) for t in tensors]).tolist()
 
@@ -402,9 +403,9 @@ class Trainer:
 
     @staticmethod
     def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
-        """The total gradient norm, on the device (whole, not a shard, under FSDP2)."""
-        norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
-        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+        """The total gradient norm, on the device (under FSDP2 a DTensor, as clip_grads_with_norm_ wants it
+        for DTensor gradients)."""
+        return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
 
     def _clip(self, module: torch.nn.Module, norm: torch.Tensor, norm_value: float) -> None:
         """Scale the gradients to trainer.grad_clip only when their norm (nearly) exceeds it, and then
