@@ -176,6 +176,32 @@ def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir
         assert torch.equal(to_qkv, want.to(torch.bfloat16))
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_fused_bf16_rollout_copy_in_cuda_graphs_follows_the_generator(sd3_dir, tmp_path):
+    """The optimized variant's rollout on SD3: fused q/k/v, bf16 copy, replayed from CUDA graphs, with
+    the copy rewritten in place after every step; its output stays the generator's own."""
+    from fastdmd.distributed import World
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import Trainer, step_generator
+
+    dev = torch.device("cuda")
+    cfg = parse_args(args_for(sd3_dir, tmp_path / "run", "--perf.fuse_qkv", "true", "--perf.mixed_precision", "bf16",
+                              "--perf.rollout_weights", "bf16", "--perf.cuda_graph_rollout", "true",
+                              "--perf.cuda_graph_scores", "true", "--trainer.lr_generator", "1e-2"))
+    trainer = Trainer(cfg, World(device=dev))
+    assert trainer.rollout.active and trainer.fused_qkv == "teacher, rollout copy"
+    for step in range(1, 4):
+        trainer.train_step(step)
+        noise = torch.randn(2, 4, 8, 8, device=dev)
+        labels = torch.tensor([0, 2], device=dev)
+        with trainer._autocast():
+            got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
+            want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                       step_generator(0, 0, step, dev))
+        torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
+
+
 def test_dmdr_with_a_clip_reward_on_decoded_latents(sd3_dir, tmp_path):
     """A reward method on SD3: the LoRA critic on the transformer's attention, PickScore (a tiny random
     CLIP) scoring the VAE-decoded samples against the run's prompts, its gradient back to the generator."""
