@@ -107,6 +107,17 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
     return net
 
 
+def reshard(module: nn.Module) -> None:
+    """Put every FSDP2-sharded part of `module` back in its sharded form. FSDP2 leaves the root's
+    parameters unsharded (plain tensors) after a forward without grad, since no backward comes to
+    reshard them; code that works on the parameters as DTensors (EMA) calls this first."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
 def mean_across_ranks(values: dict[str, float], world: World) -> dict[str, float]:
     if not world.distributed or not values:
         return values

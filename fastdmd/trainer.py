@@ -32,7 +32,7 @@ from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.accel import make_adamw, set_attention
-from fastdmd.distributed import World, barrier, mean_across_ranks, parallelize
+from fastdmd.distributed import World, barrier, broadcast_object, mean_across_ranks, parallelize, reshard
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
 from fastdmd.models.fusion import fuse_qkv, fused_attentions
@@ -80,11 +80,13 @@ class EMA:
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
+        reshard(module)
         torch._foreach_lerp_(self.shadow, [p.detach() for p in module.parameters()], 1.0 - self.decay)
 
     @torch.no_grad()
     def swap(self, module: torch.nn.Module) -> None:
         """Exchange the module's weights with the EMA weights (call twice to restore)."""
+        reshard(module)
         for p, s in zip(module.parameters(), self.shadow):
             tmp = p.detach().clone()
             p.detach().copy_(s)
@@ -531,7 +533,10 @@ class Trainer:
             return next(iter(reasons.values())) or "CUDA graph"
         return "; ".join(f"{name}: {reason or 'CUDA graph'}" for name, reason in reasons.items())
 
-    # ----- evaluation (rank 0 on unsharded copies; every rank joins the state-dict gather) ------
+    # ----- evaluation ---------------------------------------------------------------------------
+    # In one process the samplers run an unsharded, uncompiled copy of the generator. Under torchrun the
+    # sharded networks themselves run, on every rank in lockstep (each forward all-gathers: a rank that
+    # sat out would leave the others waiting), on the same inputs; rank 0 alone writes and prints.
     def _plain_generator(self) -> Generator:
         if self.ema is not None:
             self.ema.swap(self.generator)
@@ -545,25 +550,40 @@ class Trainer:
             net.load_state_dict(state)
         return Generator(net.eval().to(self.world.device), self.adapter)
 
-    def _sample_grid(self) -> None:
-        gen = self._plain_generator()
-        if not self.world.is_main:
+    @contextlib.contextmanager
+    def _eval_generator(self):
+        """The generator the samplers use, with the EMA weights where kept: a plain copy in one process,
+        the sharded generator with the EMA weights swapped in under torchrun."""
+        if not self.world.distributed:
+            yield self._plain_generator()
             return
+        if self.ema is not None:
+            self.ema.swap(self.generator)
+        try:
+            with torch.no_grad():
+                yield self.generator
+        finally:
+            if self.ema is not None:
+                self.ema.swap(self.generator)
+
+    def _sample_grid(self) -> None:
         noise, labels = self._grid_inputs()
-        images = self.family.decode(few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas,
-                                                    torch.Generator().manual_seed(0)))
-        os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
-        labels = labels.cpu()
-        save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}": (images, labels)},
-                   os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
+        with self._eval_generator() as gen:
+            samples = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0))
+        if self.world.is_main:
+            os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
+            save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}":
+                        (self.family.decode(samples), labels.cpu())},
+                       os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
+        barrier(self.world)
 
     def evaluate(self) -> dict:
-        gen = self._plain_generator()
-        if not self.world.is_main:
-            barrier(self.world)
-            return {}
-        if self.classifier is None:
-            return self._evaluate_samples(gen)
+        with self._eval_generator() as gen:
+            summary = self._evaluate_digits(gen) if self.classifier is not None else self._evaluate_samples(gen)
+        barrier(self.world)
+        return summary if self.world.is_main else {}
+
+    def _evaluate_digits(self, gen: Generator) -> dict:
         e, g = self.cfg.eval, self.cfg.dmd.guidance_scale
         n_steps = len(self.cfg.dmd.generator_sigmas)
         real_v = lambda x, s, y: self.real.velocity(x, s, y, g)  # noqa: E731
@@ -576,23 +596,26 @@ class Trainer:
                 lambda z, y: few_step_sample(gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed)),
                 False),
         }
+        main = self.world.is_main
         rows, panels = {}, {}
-        for name, (fn, is_teacher) in tqdm(samplers.items(), desc="evaluate", dynamic_ncols=True):
+        for name, (fn, is_teacher) in tqdm(samplers.items(), desc="evaluate", dynamic_ncols=True, disable=not main):
             cached = self._teacher_cache(name) if is_teacher and e.cache_teacher else None
-            if cached and os.path.exists(cached):
-                with open(cached) as f:
-                    rows[name] = json.load(f) | {"cached": True}
+            if broadcast_object(bool(cached) and os.path.exists(cached), self.world):  # every rank skips, or none
                 noise, labels = self._grid_inputs()
                 panels[name] = (fn(noise, labels), labels)
+                if main:
+                    with open(cached) as f:
+                        rows[name] = json.load(f) | {"cached": True}
                 continue
             score, images, labels = score_sampler(fn, self.classifier, self.test_set.images, e.num_samples,
                                                    e.batch_size, e.seed, self._eval_rewards())
             rows[name] = score.as_dict()
             panels[name] = (images, labels)
-            if cached:
+            if cached and main:
                 os.makedirs(os.path.dirname(cached), exist_ok=True)
-                with open(cached, "w") as f:
-                    json.dump(rows[name], f)
+                write_atomically(cached, json.dumps(rows[name]))
+        if not main:
+            return {}
         rows["real digits (train split, the floor)"] = self._real_floor()
         save_grids(panels, os.path.join(self.run_dir, "samples_final.png"))
         summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g,
@@ -605,7 +628,6 @@ class Trainer:
             f.write(table + "\n")
         print("\n" + table)
         print(f"\nrun directory: {self.run_dir}  (samples_final.png, metrics.jsonl, checkpoints/)")
-        barrier(self.world)
         return summary
 
     def _evaluate_samples(self, gen: Generator) -> dict:
@@ -616,6 +638,8 @@ class Trainer:
         student = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed))
         speed = len(labels) / (time.perf_counter() - start)
         teacher = euler_sample(lambda x, s: self.real.velocity(x, s, labels, g), noise, linear_sigmas(e.teacher_steps))
+        if not self.world.is_main:
+            return {}
         n_steps = len(self.cfg.dmd.generator_sigmas)
         save_grids({f"teacher {e.teacher_steps}-step Euler": (fam.decode(teacher), labels.cpu()),
                     f"student {n_steps}-step": (fam.decode(student), labels.cpu())},

@@ -157,6 +157,33 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
     assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.distributed
+def test_torchrun_evaluates_and_draws_grids_with_every_rank(tmp_path):
+    """The sharded teacher and generator sample on every rank in lockstep (each forward all-gathers:
+    with rank 0 sampling alone the run hung in its final evaluation); rank 0 alone writes. A second
+    run finds the teacher rows cached: every rank skips them together."""
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
+
+    def run(run_dir, steps):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+               "-m", "fastdmd.train", "--trainer.batch_size", "8", "--trainer.log_every", "1", "--trainer.warmup_steps", "0",
+               "--trainer.steps", str(steps), "--trainer.sample_every", "1", "--eval.num_samples", "20",
+               "--eval.batch_size", "10", "--eval.teacher_steps", "2", "--threads", "1", "--run_dir", str(run_dir)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.count("run directory:") == 1
+        with open(run_dir / "summary.json") as f:
+            return json.load(f)["samplers"]
+
+    first = run(tmp_path / "a", 2)
+    assert sorted(os.listdir(tmp_path / "a" / "samples")) == ["step_0000001.png", "step_0000002.png"]
+    assert (tmp_path / "a" / "samples_final.png").exists() and len(first) == 4
+    second = run(tmp_path / "b", 1)
+    teacher_rows = [name for name in second if name.startswith("teacher")]
+    assert len(teacher_rows) == 2 and all(second[name]["cached"] for name in teacher_rows)
+    assert all(second[name]["fd"] == first[name]["fd"] for name in teacher_rows)
+
+
 def test_the_cuda_process_group_reduces_cpu_tensors_too():
     """Under torchrun on GPUs the trainer all-reduces a few CPU tensors (non-finite flags, the stop flag,
     metrics): a group of nccl alone has no backend for them and would fail at the first step."""
