@@ -70,10 +70,11 @@ def blocks_of(net: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None = None, trainable: bool = True) -> nn.Module:
+def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None = None, trainable: bool = True) -> nn.Module:
     """Apply, in this order (torchtitan's): activation checkpointing per block (trainable networks),
     torch.compile per block, then under torchrun FSDP2 `fully_shard` per block, the network and
-    `root` (a module around the network that owns parameters of its own, e.g. the critic's GAN head),
+    `extra` (a module called beside the network, e.g. the critic's GAN head: a unit of its own, so that
+    its own forward gathers its weights),
     with a MixedPrecisionPolicy (bf16 params, fp32 gradient reduction) when perf.mixed_precision is bf16."""
     blocks = blocks_of(net)
     if perf is not None and perf.activation_checkpointing and trainable and \
@@ -102,8 +103,8 @@ def parallelize(net: nn.Module, world: World, perf=None, root: nn.Module | None 
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(net, **kwargs)
-    if root is not None:
-        fully_shard(root, **kwargs)
+    if extra is not None:
+        fully_shard(extra, **kwargs)
     return net
 
 

@@ -205,7 +205,7 @@ class Trainer:
             self._rollout_sync = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
                                   list(self.generator.net.parameters()))
         if self.fake is not None:
-            parallelize(self.fake.net, world, perf, root=self.fake if self.use_gan else None)
+            parallelize(self.fake.net, world, perf, extra=self.fake.gan_head)
         if perf.shard_teacher or not world.distributed:
             parallelize(teacher, world, perf, trainable=False)
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
