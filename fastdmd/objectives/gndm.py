@@ -132,6 +132,7 @@ class GNDM(Objective):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(spread)
             spread /= torch.distributed.get_world_size()
+        self.spread_ema = self.spread_ema.to(spread.device)  # made, and loaded from checkpoints, on the CPU
         if torch.isnan(self.spread_ema).all():
             self.spread_ema = spread.clone()
         weights = base * (spread / self.spread_ema.clamp_min(1e-12)).clamp(max=1.0)
