@@ -50,9 +50,14 @@ def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[tor
         except ImportError:
             note = "apex FusedAdam not importable (build NVIDIA apex from source); "
         else:
-            if params and params[0].is_cuda:
+            from torch.distributed.tensor import DTensor
+
+            if params and isinstance(params[0], DTensor):  # its kernels read raw storage, which a DTensor has not
+                note = "apex FusedAdam cannot step FSDP2's sharded (DTensor) parameters; "
+            elif params and params[0].is_cuda:
                 return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True), "apex FusedAdam"
-            note = "apex FusedAdam needs CUDA; "
+            else:
+                note = "apex FusedAdam needs CUDA; "
     else:
         note = ""
     if perf.fused_optimizer:

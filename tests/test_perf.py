@@ -358,3 +358,31 @@ def test_gradient_clipping_gives_clip_grad_norm_numbers(tmp_path, norm):
     trainer._clip(module, norm, float(norm))
     assert float(norm) == float(want_norm)
     assert all(torch.equal(p.grad, r.grad) for p, r in zip(module.parameters(), reference))
+
+
+def test_apex_is_not_handed_fsdp2_dtensors(monkeypatch):
+    """apex FusedAdam's kernels read raw storage, which FSDP2's DTensor parameters do not have: under
+    torchrun the fused torch AdamW steps them instead, and the header says why."""
+    import sys
+    import types
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    from fastdmd.accel import make_adamw
+    from fastdmd.config import PerfConfig
+
+    apex, optimizers = types.ModuleType("apex"), types.ModuleType("apex.optimizers")
+    optimizers.FusedAdam = lambda *args, **kwargs: pytest.fail("apex FusedAdam was given DTensors")
+    apex.optimizers = optimizers
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", optimizers)
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        param = torch.nn.Parameter(distribute_tensor(torch.zeros(6), mesh, [Shard(0)]))
+        opt, name = make_adamw([param], 1e-3, (0.9, 0.999), 0.0, PerfConfig(optimizer="apex"))
+        assert isinstance(opt, torch.optim.AdamW) and name.startswith("apex FusedAdam cannot step FSDP2's")
+    finally:
+        dist.destroy_process_group()
