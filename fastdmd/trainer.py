@@ -155,7 +155,7 @@ class Trainer:
         self.cfg, self.world = cfg, world
         t = cfg.trainer
         ops.backend = cfg.ops.backend
-        self.family = family or load_family(cfg.model, world.device)
+        self.family = family or self._load_family(cfg, world)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         teacher.to(world.device)
         if self.classifier is not None:
@@ -236,6 +236,15 @@ class Trainer:
         self.stop_requested = False
         self.run_dir = cfg.run_dir
         self.test_set = load_digits("test") if self.classifier is not None else None
+
+    @staticmethod
+    def _load_family(cfg: Config, world: World) -> Family:
+        """Under torchrun each node's first rank loads first and builds what the others then read (the
+        prompt-embedding cache: its text encoders are loaded once per node, not once per rank)."""
+        first = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        family = load_family(cfg.model, world.device) if first else None
+        barrier(world)
+        return family or load_family(cfg.model, world.device)
 
     # ----- state -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:

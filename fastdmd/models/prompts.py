@@ -48,7 +48,7 @@ def default_cache_path(model_path: str, prompts: list[str], max_sequence_length:
 
 def save_prompt_cache(path: str, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
+    tmp = f"{path}.{os.getpid()}.tmp"  # one per writer: ranks on other nodes may share the folder
     save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp,
               metadata={"prompts": json.dumps(prompts)})
     os.replace(tmp, path)
