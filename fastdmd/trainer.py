@@ -157,7 +157,11 @@ class Trainer:
         ops.backend = cfg.ops.backend
         self.family = family or self._load_family(cfg, world)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
-        teacher.to(world.device)
+        # Under torchrun the networks stay in host memory until fully_shard moves each rank's shards to its
+        # GPU: whole copies of the teacher, generator and critic on every GPU first would need ~10 B/param.
+        place_whole = not world.distributed
+        if place_whole:
+            teacher.to(world.device)
         if self.classifier is not None:
             self.classifier.to(world.device)
         self.use_gan = cfg.dmd.gan_generator_weight > 0 or cfg.dmd.gan_critic_weight > 0
@@ -173,9 +177,10 @@ class Trainer:
             self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
         if cfg.method == "drpo":
             base = Generator(copy.deepcopy(self.generator.net).eval().requires_grad_(False), self.adapter)
-        self.generator.to(world.device)
-        if self.fake is not None:
-            self.fake.to(world.device)
+        if place_whole:
+            self.generator.to(world.device)
+            if self.fake is not None:
+                self.fake.to(world.device)
         perf = cfg.perf
         # perf.rollout_weights bf16: the rollout's own bf16 copy of the generator (made before compile wraps
         # the blocks), synchronized after each step's generator updates.
@@ -208,6 +213,10 @@ class Trainer:
             parallelize(self.fake.net, world, perf, extra=self.fake.gan_head)
         if perf.shard_teacher or not world.distributed:
             parallelize(teacher, world, perf, trainable=False)
+        else:
+            teacher.to(world.device)
+        if base is not None and world.distributed:  # DrPO's frozen base, sharded like the teacher
+            parallelize(base.net, world, perf, trainable=False)
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
             train = load_digits("train")
             self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
