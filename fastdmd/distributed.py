@@ -9,6 +9,7 @@ writes files; every rank takes part in collectives (checkpoints, full state dict
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -97,15 +98,37 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
         return net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    kwargs = {}
+    kwargs, root_kwargs = {}, {}
     if perf is not None and perf.mixed_precision == "bf16":
         kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        # The network's own inputs are cast by cast_inputs_except_time, not by FSDP, which would cast them all.
+        root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
+                                                        cast_forward_inputs=False)
+        net.register_forward_pre_hook(cast_inputs_except_time(torch.bfloat16), with_kwargs=True)
     for block in blocks:
         fully_shard(block, **kwargs)
-    fully_shard(net, **kwargs)
+    fully_shard(net, **(root_kwargs or kwargs))
     if extra is not None:
         fully_shard(extra, **kwargs)
     return net
+
+
+TIME_INPUTS = ("timestep", "timesteps", "guidance")
+
+
+def cast_inputs_except_time(dtype: torch.dtype):
+    """A forward pre-hook casting a network's floating-point inputs to `dtype`, all but the diffusion
+    time (and FLUX's guidance): the network turns those into sinusoidal embeddings in fp32, and in bf16
+    SD3's t = 1000 sigma would move to a multiple of 4 near 1000 (749 -> 748), off the noise level of
+    x_t and off what the pipeline feeds at inference (one-process autocast keeps them fp32 too)."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict):
+        bound = inspect.signature(module.forward).bind(*args, **kwargs)
+        for name, value in bound.arguments.items():
+            if name not in TIME_INPUTS and torch.is_tensor(value) and value.is_floating_point():
+                bound.arguments[name] = value.to(dtype)
+        return bound.args, bound.kwargs
+
+    return hook
 
 
 def reshard(module: nn.Module) -> None:

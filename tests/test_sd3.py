@@ -281,3 +281,30 @@ def test_the_exported_directory_runs_in_diffusers_sd3_pipeline_as_fastdmd_genera
     torch.testing.assert_close(images * 2 - 1, ours, rtol=1e-4, atol=1e-4)
     from_export, _ = sample_prompts(load_generator(str(out)), [PROMPTS[1]], 2, sigmas, seed=3)  # generate OUT
     torch.testing.assert_close(from_export, ours, rtol=1e-5, atol=1e-5)
+
+
+def test_fsdp_bf16_policy_keeps_the_diffusion_time_in_fp32():
+    """Under torchrun's bf16 policy the network's inputs go to bf16 but its time stays fp32: cast with
+    the rest, SD3's t = 749 would reach the time embedding as 748 (bf16's step there is 4)."""
+    import torch.distributed as dist
+
+    from fastdmd.config import PerfConfig
+    from fastdmd.distributed import World, parallelize
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        torch.manual_seed(0)
+        net = SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                    attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                    caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8)
+        parallelize(net, World(rank=0, world_size=2), PerfConfig(mixed_precision="bf16"))  # "torchrun" on one rank
+        seen = {}
+        net.time_text_embed.register_forward_pre_hook(lambda m, args: seen.update(t=args[0], pooled=args[1]))
+        net.pos_embed.register_forward_pre_hook(lambda m, args: seen.update(x=args[0]))
+        with torch.no_grad():
+            out = net(hidden_states=torch.randn(2, 4, 8, 8), encoder_hidden_states=torch.randn(2, TOKENS, JOINT_DIM),
+                      pooled_projections=torch.randn(2, POOLED_DIM), timestep=torch.tensor([749.0, 999.0])).sample
+    finally:
+        dist.destroy_process_group()
+    assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [749.0, 999.0]
+    assert seen["x"].dtype == seen["pooled"].dtype == out.dtype == torch.bfloat16
