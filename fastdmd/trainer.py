@@ -153,6 +153,10 @@ class Trainer:
     def __init__(self, cfg: Config, world: World, family: Family | None = None):
         """`family` replaces the one cfg.model names (benchmarks build random-init models in memory)."""
         self.cfg, self.world = cfg, world
+        if world.distributed and cfg.reward.device:
+            raise ValueError(f"reward.device = {cfg.reward.device!r} would put every rank's reward models on that one "
+                             f"device; under torchrun leave it empty (each rank scores on its own GPU, "
+                             f"{world.device} here)")
         t = cfg.trainer
         ops.backend = cfg.ops.backend
         self.family = family or self._load_family(cfg, world)

@@ -200,6 +200,16 @@ def test_torchrun_trains_with_the_gan_term(tmp_path):
     assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss_discriminator"]) for r in rows)
 
 
+def test_a_fixed_reward_device_is_refused_under_torchrun(tmp_path):
+    from fastdmd.config import parse_args
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    cfg = parse_args(TINY + ["--method", "dmdr", "--reward.device", "cuda:1", "--run_dir", str(tmp_path)])
+    with pytest.raises(ValueError, match="reward.device = 'cuda:1' would put every rank's reward models on that one"):
+        Trainer(cfg, World(rank=0, world_size=2))
+
+
 def test_the_cuda_process_group_reduces_cpu_tensors_too():
     """Under torchrun on GPUs the trainer all-reduces a few CPU tensors (non-finite flags, the stop flag,
     metrics): a group of nccl alone has no backend for them and would fail at the first step."""
