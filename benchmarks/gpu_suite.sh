@@ -40,9 +40,10 @@
 #   wait; FASTDMD_STEP_TIMEOUT=70 bash $S $O/b bench_dmd_target
 #   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
 # (timeout_s 570 for the call; the tool brings back files of at most 16 MiB, so the profiler's
-# Chrome traces stay out of the archive: the step_throughput files hold their summaries). The tests include the GPU-only checks (the one-pass dmd_target
-# kernel against two passes, the rollout and score graphs against eager, the bf16 copy in a graph):
-# read their results before trusting the timings.
+# Chrome traces stay out of the archive: the step_throughput files hold their summaries). The tests
+# include the GPU-only checks (the one-pass dmd_target kernel against two passes, the rollout and
+# score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, a
+# DMD2 step waiting for the GPU three times): read their results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
