@@ -42,6 +42,7 @@ class Plan:
     critic_params: int
     items: dict[str, float]   # bytes per rank
     gpu_bytes: float
+    startup_host_bytes: float = 0.0  # per rank under torchrun: the whole networks, before fully_shard
 
     @property
     def total(self) -> float:
@@ -56,8 +57,12 @@ class Plan:
         lines += [f"| {name} | {value / GiB:.2f} |" for name, value in self.items.items()]
         lines.append(f"| **total** | **{self.total / GiB:.2f}** |")
         verdict = "fits" if self.fits else "does NOT fit"
-        return "\n".join(lines) + f"\n\n{self.params / 1e6:.1f}M generator parameters; {verdict} in " \
+        text = "\n".join(lines) + f"\n\n{self.params / 1e6:.1f}M generator parameters; {verdict} in " \
                                   f"{self.gpu_bytes / GiB:.0f} GiB (plus 1-3 GB of CUDA context not counted)"
+        if self.startup_host_bytes:
+            text += (f"\nstart-up: {self.startup_host_bytes / GiB:.1f} GiB of host memory per rank (the teacher and "
+                     f"whole fp32 generator and critic copies, until fully_shard moves each rank's shards to its GPU)")
+        return text
 
 
 def build_meta_network(preset: str, depth: int | None, model_path: str = ""):
@@ -179,7 +184,8 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
         items["activations (checkpointed: kept + one block recomputed)"] = kept + per_block
     else:
         items["activations (generator or critic forward + backward)"] = full
-    return Plan(params, critic_params, items, gpu_gib * GiB)
+    startup = (teacher_bytes * params + 4 * params + 4 * critic_params) if world_size > 1 else 0.0
+    return Plan(params, critic_params, items, gpu_gib * GiB, startup)
 
 
 def main(argv: list[str] | None = None) -> Plan:

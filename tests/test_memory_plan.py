@@ -70,3 +70,13 @@ def test_fits_verdict_and_cli(capsys):
     assert not small.fits and "does NOT fit" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--preset", "digits", "--world-size", "0"])
+
+
+def test_torchrun_start_up_host_memory_is_the_whole_networks(capsys):
+    """Under torchrun each rank holds the whole teacher (bf16) and fp32 generator and critic in host
+    memory until fully_shard moves its shards to the GPU: 10 bytes per parameter."""
+    one = main(["--preset", "digits", "--batch", "4"])
+    assert one.startup_host_bytes == 0 and "start-up" not in capsys.readouterr().out
+    eight = main(["--preset", "digits", "--batch", "4", "--world-size", "8"])
+    assert eight.startup_host_bytes == 10 * eight.params
+    assert "GiB of host memory per rank" in capsys.readouterr().out
