@@ -118,9 +118,10 @@ TIME_INPUTS = ("timestep", "timesteps", "guidance")
 
 def cast_inputs_except_time(dtype: torch.dtype):
     """A forward pre-hook casting a network's floating-point inputs to `dtype`, all but the diffusion
-    time (and FLUX's guidance): the network turns those into sinusoidal embeddings in fp32, and in bf16
-    SD3's t = 1000 sigma would move to a multiple of 4 near 1000 (749 -> 748), off the noise level of
-    x_t and off what the pipeline feeds at inference (one-process autocast keeps them fp32 too)."""
+    time (and FLUX's guidance), which the network itself turns into sinusoidal embeddings: SD3 and the
+    UNets do so in fp32 (in bf16 SD3's t = 1000 sigma would move to a multiple of 4 near 1000, 749 ->
+    748, off x_t's noise level and off what the pipeline feeds at inference; one-process autocast
+    keeps them fp32 too); FLUX casts them to its compute dtype itself, as at inference."""
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         bound = inspect.signature(module.forward).bind(*args, **kwargs)
         for name, value in bound.arguments.items():

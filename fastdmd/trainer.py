@@ -137,6 +137,12 @@ def read_scalars(*tensors: torch.Tensor) -> list[float]:
     return torch.stack([t.detach().to(device, torch.float64).reshape(()) for t in tensors]).tolist()
 
 
+def detached(logs: dict) -> dict:
+    """A logged tensor kept to the step's end must not keep its autograd graph alive (a reward logged
+    but not in the loss would hold the decoder's and reward model's activations through the critic update)."""
+    return {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in logs.items()}
+
+
 def read_logs(rows: list[dict]) -> list[dict[str, float]]:
     """Logged values as floats; the tensors among them (objectives may log device tensors so as not
     to wait for the GPU mid-step) read together by `read_scalars`."""
@@ -255,8 +261,19 @@ class Trainer:
         """Under torchrun each node's first rank loads first and builds what the others then read (the
         prompt-embedding cache: its text encoders are loaded once per node, not once per rank)."""
         first = int(os.environ.get("LOCAL_RANK", "0")) == 0
-        family = load_family(cfg.model, world.device) if first else None
-        barrier(world)
+        family, error = None, None
+        if first:
+            try:
+                family = load_family(cfg.model, world.device)
+            except Exception as e:  # noqa: BLE001 - raised below, once every rank knows (none waits for it)
+                error = e
+        if world.distributed:
+            failed = torch.tensor([0.0 if error is None else 1.0])
+            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
+            if failed.item() and error is None:
+                raise RuntimeError("another rank could not load the model (its error says why); stopping too")
+        if error is not None:
+            raise error
         return family or load_family(cfg.model, world.device)
 
     # ----- state -------------------------------------------------------------------------------
@@ -315,7 +332,7 @@ class Trainer:
                 skipped_g += skipped
                 if self.ema is not None and not skipped:
                     self.ema.update(self.generator)
-            logs.append(update.logs | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
+            logs.append(detached(update.logs) | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
         self._sync_rollout_weights()
         self.sched_g.step()
         skipped_c, critic_logs = 0, []
@@ -332,7 +349,7 @@ class Trainer:
                     loss_value, norm_value = read_scalars(loss_c, norm)
                     self._clip(self.fake, norm, norm_value)
                     skipped_c += self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
-                    critic_logs.append(c_logs)
+                    critic_logs.append(detached(c_logs))
                 self.sched_c.step()
         rows = read_logs(logs + critic_logs)
         logs, critic_logs = rows[:len(logs)], rows[len(logs):]

@@ -66,10 +66,13 @@ class FusedJointAttnProcessor:
 def _fusable(module: nn.Module) -> bool:
     """Attention modules whose fused form is known: SD3's joint attention, FLUX's attention."""
     from diffusers.models.attention_processor import Attention, JointAttnProcessor2_0
-    from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
 
     if isinstance(module, Attention):
         return type(module.processor) is JointAttnProcessor2_0 and not module.is_cross_attention
+    try:  # diffusers >= 0.35; before, FLUX used the Attention class above with its own processor
+        from diffusers.models.transformers.transformer_flux import FluxAttention, FluxAttnProcessor
+    except ImportError:
+        return False
     return isinstance(module, FluxAttention) and type(module.processor) is FluxAttnProcessor
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import socket
 from typing import Callable
 
 import torch
@@ -48,7 +49,7 @@ def default_cache_path(model_path: str, prompts: list[str], max_sequence_length:
 
 def save_prompt_cache(path: str, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.{os.getpid()}.tmp"  # one per writer: ranks on other nodes may share the folder
+    tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # one per writer: nodes may share the folder
     save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp,
               metadata={"prompts": json.dumps(prompts)})
     os.replace(tmp, path)

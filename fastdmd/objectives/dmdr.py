@@ -57,7 +57,7 @@ class DMDR(Objective):
         if batch.step > c.cold_start:
             loss = loss - c.reward_weight * reward.mean()
         self.remember(x0, batch.labels)
-        yield Update(loss, logs | {"reward": reward.mean(), "reward_on": float(batch.step > c.cold_start)})
+        yield Update(loss, logs | {"reward": reward.mean().detach(), "reward_on": float(batch.step > c.cold_start)})
 
     def critic_sigma(self, step: int, rng: torch.Generator):
         sigma = self.renoise_sigma(step, self.samples.shape[0], rng, 0.0, 1.0)

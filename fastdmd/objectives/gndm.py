@@ -121,7 +121,7 @@ class GNDM(Objective):
             pg = torch.stack([p.loss.mean() for p in pols]).mean()
             loss = c.pg_weight * pg + (loss_dm if update == 0 else 0.0)
             yield Update(loss, logs | {"loss_policy": pg.detach(),
-                                       "ratio_max_dev": torch.stack([(p.ratio - 1).abs().max() for p in pols]).max(),
+                                       "ratio_max_dev": torch.stack([(p.ratio - 1).abs().max() for p in pols]).max().detach(),
                                        "clip_frac": torch.stack([p.clip_frac.mean() for p in pols]).mean()})
 
     def fusion_weights(self, per_reward: torch.Tensor, base: torch.Tensor) -> torch.Tensor:
