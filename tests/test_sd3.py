@@ -140,12 +140,15 @@ def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp
 
 @pytest.mark.distributed
 def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
-    done = _torchrun(args_for(sd3_dir, tmp_path / "mp", "--trainer.steps", "2", "--eval.at_end", "false",
+    """... and the sample grid and final evaluation, which run the sharded networks on both ranks."""
+    done = _torchrun(args_for(sd3_dir, tmp_path / "mp", "--trainer.steps", "2", "--trainer.sample_every", "2",
                               "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "activation_checkpointing=per block precision=bf16" in done.stdout
     losses = _losses(tmp_path / "mp")
     assert [s for s, _, _ in losses] == [1, 2] and all(0 < d < float("inf") for _, d, _ in losses)
+    assert (tmp_path / "mp" / "samples" / "step_0000002.png").exists()
+    assert (tmp_path / "mp" / "samples_final.png").exists() and done.stdout.count("samples/s; grids") == 1
 
 
 def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):
