@@ -605,10 +605,30 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap(self.generator)
 
+    def _shared_sampling(self, sample, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
+        """sample(noise, labels) over the grid's samples. Under torchrun each rank draws every world-size-th
+        sample (every rank calls the sharded networks the same number of times, on its own share) and
+        rank 0 gathers them back in order (None on the others); a grid with fewer samples than ranks is
+        drawn whole by every rank."""
+        world = self.world
+        if not world.distributed or len(noise) < world.world_size:
+            return sample(noise, labels)
+        r, n = world.rank, world.world_size
+        mine = sample(noise[r::n], labels[r::n]).cpu()
+        parts = [None] * n if world.is_main else None
+        torch.distributed.gather_object(mine, parts, dst=0)
+        if not world.is_main:
+            return None
+        whole = torch.empty((len(noise), *mine.shape[1:]), dtype=mine.dtype)
+        for i, part in enumerate(parts):
+            whole[i::n] = part
+        return whole.to(noise.device)
+
     def _sample_grid(self) -> None:
         noise, labels = self._grid_inputs()
         with self._eval_generator() as gen:
-            samples = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0))
+            samples = self._shared_sampling(lambda z, y: few_step_sample(
+                gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0)), noise, labels)
         if self.world.is_main:
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}":
@@ -673,10 +693,14 @@ class Trainer:
         """Families without a metric model (SD3): teacher and student grids on the same noise, student speed."""
         e, g, fam = self.cfg.eval, self.cfg.dmd.guidance_scale, self.family
         noise, labels = self._grid_inputs()
+        n = self.world.world_size
+        share = len(noise[::n]) if self.world.distributed and len(noise) >= n else len(noise)  # rank 0's
         start = time.perf_counter()
-        student = few_step_sample(gen, noise, labels, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed))
-        speed = len(labels) / (time.perf_counter() - start)
-        teacher = euler_sample(lambda x, s: self.real.velocity(x, s, labels, g), noise, linear_sigmas(e.teacher_steps))
+        student = self._shared_sampling(lambda z, y: few_step_sample(
+            gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed)), noise, labels)
+        speed = share / (time.perf_counter() - start)  # per GPU (rank 0's share, with the gather)
+        teacher = self._shared_sampling(lambda z, y: euler_sample(
+            lambda x, s: self.real.velocity(x, s, y, g), z, linear_sigmas(e.teacher_steps)), noise, labels)
         if not self.world.is_main:
             return {}
         n_steps = len(self.cfg.dmd.generator_sigmas)

@@ -210,6 +210,40 @@ def test_a_fixed_reward_device_is_refused_under_torchrun(tmp_path):
         Trainer(cfg, World(rank=0, world_size=2))
 
 
+def _share_worker(rank, port, out):
+    import types
+
+    import torch.distributed as dist
+
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        noise, labels = torch.arange(7 * 3.0).reshape(7, 3), torch.arange(7)
+        calls = []
+
+        def sample(z, y):
+            calls.append(len(z))
+            return z * 2 + y[:, None]
+
+        me = types.SimpleNamespace(world=World(rank=rank, world_size=2))
+        got = Trainer._shared_sampling(me, sample, noise, labels)
+        torch.save({"got": got, "calls": calls, "want": sample(noise, labels)}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
+    """Under torchrun each rank draws its share of a grid (every world-size-th sample) and rank 0
+    reassembles them in order; the others get None."""
+    torch.multiprocessing.spawn(_share_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    assert torch.equal(zero["got"], zero["want"]) and one["got"] is None
+    assert zero["calls"][0] == 4 and one["calls"][0] == 3  # samples 0, 2, 4, 6 and 1, 3, 5
+
+
 def test_the_cuda_process_group_reduces_cpu_tensors_too():
     """Under torchrun on GPUs the trainer all-reduces a few CPU tensors (non-finite flags, the stop flag,
     metrics): a group of nccl alone has no backend for them and would fail at the first step."""
