@@ -20,7 +20,8 @@ cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.pr
 steps, synchronized at each phase boundary, with the peak memory allocated in each phase on CUDA),
 the full few-step sample at batch 1 (every generator step, no
 grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one profiled
-step (device busy time, top kernels, Chrome trace). Writes
+step (device busy time, in all and per phase against the phase's wall time, top kernels, Chrome
+trace). Writes
 benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
 fails is recorded with its error and the others still run.
 
@@ -37,6 +38,7 @@ overridable); flux-dev needs a GPU's memory even at depth 1 (about 22 GB of host
 from __future__ import annotations
 
 import argparse
+import bisect
 import collections
 import contextlib
 import copy
@@ -145,7 +147,7 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
 
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=activities) as prof:
+    with profile(activities=activities) as prof, phase_times() as spent:  # phase walls of this same step
         trainer.train_step(step)
         synchronize(device)
     if cuda:  # the kernels (and copies) themselves: each once, not again under the op that launched it
@@ -156,7 +158,9 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         self_time = lambda e: e.self_cpu_time_total  # noqa: E731
     top = sorted(events, key=self_time, reverse=True)[:25]
     result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
-              "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top]}
+              "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
+              "profile_phase_busy_ms": phase_busy_ms(prof.events(), cuda),
+              "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()}}
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -164,6 +168,33 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         os.remove(trace_path)
         result["profile_trace"] = trace_path + ".gz"
     return result
+
+
+def phase_busy_ms(events, cuda: bool) -> dict[str, float]:
+    """Milliseconds of work per phase in one profiled step: on CUDA the device time of the kernels each
+    op launched (CPU: the ops' self time), given to the outermost phase range open on the host when the
+    op started, whatever thread it ran on (backward runs on autograd's). Set against the phase's wall
+    time, a low share says the GPU waited for the host there."""
+    from torch.autograd import DeviceType
+
+    ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+                    if e.name in PHASES and e.device_type == DeviceType.CPU)
+    outer = []
+    for start, end, name in ranges:
+        if not outer or start >= outer[-1][1]:
+            outer.append((start, end, name))
+    starts = [start for start, _, _ in outer]
+    busy = collections.defaultdict(float)
+    for e in events:
+        if e.device_type != DeviceType.CPU:
+            continue
+        work = sum(k.duration for k in e.kernels) if cuda else e.self_cpu_time_total
+        if not work:
+            continue
+        i = bisect.bisect_right(starts, e.time_range.start) - 1
+        inside = i >= 0 and e.time_range.start < outer[i][1]
+        busy[outer[i][2] if inside else "(outside the phases)"] += work / 1e3
+    return dict(busy)
 
 
 def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
@@ -319,7 +350,7 @@ def main() -> None:
                    help="the step variants to measure, in this order (naive first: the others' speed-up and MFU use it)")
     p.add_argument("--out", default=None, help="path stem of the .json and .md results")
     p.add_argument("--profile", action="store_true", help="profile one more step of each variant: device busy "
-                   "time, top ops, Chrome trace <out>_<variant>_trace.json.gz")
+                   "time (in all and per phase), top ops, Chrome trace <out>_<variant>_trace.json.gz")
     args = p.parse_args()
     device = torch.device(args.device)
     batch = args.batch or (64 if args.preset == "digits" else 2)
@@ -455,6 +486,20 @@ def report(r: dict) -> str:
                   + (f"; trace {os.path.basename(v['profile_trace'])}" if v.get("profile_trace") else ""), "",
                   ("| kernel | calls | ms |" if busy is not None else "| op | calls | self ms |"), "|---|---:|---:|"]
         lines += [f"| `{t['name']}` | {t['calls']} | {t['self_ms']:.2f} |" for t in v["profile_top"]]
+        busy_by_phase = v.get("profile_phase_busy_ms") or {}
+        if busy_by_phase:
+            what = "device busy" if busy is not None else "CPU self time"
+            lines += ["", f"Profiled step, {v['variant']}, by phase: {what} (ms) against the phase's wall time in "
+                      "the same step (synchronized at the phase boundaries, profiler overhead included); a low share "
+                      "is a phase where the GPU waits for the host", "",
+                      "| phase | busy (ms) | wall (ms) | busy / wall |", "|---|---:|---:|---:|"]
+            walls = v.get("profile_phase_wall_ms", {})
+            for name in [*PHASES, "(outside the phases)"]:
+                if name not in busy_by_phase:
+                    continue
+                wall = walls.get(name, 0.0)
+                share = f"{busy_by_phase[name] / wall:.0%}" if wall else "-"
+                lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} |")
     return "\n".join(lines) + "\n"
 
 

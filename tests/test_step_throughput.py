@@ -129,3 +129,26 @@ def test_each_variant_takes_an_unchanged_teacher(tmp_path, monkeypatch):
     assert naive_teacher.state_dict().keys() == before.keys()  # not fused
     assert all(torch.equal(v, before[k]) for k, v in naive_teacher.state_dict().items())
     assert not any(getattr(block, "_compiled_call_impl", None) for block in naive_teacher.transformer_blocks)
+
+
+def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
+    """--profile gives each phase the work of the ops that started inside it (on CPU their self time,
+    on CUDA their kernels' device time), beside that phase's wall time in the same step."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+    from fastdmd.profiling import PHASES
+
+    args = step_throughput.preset_args("digits", 4) + step_throughput.variant_args("naive", False, "aot_eager") \
+        + ["--run_dir", str(tmp_path), "--threads", "1"]
+    row = step_throughput.measure("naive", args, None, torch.device("cpu"), warmup=1, steps=1, profile=True)
+    busy, wall = row["profile_phase_busy_ms"], row["profile_phase_wall_ms"]
+    for name in ("rollout", "generator_fwd", "real_score", "fake_score", "generator_bwd", "optimizer", "critic_update"):
+        assert busy[name] <= 1.05 * wall[name], (name, busy[name], wall[name])
+        if wall[name] > 2.0:  # (the rollout may be nothing at all: k = 0) beyond overheads, a CPU is never idle
+            assert busy[name] > 0.7 * wall[name], (name, busy[name], wall[name])
+    assert set(busy) <= {*PHASES, "(outside the phases)"} and busy.get("(outside the phases)", 0) < 0.05 * sum(busy.values())
+    record = {"preset": "digits", "date": "d", "device": "cpu", "torch": "t", "triton": "t", "diffusers": "d",
+              "command": "c", "batch": 4, "depth": None, "matmul_peak_flops": 1.0, "matmul_peak_dtype": "float32",
+              "variants": [row]}
+    step_throughput.add_ratios(record)
+    assert "| phase | busy (ms) | wall (ms) | busy / wall |" in step_throughput.report(record)
