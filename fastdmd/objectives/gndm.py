@@ -132,9 +132,9 @@ class GNDM(Objective):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(spread)
             spread /= torch.distributed.get_world_size()
-        self.spread_ema = self.spread_ema.to(spread.device)  # made, and loaded from checkpoints, on the CPU
-        if torch.isnan(self.spread_ema).all():
-            self.spread_ema = spread.clone()
+        ema = self.spread_ema.to(spread.device)  # made, and loaded from checkpoints, on the CPU
+        # The first spread seen starts the average (NaN until then): chosen on the device, no wait for the GPU.
+        self.spread_ema = torch.where(torch.isnan(ema).all(), spread, ema)
         weights = base * (spread / self.spread_ema.clamp_min(1e-12)).clamp(max=1.0)
         weights = weights * base.sum() / weights.sum().clamp_min(1e-12)
         self.spread_ema.mul_(FUSION_EMA_DECAY).add_((1 - FUSION_EMA_DECAY) * spread)
