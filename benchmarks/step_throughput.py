@@ -157,10 +157,13 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         events = list(prof.key_averages())
         self_time = lambda e: e.self_cpu_time_total  # noqa: E731
     top = sorted(events, key=self_time, reverse=True)[:25]
-    result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
+    busy_total = sum(self_time(e) for e in events) / 1e3 if cuda else None
+    result = {"profile_device_busy_ms": busy_total,
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
               "profile_phase_busy_ms": phase_busy_ms(prof.events(), cuda),
               "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()}}
+    if cuda:  # kernels no PyTorch op launched are in the total but in no phase
+        result["profile_phase_busy_ms"][UNATTRIBUTED] = busy_total - sum(result["profile_phase_busy_ms"].values())
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -177,10 +180,11 @@ def phase_busy_ms(events, cuda: bool) -> dict[str, float]:
     time, a low share says the GPU waited for the host there."""
     from torch.autograd import DeviceType
 
-    ranges = sorted((e.time_range.start, e.time_range.end, e.name) for e in events
+    ranges = sorted((e.time_range.start, -e.time_range.end, e.name) for e in events  # the outer first on a tie
                     if e.name in PHASES and e.device_type == DeviceType.CPU)
     outer = []
-    for start, end, name in ranges:
+    for start, neg_end, name in ranges:
+        end = -neg_end
         if not outer or start >= outer[-1][1]:
             outer.append((start, end, name))
     starts = [start for start, _, _ in outer]
@@ -195,6 +199,9 @@ def phase_busy_ms(events, cuda: bool) -> dict[str, float]:
         inside = i >= 0 and e.time_range.start < outer[i][1]
         busy[outer[i][2] if inside else "(outside the phases)"] += work / 1e3
     return dict(busy)
+
+
+UNATTRIBUTED = "(no launching op: unattributed)"
 
 
 def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
@@ -494,7 +501,7 @@ def report(r: dict) -> str:
                       "is a phase where the GPU waits for the host", "",
                       "| phase | busy (ms) | wall (ms) | busy / wall |", "|---|---:|---:|---:|"]
             walls = v.get("profile_phase_wall_ms", {})
-            for name in [*PHASES, "(outside the phases)"]:
+            for name in [*PHASES, "(outside the phases)", UNATTRIBUTED]:
                 if name not in busy_by_phase:
                     continue
                 wall = walls.get(name, 0.0)

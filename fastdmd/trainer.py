@@ -16,6 +16,7 @@ import math
 import os
 import signal
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 
 import numpy as np
@@ -42,7 +43,7 @@ from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
 from fastdmd.profiling import StepProfiler, phase
 from fastdmd.roles import Generator, build_roles
-from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas
+from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas, renoise_draws, sample_with_draws
 from fastdmd.rollout.graphs import CudaGraphs, GraphedRollout, graph_blocker
 from fastdmd.tensorboard_log import TensorBoardLog
 
@@ -605,16 +606,18 @@ class Trainer:
             if self.ema is not None:
                 self.ema.swap(self.generator)
 
-    def _shared_sampling(self, sample, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor | None:
-        """sample(noise, labels) over the grid's samples. Under torchrun each rank draws every world-size-th
-        sample (every rank calls the sharded networks the same number of times, on its own share) and
-        rank 0 gathers them back in order (None on the others); a grid with fewer samples than ranks is
-        drawn whole by every rank."""
+    def _shared_sampling(self, sample, noise: torch.Tensor, labels: torch.Tensor,
+                         draws: Sequence[torch.Tensor] = ()) -> torch.Tensor | None:
+        """sample(noise, labels, draws) over the grid's samples (`draws`: per-sample tensors drawn for the
+        whole grid, e.g. the sampler's re-noise). Under torchrun each rank takes every world-size-th row of
+        each (every rank calls the sharded networks the same number of times, on its own share), so the
+        samples are the ones one process draws, and rank 0 gathers them back in order (None on the
+        others); a grid with fewer samples than ranks is drawn whole by every rank."""
         world = self.world
         if not world.distributed or len(noise) < world.world_size:
-            return sample(noise, labels)
+            return sample(noise, labels, draws)
         r, n = world.rank, world.world_size
-        mine = sample(noise[r::n], labels[r::n]).cpu()
+        mine = sample(noise[r::n], labels[r::n], [d[r::n] for d in draws]).cpu()
         parts = [None] * n if world.is_main else None
         torch.distributed.gather_object(mine, parts, dst=0)
         if not world.is_main:
@@ -626,9 +629,10 @@ class Trainer:
 
     def _sample_grid(self) -> None:
         noise, labels = self._grid_inputs()
+        sigmas = self.cfg.dmd.generator_sigmas
+        draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(0))
         with self._eval_generator() as gen:
-            samples = self._shared_sampling(lambda z, y: few_step_sample(
-                gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(0)), noise, labels)
+            samples = self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
         if self.world.is_main:
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}":
@@ -695,11 +699,14 @@ class Trainer:
         noise, labels = self._grid_inputs()
         n = self.world.world_size
         share = len(noise[::n]) if self.world.distributed and len(noise) >= n else len(noise)  # rank 0's
+        sigmas = self.cfg.dmd.generator_sigmas
+        draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(e.seed))
         start = time.perf_counter()
-        student = self._shared_sampling(lambda z, y: few_step_sample(
-            gen, z, y, self.cfg.dmd.generator_sigmas, torch.Generator().manual_seed(e.seed)), noise, labels)
+        student = self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
+        if noise.is_cuda:
+            torch.cuda.synchronize(noise.device)
         speed = share / (time.perf_counter() - start)  # per GPU (rank 0's share, with the gather)
-        teacher = self._shared_sampling(lambda z, y: euler_sample(
+        teacher = self._shared_sampling(lambda z, y, d: euler_sample(
             lambda x, s: self.real.velocity(x, s, y, g), z, linear_sigmas(e.teacher_steps)), noise, labels)
         if not self.world.is_main:
             return {}
@@ -712,7 +719,7 @@ class Trainer:
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s; grids (rows = prompts {summary['rows']}) in "
+        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per GPU; grids (rows = prompts {summary['rows']}) in "
               f"{self.run_dir}/samples_final.png")
         return summary
 

@@ -148,7 +148,7 @@ def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     losses = _losses(tmp_path / "mp")
     assert [s for s, _, _ in losses] == [1, 2] and all(0 < d < float("inf") for _, d, _ in losses)
     assert (tmp_path / "mp" / "samples" / "step_0000002.png").exists()
-    assert (tmp_path / "mp" / "samples_final.png").exists() and done.stdout.count("samples/s; grids") == 1
+    assert (tmp_path / "mp" / "samples_final.png").exists() and done.stdout.count("samples/s per GPU; grids") == 1
 
 
 def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):

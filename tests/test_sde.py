@@ -191,3 +191,18 @@ def test_argument_errors(teacher):
         sde_rollout(v_fn, x, labels, SIGMAS, eta=0.9, stochastic_steps=[0, 1], shared_noise={2: x})
     with pytest.raises(ValueError, match=r"a sigma must be a float or a \[B\] tensor with B=2"):
         cps_mean_std(x, x, torch.ones(3), 0.25, 0.5)
+
+
+def test_samples_drawn_in_parts_with_their_rows_of_the_draws_are_the_whole_batchs():
+    """Evaluation under torchrun draws a grid in shares (every world-size-th sample): with each share's
+    rows of the grid's re-noise draws, the samples are those of one few_step_sample call."""
+    from fastdmd.rollout import few_step_sample, renoise_draws, sample_with_draws
+
+    sigmas = [0.999, 0.749, 0.499, 0.249]
+    noise, labels = torch.randn(7, 1, 4, 4), torch.arange(7)
+    x0_fn = lambda x, s, y: 0.5 * x.tanh() + 0.1 * y.view(-1, 1, 1, 1) * s.view(-1, 1, 1, 1)  # noqa: E731
+    whole = few_step_sample(x0_fn, noise, labels, sigmas, torch.Generator().manual_seed(3))
+    draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(3))
+    for r in range(3):
+        part = sample_with_draws(x0_fn, noise[r::3], labels[r::3], sigmas, [d[r::3] for d in draws])
+        assert torch.equal(part, whole[r::3])

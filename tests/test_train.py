@@ -221,22 +221,24 @@ def _share_worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         noise, labels = torch.arange(7 * 3.0).reshape(7, 3), torch.arange(7)
+        draws = [torch.randn(7, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
         calls = []
 
-        def sample(z, y):
+        def sample(z, y, d):
             calls.append(len(z))
-            return z * 2 + y[:, None]
+            return z * 2 + y[:, None] + d[0] * d[1]
 
         me = types.SimpleNamespace(world=World(rank=rank, world_size=2))
-        got = Trainer._shared_sampling(me, sample, noise, labels)
-        torch.save({"got": got, "calls": calls, "want": sample(noise, labels)}, f"{out}/{rank}.pt")
+        got = Trainer._shared_sampling(me, sample, noise, labels, draws)
+        torch.save({"got": got, "calls": calls, "want": sample(noise, labels, draws)}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
 @pytest.mark.distributed
 def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
-    """Under torchrun each rank draws its share of a grid (every world-size-th sample) and rank 0
+    """Under torchrun each rank draws its share of a grid (every world-size-th sample, with those
+    samples' rows of the per-sample draws, so a sample is the one a single process draws) and rank 0
     reassembles them in order; the others get None."""
     torch.multiprocessing.spawn(_share_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")

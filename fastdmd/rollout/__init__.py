@@ -16,25 +16,24 @@ from diffusers import FlowMatchEulerDiscreteScheduler
 X0Fn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (x_t, sigma[B], labels) -> x0
 
 
-def _renoise(x0: torch.Tensor, sigma: float, generator: torch.Generator | None) -> torch.Tensor:
-    # Drawn on the generator's device: evaluation samples CUDA tensors from a fixed CPU seed.
-    eps = torch.randn(x0.shape, generator=generator, device=generator.device if generator else x0.device,
-                      dtype=x0.dtype).to(x0.device)
-    return (1 - sigma) * x0 + sigma * eps
-
-
 @torch.no_grad()
 def few_step_sample(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
                     generator: torch.Generator | None = None) -> torch.Tensor:
-    x = noise
-    for i, s in enumerate(sigmas):
-        x0 = x0_fn(x, torch.full((x.shape[0],), s, device=x.device), labels)
-        x = _renoise(x0, sigmas[i + 1], generator) if i + 1 < len(sigmas) else x0
-    return x
+    return sample_with_draws(x0_fn, noise, labels, sigmas, renoise_draws(noise, len(sigmas) - 1, generator))
+
+
+@torch.no_grad()
+def sample_with_draws(x0_fn: X0Fn, noise: torch.Tensor, labels: torch.Tensor, sigmas: Sequence[float],
+                      draws: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The whole few-step sampler with the given re-noise draws (one per step but the last): samples
+    drawn in parts, each with its rows of the draws, are the samples drawn whole."""
+    x = simulate(x0_fn, noise, labels, sigmas, draws)
+    return x0_fn(x, torch.full((x.shape[0],), sigmas[len(draws)], device=x.device), labels)
 
 
 def renoise_draws(noise: torch.Tensor, k: int, generator: torch.Generator | None) -> list[torch.Tensor]:
-    """The k fresh noises that the first k steps of the sampler re-noise with, drawn in step order."""
+    """The k fresh noises that the first k steps of the sampler re-noise with, drawn in step order
+    (on the generator's device: evaluation samples CUDA tensors from a fixed CPU seed)."""
     device = generator.device if generator is not None else noise.device
     return [torch.randn(noise.shape, generator=generator, device=device, dtype=noise.dtype).to(noise.device)
             for _ in range(k)]
