@@ -65,7 +65,7 @@ from _bench_common import cuda_graphed, median_seconds, synchronize
 from fastdmd.config import parse_args
 from fastdmd.distributed import World
 from fastdmd.profiling import PHASES, phase_times
-from fastdmd.rollout import simulate
+from fastdmd.rollout import sample_with_draws
 from fastdmd.trainer import Trainer
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
@@ -316,7 +316,6 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
     noise = torch.randn((1, *trainer.family.sample_shape), device=device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
     draws = [torch.randn_like(noise) for _ in sigmas[:-1]]
-    last_sigma = torch.full((1,), sigmas[-1], device=device)
 
     generator = trainer.rollout.x0_fn  # the rollout's generator: a bf16 copy with perf.rollout_weights bf16
 
@@ -325,8 +324,7 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
         if trainer.cfg.perf.blocks_in_cuda_graphs:  # no output of an earlier call is read again
             torch.compiler.cudagraph_mark_step_begin()
         with trainer._autocast():
-            x = simulate(generator, noise, labels, sigmas, draws)
-            return generator(x, last_sigma, labels)
+            return sample_with_draws(generator, noise, labels, sigmas, draws)
 
     result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
     if trainer.cfg.perf.blocks_in_cuda_graphs:

@@ -2,9 +2,10 @@
 
 `python -m fastdmd.train` runs as one process; under `torchrun` each rank joins a process group
 (nccl for CUDA tensors, with gloo beside it for the few CPU tensors the trainer reduces: the
-non-finite flags, the stop flag, the logged metrics; gloo alone on CPU), draws its own labels and noise from (seed, rank, step), and shards the
-trainable roles with FSDP2: `fully_shard` per UNet block, then the root. Rank 0 alone logs and
-writes files; every rank takes part in collectives (checkpoints, full state dicts for evaluation).
+non-finite flags, the stop flag, the logged metrics; gloo alone on CPU), draws its own labels and
+noise from (seed, rank, step), and shards the networks with FSDP2: `fully_shard` per block, then the
+root. Rank 0 alone logs and writes files; every rank takes part in collectives (checkpoints, the
+sharded networks' forwards during evaluation).
 """
 
 from __future__ import annotations

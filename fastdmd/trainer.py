@@ -576,7 +576,8 @@ class Trainer:
     # ----- evaluation ---------------------------------------------------------------------------
     # In one process the samplers run an unsharded, uncompiled copy of the generator. Under torchrun the
     # sharded networks themselves run, on every rank in lockstep (each forward all-gathers: a rank that
-    # sat out would leave the others waiting), on the same inputs; rank 0 alone writes and prints.
+    # sat out would leave the others waiting): grids on each rank's share of the samples, the digits FD
+    # evaluation whole on every rank; rank 0 alone writes and prints.
     def _plain_generator(self) -> Generator:
         if self.ema is not None:
             self.ema.swap(self.generator)
@@ -627,12 +628,17 @@ class Trainer:
             whole[i::n] = part
         return whole.to(noise.device)
 
+    def _student_grid(self, gen: Generator, noise: torch.Tensor, labels: torch.Tensor, seed: int) -> torch.Tensor | None:
+        """The few-step sampler over the grid, its re-noise drawn from `seed` (rank 0's result; see
+        _shared_sampling)."""
+        sigmas = self.cfg.dmd.generator_sigmas
+        draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(seed))
+        return self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
+
     def _sample_grid(self) -> None:
         noise, labels = self._grid_inputs()
-        sigmas = self.cfg.dmd.generator_sigmas
-        draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(0))
         with self._eval_generator() as gen:
-            samples = self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
+            samples = self._student_grid(gen, noise, labels, seed=0)
         if self.world.is_main:
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}":
@@ -699,10 +705,8 @@ class Trainer:
         noise, labels = self._grid_inputs()
         n = self.world.world_size
         share = len(noise[::n]) if self.world.distributed and len(noise) >= n else len(noise)  # rank 0's
-        sigmas = self.cfg.dmd.generator_sigmas
-        draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(e.seed))
         start = time.perf_counter()
-        student = self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
+        student = self._student_grid(gen, noise, labels, e.seed)
         if noise.is_cuda:
             torch.cuda.synchronize(noise.device)
         speed = share / (time.perf_counter() - start)  # per GPU (rank 0's share, with the gather)
