@@ -16,10 +16,14 @@
 #            PYTHONPATH, so later steps run even if the editable install fails.
 #   native   the optional native kernels with CUDA (cmake -DFASTDMD_CUDA=ON into build/native, where
 #            fastdmd.ops.native and bench_native look), then ctest; needs nvcc (the CUDA toolkit)
-#   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET=0),
+#   onepass  the one-pass dmd_target kernel against the two-pass one (bit equality; its per-sample
+#            barrier can only be tested on a GPU): alone and first, so that a hang costs its own short
+#            timeout and no other step's results; JUnit in OUTDIR/junit_onepass.xml
+#   tests    pytest -m "gpu or not slow" tests/test_ops_*.py on CUDA (TRITON_INTERPRET=0), but onepass,
 #            JUnit XML in OUTDIR/junit_ops.xml
 #   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
-#   gputests every test marked gpu (CUDA-graph rollout equal to eager, ...), JUnit in OUTDIR/junit_gpu.xml
+#   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
+#            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py: the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
 #            512 px; naive + optimized, then naive + optimized-graphs in a second process), flux-dev at
 #            depth 2, digits; results in OUTDIR/step_throughput_*.{json,md}
@@ -28,16 +32,17 @@
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26): env + install 27 s, native 55-67 s, tests 32-38 s (-n 6), gputests 26 s (-n 3),
+# (2026-11-26): env + install 27 s, native 55-67 s, tests 32-38 s (-n 6), gputests 26 s (-n 3; then
+# with the op tests' GPU checks too),
 # bench_dmd_target 42 s, bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss
 # 28 s, throughput's sd3-medium run ~90 s for two variants, memplan 12 s; a machine started in ~30 s.
 # The steps that time nothing can share the machine; the timed ones run alone. One call, e.g. (the
 # native build was verified on 2026-11-26 and is left out here to leave the time to throughput):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 530 bash -c "
-#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
+#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install; FASTDMD_STEP_TIMEOUT=60 bash $S $O/o onepass
 #   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 3 --ignore=tests/test_ops_native.py' bash $S $O/g gputests &
 #   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 6 --ignore=tests/test_ops_native.py' bash $S $O/t tests
-#   wait; FASTDMD_STEP_TIMEOUT=70 bash $S $O/b bench_dmd_target
+#   wait; FASTDMD_STEP_TIMEOUT=90 bash $S $O/b bench_dmd_target
 #   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
 # (timeout_s 570 for the call; the tool brings back files of at most 16 MiB, so the profiler's
 # Chrome traces stay out of the archive: the step_throughput files hold their summaries). The tests
@@ -74,7 +79,7 @@ done
 if [[ $# -gt 0 ]]; then
     steps=("$@")
 else
-    steps=(env install native tests "${benches[@]}" gputests throughput memplan)
+    steps=(env install native onepass tests "${benches[@]}" gputests throughput memplan)
 fi
 
 step_env() {
@@ -126,14 +131,20 @@ step_native() {
 # FASTDMD_PYTEST_ARGS: extra pytest arguments for tests and gputests, e.g. "-n 8" (pytest-xdist,
 # in the image: compiles the kernel variants in parallel) and --ignore=tests/test_ops_native.py
 # while the native step builds the library in parallel (its own ctest runs those tests).
+onepass_test=tests/test_ops_dmd_target.py::test_one_pass_kernel_gives_the_two_pass_bits
+
+step_onepass() {
+    "$python" -m pytest "$onepass_test" -rs -v --junitxml="$outdir/junit_onepass.xml"
+}
+
 step_tests() {
-    "$python" -m pytest -m "gpu or not slow" tests/test_ops_*.py -rs \
+    "$python" -m pytest -m "gpu or not slow" tests/test_ops_*.py -rs --deselect "$onepass_test" \
         --junitxml="$outdir/junit_ops.xml" --durations=15 ${FASTDMD_PYTEST_ARGS:-}
 }
 
 step_gputests() {
-    "$python" -m pytest -m gpu tests/ -rs --junitxml="$outdir/junit_gpu.xml" --durations=15 \
-        ${FASTDMD_PYTEST_ARGS:-}
+    "$python" -m pytest -m gpu tests/ -rs --ignore-glob='tests/test_ops_*.py' --junitxml="$outdir/junit_gpu.xml" \
+        --durations=15 ${FASTDMD_PYTEST_ARGS:-}
 }
 
 step_throughput() {
@@ -164,16 +175,16 @@ step_bench() {
 # FASTDMD_STEP_TIMEOUT=N stops any one step after N seconds (exit 124 in summary.txt), so a slow
 # step cannot use up a machine lent for a fixed time; 0 (default) sets no limit.
 step_timeout=${FASTDMD_STEP_TIMEOUT:-0}
-export python outdir repo wheels
+export python outdir repo wheels onepass_test
 export -f $(compgen -A function step_)
 
 failed=()
 : > "$outdir/summary.txt"
 for step in "${steps[@]}"; do
     case $step in
-        env | install | native | tests | gputests | throughput | memplan) command=(step_"$step") ;;
+        env | install | native | onepass | tests | gputests | throughput | memplan) command=(step_"$step") ;;
         bench_*) command=(step_bench "$step") ;;
-        *) echo "$step: unknown step; expected env, install, native, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
+        *) echo "$step: unknown step; expected env, install, native, onepass, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
                tee -a "$outdir/summary.txt"
            failed+=("$step"); continue ;;
     esac

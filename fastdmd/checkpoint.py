@@ -188,7 +188,9 @@ def load_checkpoint(path: str, state: dict, world: World) -> int:
                               f"delete it to resume from the one before") from e
     try:
         with _single_process_quiet(world):
-            dcp.load(state, checkpoint_id=path)
+            # no_dist for a one-process World even inside torchrun: loading a whole generator
+            # (model.init_generator) on rank 0 alone must not wait for the other ranks.
+            dcp.load(state, checkpoint_id=path, no_dist=not world.distributed)
     except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"could not load checkpoint {path} ({reason}); delete it to resume from the one before, "

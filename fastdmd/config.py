@@ -231,6 +231,10 @@ class PerfConfig:
     fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks that "
                          "only run forward (the teacher, the rollout's bf16 copy): one matmul for three (SD3, FLUX)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
+    load_on_rank0: bool = opt(True, "under torchrun, rank 0 alone reads the networks' weights; the other ranks "
+                              "build them on the meta device and receive their shards from rank 0 as each network "
+                              "is sharded (host memory on those ranks: none for the networks, instead of ~10 B/param "
+                              "each; false: every rank reads the weights)")
 
     @property
     def blocks_in_cuda_graphs(self) -> bool:

@@ -72,12 +72,15 @@ def blocks_of(net: nn.Module) -> list[nn.Module]:
     return blocks
 
 
-def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None = None, trainable: bool = True) -> nn.Module:
+def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None = None, trainable: bool = True,
+                from_rank0: bool = False) -> nn.Module:
     """Apply, in this order (torchtitan's): activation checkpointing per block (trainable networks),
     torch.compile per block, then under torchrun FSDP2 `fully_shard` per block, the network and
     `extra` (a module called beside the network, e.g. the critic's GAN head: a unit of its own, so that
     its own forward gathers its weights),
-    with a MixedPrecisionPolicy (bf16 params, fp32 gradient reduction) when perf.mixed_precision is bf16."""
+    with a MixedPrecisionPolicy (bf16 params, fp32 gradient reduction) when perf.mixed_precision is bf16.
+    `from_rank0`: rank 0's weights are the real ones (the other ranks' may be on the meta device); after
+    sharding, every rank's shards are filled from them (fill_from_rank0)."""
     blocks = blocks_of(net)
     if perf is not None and perf.activation_checkpointing and trainable and \
             getattr(net, "_supports_gradient_checkpointing", False):
@@ -106,12 +109,45 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
         root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                         cast_forward_inputs=False)
         net.register_forward_pre_hook(cast_inputs_except_time(torch.bfloat16), with_kwargs=True)
+    whole = {}  # rank 0's whole weights, kept until they have filled every rank's shards
+    if from_rank0 and world.is_main:
+        whole = {"net": net.state_dict()} | ({"extra": extra.state_dict()} if extra is not None else {})
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(net, **(root_kwargs or kwargs))
     if extra is not None:
         fully_shard(extra, **kwargs)
+    if from_rank0:
+        fill_from_rank0(net, world, whole.pop("net", {}))
+        if extra is not None:
+            fill_from_rank0(extra, world, whole.pop("extra", {}))
     return net
+
+
+def fill_from_rank0(module: nn.Module, world: World, whole: dict[str, torch.Tensor]) -> None:
+    """Give every rank rank 0's weights: `whole` is rank 0's whole state dict ({} on the other ranks,
+    whose `module`, sharded or not, may still be on the meta device). Tensors go out one at a time
+    (torch.distributed.checkpoint's broadcast_from_rank0), so no rank ever holds a second whole copy;
+    buffers left out of state dicts (non-persistent) are broadcast as they are."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    if not world.is_main:
+        module.to_empty(device=world.device)
+    # The broadcast checks shapes but would convert dtypes: a rank that built the network otherwise
+    # (say bf16 against rank 0's fp32) must fail here, every rank with it (none is left waiting).
+    dtypes = broadcast_object({name: p.dtype for name, p in module.named_parameters()}, world)
+    wrong = {name: (p.dtype, dtypes.get(name)) for name, p in module.named_parameters() if dtypes.get(name) != p.dtype}
+    failed = torch.tensor([float(bool(wrong))])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item():
+        raise RuntimeError(f"rank {world.rank} built {type(module).__name__} unlike rank 0 (name: this rank's dtype, "
+                           f"rank 0's): {dict(list(wrong.items())[:4])}" if wrong else
+                           f"another rank built {type(module).__name__} unlike rank 0 (its error says how); stopping too")
+    set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    for owner in module.modules():
+        for name in owner._non_persistent_buffers_set:
+            if owner._buffers.get(name) is not None:
+                dist.broadcast(owner._buffers[name], src=0)
 
 
 TIME_INPUTS = ("timestep", "timesteps", "guidance")

@@ -42,7 +42,7 @@ class Plan:
     critic_params: int
     items: dict[str, float]   # bytes per rank
     gpu_bytes: float
-    startup_host_bytes: float = 0.0  # per rank under torchrun: the whole networks, before fully_shard
+    startup_host_bytes: float = 0.0  # rank 0 under torchrun: the whole networks, before fully_shard
 
     @property
     def total(self) -> float:
@@ -60,8 +60,10 @@ class Plan:
         text = "\n".join(lines) + f"\n\n{self.params / 1e6:.1f}M generator parameters; {verdict} in " \
                                   f"{self.gpu_bytes / GiB:.0f} GiB (plus 1-3 GB of CUDA context not counted)"
         if self.startup_host_bytes:
-            text += (f"\nstart-up: {self.startup_host_bytes / GiB:.1f} GiB of host memory per rank (the teacher and "
-                     f"whole fp32 generator and critic copies, until fully_shard moves each rank's shards to its GPU)")
+            text += (f"\nstart-up: {self.startup_host_bytes / GiB:.1f} GiB of host memory on rank 0 (the teacher and "
+                     f"whole fp32 generator and critic copies, until their shards are sent to every rank's GPU); the "
+                     f"other ranks build the networks on the meta device and hold none of it (perf.load_on_rank0; "
+                     f"with it off, every rank holds as much as rank 0)")
         return text
 
 

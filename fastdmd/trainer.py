@@ -33,7 +33,7 @@ from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.accel import make_adamw, set_attention
-from fastdmd.distributed import World, barrier, broadcast_object, mean_across_ranks, parallelize, reshard
+from fastdmd.distributed import World, barrier, broadcast_object, fill_from_rank0, mean_across_ranks, parallelize, reshard
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
 from fastdmd.models.fusion import fuse_qkv, fused_attentions
@@ -166,7 +166,10 @@ class Trainer:
                              f"{world.device} here)")
         t = cfg.trainer
         ops.backend = cfg.ops.backend
-        self.family = family or self._load_family(cfg, world)
+        # perf.load_on_rank0: the other ranks' networks are built on the meta device; each takes its weights
+        # from rank 0 as parallelize shards it.
+        from_rank0 = world.distributed and cfg.perf.load_on_rank0
+        self.family = family or self._load_family(cfg, world, weights=world.is_main or not from_rank0)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         # Under torchrun the networks stay in host memory until fully_shard moves each rank's shards to its
         # GPU: whole copies of the teacher, generator and critic on every GPU first would need ~10 B/param.
@@ -184,7 +187,7 @@ class Trainer:
         self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan, critic=critic,
                                                            lora_rank=lora, lora_multiplier=cfg.dmdr.fake_lora_scale)
         base = None
-        if cfg.model.init_generator:
+        if cfg.model.init_generator and (world.is_main or not from_rank0):
             self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
         if cfg.method == "drpo":
             base = Generator(copy.deepcopy(self.generator.net).eval().requires_grad_(False), self.adapter)
@@ -211,7 +214,7 @@ class Trainer:
             self.attention += ", SDPA's cuDNN backend off"
         for role in filter(None, (self.generator, self.fake, base)):
             set_attention(role.net, perf.attention)
-        parallelize(self.generator.net, world, perf)
+        parallelize(self.generator.net, world, perf, from_rank0=from_rank0)
         if self.rollout_generator is not self.generator:
             set_attention(self.rollout_generator.net, perf.attention)
             parallelize(self.rollout_generator.net, world, perf, trainable=False)
@@ -221,13 +224,16 @@ class Trainer:
             self._rollout_sync = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
                                   list(self.generator.net.parameters()))
         if self.fake is not None:
-            parallelize(self.fake.net, world, perf, extra=self.fake.gan_head)
+            parallelize(self.fake.net, world, perf, extra=self.fake.gan_head, from_rank0=from_rank0)
         if perf.shard_teacher or not world.distributed:
-            parallelize(teacher, world, perf, trainable=False)
+            parallelize(teacher, world, perf, trainable=False, from_rank0=from_rank0)
         else:
+            whole = teacher.state_dict() if world.is_main and from_rank0 else {}
             teacher.to(world.device)
+            if from_rank0:
+                fill_from_rank0(teacher, world, whole)
         if base is not None and world.distributed:  # DrPO's frozen base, sharded like the teacher
-            parallelize(base.net, world, perf, trainable=False)
+            parallelize(base.net, world, perf, trainable=False, from_rank0=from_rank0)
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
             train = load_digits("train")
             self.real_shard = (train.images[world.rank::world.world_size], train.labels[world.rank::world.world_size])
@@ -258,14 +264,15 @@ class Trainer:
         self.test_set = load_digits("test") if self.classifier is not None else None
 
     @staticmethod
-    def _load_family(cfg: Config, world: World) -> Family:
+    def _load_family(cfg: Config, world: World, weights: bool) -> Family:
         """Under torchrun each node's first rank loads first and builds what the others then read (the
-        prompt-embedding cache: its text encoders are loaded once per node, not once per rank)."""
+        prompt-embedding cache: its text encoders are loaded once per node, not once per rank).
+        `weights` False: the teacher's architecture alone, on the meta device."""
         first = int(os.environ.get("LOCAL_RANK", "0")) == 0
         family, error = None, None
         if first:
             try:
-                family = load_family(cfg.model, world.device)
+                family = load_family(cfg.model, world.device, weights)
             except Exception as e:  # noqa: BLE001 - raised below, once every rank knows (none waits for it)
                 error = e
         if world.distributed:
@@ -275,7 +282,7 @@ class Trainer:
                 raise RuntimeError("another rank could not load the model (its error says why); stopping too")
         if error is not None:
             raise error
-        return family or load_family(cfg.model, world.device)
+        return family or load_family(cfg.model, world.device, weights)
 
     # ----- state -------------------------------------------------------------------------------
     def checkpoint_state(self) -> dict:
@@ -544,16 +551,18 @@ class Trainer:
         bar.set_postfix({k: f"{v:.4f}" for k, v in shown.items()} | {"img_s": f"{row['samples_per_s']:.0f}"})
 
     def _print_header(self) -> None:
-        c = self.cfg
-        n_params = sum(p.numel() for p in self.generator.parameters())
+        c, p = self.cfg, self.cfg.perf
+        n_params = sum(w.numel() for w in self.generator.parameters())
         print(f"fastdmd {c.recipe}: method={c.method} steps={c.trainer.steps} batch={c.trainer.batch_size}"
               f"x{self.world.world_size} ranks, guidance g={c.dmd.guidance_scale}, generator {n_params / 1e6:.2f}M params"
               + (f", GAN term (generator {c.dmd.gan_generator_weight}, critic {c.dmd.gan_critic_weight})" if self.use_gan else ""))
-        p = c.perf
         print(f"  device={self.world.device} ops.backend={ops.resolve_backend(self.world.device)} "
               f"optimizer={self.optimizer_name} attention={self.attention} threads={torch.get_num_threads()} "
               f"run_dir={self.run_dir}")
         print(f"  metrics={os.path.join(self.run_dir, 'metrics.jsonl')} tensorboard={self.tensorboard.status}")
+        if self.world.distributed:
+            print("  weights: " + ("read by rank 0 alone, sent to every rank's shards (perf.load_on_rank0)"
+                                   if p.load_on_rank0 else "read by every rank (perf.load_on_rank0 false)"))
         compile_desc = f"per block ({p.compile_backend}" + (f", {p.compile_mode})" if p.compile_mode != "default" else ")")
         print(f"  compile={compile_desc if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "

@@ -73,10 +73,10 @@ def test_fits_verdict_and_cli(capsys):
 
 
 def test_torchrun_start_up_host_memory_is_the_whole_networks(capsys):
-    """Under torchrun each rank holds the whole teacher (bf16) and fp32 generator and critic in host
-    memory until fully_shard moves its shards to the GPU: 10 bytes per parameter."""
+    """Under torchrun rank 0 holds the whole teacher (bf16) and fp32 generator and critic in host
+    memory until their shards are sent out: 10 bytes per parameter; the other ranks none."""
     one = main(["--preset", "digits", "--batch", "4"])
     assert one.startup_host_bytes == 0 and "start-up" not in capsys.readouterr().out
     eight = main(["--preset", "digits", "--batch", "4", "--world-size", "8"])
     assert eight.startup_host_bytes == 10 * eight.params
-    assert "GiB of host memory per rank" in capsys.readouterr().out
+    assert "GiB of host memory on rank 0" in capsys.readouterr().out

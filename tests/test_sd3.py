@@ -126,11 +126,14 @@ def _losses(run_dir):
 
 @pytest.mark.distributed
 def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp_path):
+    """The uninterrupted run reads the weights on rank 0 alone (perf.load_on_rank0, the default), the
+    cut run on every rank: their first steps agree too."""
     common = ["--trainer.lr_schedule", "constant", "--eval.at_end", "false", "--trainer.checkpoint_every", "2"]
     straight = _torchrun(args_for(sd3_dir, tmp_path / "straight", "--trainer.steps", "3", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    assert "x2 ranks" in straight.stdout
-    cut = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", *common))
+    assert "x2 ranks" in straight.stdout and "weights: read by rank 0 alone" in straight.stdout
+    cut = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", "--perf.load_on_rank0", "false",
+                             *common))
     assert cut.returncode == 0, cut.stderr[-3000:]
     resumed = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "3", "--resume", *common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -149,6 +152,17 @@ def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     assert [s for s, _, _ in losses] == [1, 2] and all(0 < d < float("inf") for _, d, _ in losses)
     assert (tmp_path / "mp" / "samples" / "step_0000002.png").exists()
     assert (tmp_path / "mp" / "samples_final.png").exists() and done.stdout.count("samples/s per GPU; grids") == 1
+
+
+def test_without_weights_the_transformer_is_its_config_on_the_meta_device(sd3_dir):
+    from fastdmd.models.sd3 import load_transformer
+
+    skeleton, whole = (load_transformer(sd3_dir, torch.bfloat16, weights=w) for w in (False, True))
+    assert all(t.is_meta for t in [*skeleton.parameters(), *skeleton.buffers()])
+    assert {k: v for k, v in skeleton.config.items() if not k.startswith("_")} == \
+        {k: v for k, v in whole.config.items() if not k.startswith("_")}
+    assert [(n, t.shape, t.dtype) for n, t in skeleton.state_dict().items()] == \
+        [(n, t.shape, t.dtype) for n, t in whole.state_dict().items()]
 
 
 def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):

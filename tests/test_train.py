@@ -246,6 +246,77 @@ def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
     assert zero["calls"][0] == 4 and one["calls"][0] == 3  # samples 0, 2, 4, 6 and 1, 3, 5
 
 
+class _Net(torch.nn.Module):
+    """A network with repeated blocks (each its own FSDP2 unit), a persistent buffer and a non-persistent one."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.transformer_blocks = torch.nn.ModuleList(torch.nn.Linear(6, 6, dtype=dtype) for _ in range(2))
+        self.out = torch.nn.Linear(6, 3, dtype=dtype)
+        self.register_buffer("table", torch.randn(5))
+        self.register_buffer("cache", torch.randn(4), persistent=False)
+
+
+def _rank0_worker(rank, port, out):
+    import torch.distributed as dist
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from fastdmd.distributed import World, fill_from_rank0, parallelize
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        world = World(rank=rank, world_size=2)
+        torch.manual_seed(0)
+        with torch.device("cpu" if rank == 0 else "meta"):  # rank 1 reads no weights
+            net, extra, plain = _Net(), torch.nn.Linear(3, 2), _Net()
+        want = {"net": {k: v.clone() for k, v in net.state_dict().items()}, "cache": net.cache.clone(),
+                "extra": {k: v.clone() for k, v in extra.state_dict().items()},
+                "plain": {k: v.clone() for k, v in plain.state_dict().items()}, "plain_cache": plain.cache.clone()}
+        parallelize(net, world, extra=extra, from_rank0=True)
+        fill_from_rank0(plain, world, plain.state_dict() if rank == 0 else {})  # an unsharded network
+        full = StateDictOptions(full_state_dict=True)
+        got = {"net": get_model_state_dict(net, options=full), "cache": net.cache,
+               "extra": get_model_state_dict(extra, options=full), "plain": plain.state_dict(), "plain_cache": plain.cache}
+        error = None
+        with torch.device("cpu" if rank == 0 else "meta"):
+            odd = _Net(torch.float32 if rank == 0 else torch.bfloat16)
+        try:
+            fill_from_rank0(odd, world, odd.state_dict() if rank == 0 else {})
+        except RuntimeError as e:
+            error = str(e)
+        torch.save({"want": want, "got": got, "error": error}, f"{out}/{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.distributed
+def test_networks_built_on_the_meta_device_take_rank_0s_weights_as_they_are_sharded(tmp_path):
+    """perf.load_on_rank0: rank 1 builds its networks on the meta device and reads nothing; sharding
+    fills its shards (and the non-persistent buffers, which state dicts leave out) from rank 0's whole
+    weights. A rank that built a network in another dtype stops every rank with a message."""
+    torch.multiprocessing.spawn(_rank0_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
+    want = zero["want"]
+    for got in (zero["got"], one["got"]):
+        for part in ("net", "extra", "plain"):
+            assert got[part].keys() == want[part].keys()
+            assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
+        assert torch.equal(got["cache"], want["cache"]) and torch.equal(got["plain_cache"], want["plain_cache"])
+    assert "rank 1 built _Net unlike rank 0" in one["error"] and "torch.bfloat16" in one["error"]
+    assert "another rank built _Net unlike rank 0" in zero["error"]
+
+
+def test_without_weights_the_family_is_built_on_the_meta_device():
+    from fastdmd.config import ModelConfig
+    from fastdmd.models.family import load_family
+
+    skeleton, whole = load_family(ModelConfig(), weights=False), load_family(ModelConfig())
+    assert all(p.is_meta for p in skeleton.teacher.parameters())
+    assert [(n, p.shape, p.dtype) for n, p in skeleton.teacher.named_parameters()] == \
+        [(n, p.shape, p.dtype) for n, p in whole.teacher.named_parameters()]
+    assert not any(p.is_meta for p in skeleton.classifier.parameters())  # every rank scores with it
+
+
 def test_the_cuda_process_group_reduces_cpu_tensors_too():
     """Under torchrun on GPUs the trainer all-reduces a few CPU tensors (non-finite flags, the stop flag,
     metrics): a group of nccl alone has no backend for them and would fail at the first step."""

@@ -78,8 +78,11 @@ class DigitsClassifier(nn.Module):
         return self.conv(x).mean(dim=(2, 3))
 
 
-def load_digits_assets(assets_dir: str = ASSETS_DIR) -> tuple[UNet2DModel, DigitsClassifier, dict]:
-    """Load the shipped teacher UNet, classifier and the manifest that says how they were made."""
+def load_digits_assets(assets_dir: str = ASSETS_DIR, teacher_weights: bool = True
+                       ) -> tuple[UNet2DModel, DigitsClassifier, dict]:
+    """Load the shipped teacher UNet, classifier and the manifest that says how they were made; with
+    `teacher_weights` False the teacher is built on the meta device instead (its weights come later, from
+    rank 0)."""
     paths = {name: os.path.join(assets_dir, name) for name in (TEACHER_FILE, CLASSIFIER_FILE, MANIFEST_FILE)}
     missing = [p for p in paths.values() if not os.path.exists(p)]
     if missing:
@@ -88,8 +91,10 @@ def load_digits_assets(assets_dir: str = ASSETS_DIR) -> tuple[UNet2DModel, Digit
         )
     with open(paths[MANIFEST_FILE]) as f:
         manifest = json.load(f)
-    teacher = build_digits_unet(**manifest.get("unet_config_overrides", {}))
-    teacher.load_state_dict(load_file(paths[TEACHER_FILE]))
+    with torch.device("cpu" if teacher_weights else "meta"):
+        teacher = build_digits_unet(**manifest.get("unet_config_overrides", {}))
+    if teacher_weights:
+        teacher.load_state_dict(load_file(paths[TEACHER_FILE]))
     classifier = DigitsClassifier()
     classifier.load_state_dict(load_file(paths[CLASSIFIER_FILE]))
     return teacher.eval().requires_grad_(False), classifier.eval().requires_grad_(False), manifest

@@ -23,7 +23,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 @dataclass
 class Family:
     name: str
-    teacher: nn.Module                               # frozen, unsharded
+    teacher: nn.Module                               # frozen, unsharded (on the meta device: weights not read)
     adapter: FlowAdapter
     sample_shape: tuple[int, ...]                    # one generator sample (latent for SD3)
     condition_names: list[str]                       # index i -> class or prompt (null index excluded)
@@ -37,27 +37,29 @@ class Family:
         return len(self.condition_names)
 
 
-def load_family(cfg, device: torch.device = torch.device("cpu")) -> Family:
+def load_family(cfg, device: torch.device = torch.device("cpu"), weights: bool = True) -> Family:
+    """`weights` False: the teacher network is built on the meta device, its weights not read (the
+    other ranks under torchrun, which receive them from rank 0 as the networks are sharded)."""
     if cfg.family == "digits":
-        return _digits(cfg)
+        return _digits(cfg, weights)
     if cfg.family in ("sd3", "flux"):
-        return _text_to_image(cfg, device)
+        return _text_to_image(cfg, device, weights)
     raise ValueError(f"model.family {cfg.family!r} is not known; choose digits, sd3 or flux")
 
 
-def _digits(cfg) -> Family:
+def _digits(cfg, weights: bool) -> Family:
     from fastdmd.data.digits import IMAGE_SIZE, NUM_CLASSES
     from fastdmd.models.digits import ASSETS_DIR, TEACHER_FILE, DigitsFlowAdapter, build_digits_unet, load_digits_assets
 
     assets = cfg.path or ASSETS_DIR
-    teacher, classifier, manifest = load_digits_assets(assets)
+    teacher, classifier, manifest = load_digits_assets(assets, teacher_weights=weights)
     overrides = manifest.get("unet_config_overrides", {})
     return Family("digits", teacher, DigitsFlowAdapter(), (1, IMAGE_SIZE, IMAGE_SIZE),
                   [str(c) for c in range(NUM_CLASSES)], lambda: build_digits_unet(**overrides), lambda x: x,
                   classifier=classifier, teacher_file=os.path.join(assets, TEACHER_FILE))
 
 
-def _text_to_image(cfg, device) -> Family:
+def _text_to_image(cfg, device, weights: bool) -> Family:
     from fastdmd.models import flux, prompts, sd3
 
     module = {"sd3": sd3, "flux": flux}[cfg.family]
@@ -68,7 +70,7 @@ def _text_to_image(cfg, device) -> Family:
     embeds, pooled = prompts.prompt_embeddings(cfg.path, names, cfg.prompt_cache, cfg.max_sequence_length,
                                                module.encode_prompts)
     cls_name = "SD3Transformer2DModel" if cfg.family == "sd3" else "FluxTransformer2DModel"
-    teacher = sd3.load_transformer(cfg.path, dtype, cls_name).eval().requires_grad_(False)
+    teacher = sd3.load_transformer(cfg.path, dtype, cls_name, weights).eval().requires_grad_(False)
     vae = sd3.load_vae(cfg.path, dtype)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
     if cfg.family == "sd3":

@@ -58,11 +58,21 @@ def encode_prompts(model_path: str, prompts: list[str], max_sequence_length: int
     return embeds.float().cpu(), pooled.float().cpu()
 
 
-def load_transformer(model_path: str, dtype: torch.dtype, cls_name: str = "SD3Transformer2DModel") -> nn.Module:
+def load_transformer(model_path: str, dtype: torch.dtype, cls_name: str = "SD3Transformer2DModel",
+                     weights: bool = True) -> nn.Module:
+    """The transformer from model_path/transformer; with `weights` False, its architecture alone, on the
+    meta device (under torchrun the other ranks' networks take their weights from rank 0)."""
     import diffusers
 
-    return getattr(diffusers, cls_name).from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype,
-                                                        local_files_only=True)
+    cls = getattr(diffusers, cls_name)
+    if not weights:
+        config = cls.load_config(model_path, subfolder="transformer", local_files_only=True)
+        with torch.device("meta"):
+            net = cls.from_config(config)
+        # nn.Module.to: diffusers' own .to warns against casting a built model (from_pretrained's
+        # _keep_in_fp32_modules; none in SD3 / FLUX: fill_from_rank0 checks every dtype against rank 0's).
+        return nn.Module.to(net, dtype)
+    return cls.from_pretrained(model_path, subfolder="transformer", torch_dtype=dtype, local_files_only=True)
 
 
 def load_vae(model_path: str, dtype: torch.dtype):

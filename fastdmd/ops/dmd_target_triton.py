@@ -232,7 +232,9 @@ def _dmd_one_pass_kernel(
     # Publish (CUTLASS's semaphore pattern): every thread's store done, then one release increment;
     # wait: acquire reads of the counter, then a barrier before any thread reads the partials.
     tl.debug_barrier()
-    arrived = tl.atomic_add(arrivals_ptr + sample, 1, sem="release", scope="gpu") + 1
+    # acq_rel, not release: the last program to arrive skips the wait and reads the others' partials
+    # right after this increment, so it must acquire too.
+    arrived = tl.atomic_add(arrivals_ptr + sample, 1, sem="acq_rel", scope="gpu") + 1
     polls = 0
     while (arrived < num_chunks) & (polls < MAX_POLLS):
         arrived = tl.atomic_add(arrivals_ptr + sample, 0, sem="acquire", scope="gpu")
@@ -245,9 +247,12 @@ def _dmd_one_pass_kernel(
     _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
                stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
                guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
-    if arrived < num_chunks:  # gave up waiting: the normalizer may lack chunks, so poison the loss
-        tl.debug_barrier()  # after _dmd_chunk's own store of this slot
-        tl.store(stat_partials_ptr + 3 * tl.num_programs(0) + pid, float("nan"))
+    if arrived < num_chunks:  # gave up waiting: the normalizer may lack chunks, so poison what it fed
+        tl.debug_barrier()  # after _dmd_chunk's own stores of these slots
+        for k in tl.static_range(4):  # grad^2, grad.p, p^2, residual^2: the statistics and the loss
+            tl.store(stat_partials_ptr + k * tl.num_programs(0) + pid, float("nan"))
+        if chunk == 0:
+            tl.store(normalizer_ptr + sample, float("nan"))
 
 
 @triton.jit
