@@ -229,7 +229,8 @@ class Trainer:
             parallelize(teacher, world, perf, trainable=False, from_rank0=from_rank0)
         else:
             whole = teacher.state_dict() if world.is_main and from_rank0 else {}
-            teacher.to(world.device)
+            if world.is_main or not from_rank0:  # the others' are on the meta device: fill_from_rank0 places them
+                teacher.to(world.device)
             if from_rank0:
                 fill_from_rank0(teacher, world, whole)
         if base is not None and world.distributed:  # DrPO's frozen base, sharded like the teacher
@@ -561,7 +562,7 @@ class Trainer:
               f"run_dir={self.run_dir}")
         print(f"  metrics={os.path.join(self.run_dir, 'metrics.jsonl')} tensorboard={self.tensorboard.status}")
         if self.world.distributed:
-            print("  weights: " + ("read by rank 0 alone, sent to every rank's shards (perf.load_on_rank0)"
+            print("  weights: " + ("read by rank 0 alone and broadcast to the others (perf.load_on_rank0)"
                                    if p.load_on_rank0 else "read by every rank (perf.load_on_rank0 false)"))
         compile_desc = f"per block ({p.compile_backend}" + (f", {p.compile_mode})" if p.compile_mode != "default" else ")")
         print(f"  compile={compile_desc if p.compile else 'off'} "

@@ -189,11 +189,13 @@ def test_torchrun_evaluates_and_draws_grids_with_every_rank(tmp_path):
 def test_torchrun_trains_with_the_gan_term(tmp_path):
     """DMD2's GAN head is sharded as a unit of its own: called beside the critic's network, it gathers
     its weights in its own forward (sharded with the critic as a whole it met its input as plain
-    tensors against DTensor weights and failed)."""
+    tensors against DTensor weights and failed). The teacher, unsharded here, is whole on every rank,
+    filled from rank 0's."""
     run_dir = tmp_path / "gan"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "fastdmd.train", *TINY, "--trainer.steps", "2", "--dmd.gan_generator_weight", "0.01",
-           "--dmd.gan_critic_weight", "0.01", "--run_dir", str(run_dir), "--threads", "1"]
+           "--dmd.gan_critic_weight", "0.01", "--perf.shard_teacher", "false", "--run_dir", str(run_dir),
+           "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_metrics(str(run_dir))
