@@ -73,6 +73,7 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
 
     from fastdmd.models import flux, sd3
     from fastdmd.models.family import load_family
+    from fastdmd.models.prompts import encode_all
     from fastdmd.roles import Generator
 
     if num < 1:
@@ -88,8 +89,8 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
     known = {p: i for i, p in enumerate(family.condition_names)}
     new = [p for p in prompts if p not in known]
     if new:  # encode the prompts the run did not train on (needs the text encoders)
-        encode = {"sd3": sd3.encode_prompts, "flux": flux.encode_prompts}[family.name]
-        embeds, pooled = encode(model.path, new, model.max_sequence_length)
+        load_encoder = {"sd3": sd3.text_encoder, "flux": flux.text_encoder}[family.name]
+        embeds, pooled = encode_all(load_encoder(model.path, torch.device("cpu")), new, model.max_sequence_length)
         adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
         adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])
         known |= {p: adapter.prompt_embeds.shape[0] - len(new) + i for i, p in enumerate(new)}

@@ -6,12 +6,12 @@ import json
 
 import pytest
 import torch
-from diffusers import FluxPipeline, FluxTransformer2DModel
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
 
 from fastdmd.config import parse_args
 from fastdmd.models.family import load_family
 from fastdmd.train import main
-from tiny_pipeline import run_args, save_pipeline_parts
+from tiny_pipeline import run_args, save_pipeline_parts, text_encoder_parts
 
 JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 5
 PROMPTS = ["a cat", "a dog"]
@@ -46,6 +46,28 @@ def test_adapter_packs_like_the_pipeline(flux_dir):
     torch.testing.assert_close(got, FluxPipeline._unpack_latents(direct, 16, 16, 2))
 
 
+def test_the_prompt_cache_is_what_the_pipelines_encode_prompt_gives(flux_dir, tmp_path):
+    """A whole FluxPipeline.save_pretrained directory, as a user downloads it, with no prompt cache:
+    its CLIP and T5 encoders, loaded folder by folder, give what FluxPipeline.encode_prompt gives."""
+    root = tmp_path / "model"
+    FluxPipeline(transformer=FluxTransformer2DModel.from_pretrained(flux_dir, subfolder="transformer"),
+                 scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None,
+                 **text_encoder_parts("flux", JOINT_DIM, POOLED_DIM)).save_pretrained(root)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
+    cfg = parse_args(["--recipe", "flux-dmd2", "--model.path", str(root), "--model.prompts", str(root / "prompts.txt"),
+                      "--model.prompt_cache", str(tmp_path / "cache.safetensors"), "--model.max_sequence_length", "7"])
+    family = load_family(cfg.model)
+    reference = FluxPipeline.from_pretrained(root, local_files_only=True, vae=None)
+    embeds, pooled, _ = reference.encode_prompt(prompt=PROMPTS + [""], prompt_2=None, max_sequence_length=7)
+    assert family.adapter.prompt_embeds.shape == (len(PROMPTS) + 1, 7, JOINT_DIM)
+    torch.testing.assert_close(family.adapter.prompt_embeds, embeds.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(family.adapter.pooled, pooled.float(), rtol=0, atol=1e-6)
+    assert not torch.equal(family.adapter.pooled[0], family.adapter.pooled[1])
+    main(run_args("flux-dmd2", root, tmp_path / "run", 16, "--trainer.steps", "1", "--eval.at_end", "false",
+                  "--model.prompt_cache", str(tmp_path / "cache.safetensors"), "--model.max_sequence_length", "7"))
+    assert (tmp_path / "run" / "metrics.jsonl").exists()
+
+
 def test_trains_two_steps_through_the_cli(flux_dir, tmp_path):
     main(args_for(flux_dir, tmp_path, "--trainer.steps", "2", "--eval.at_end", "true"))
     with open(tmp_path / "metrics.jsonl") as f:
@@ -59,7 +81,7 @@ def test_export_runs_in_flux_pipeline_at_four_steps_and_generates(flux_dir, tmp_
     """The exported directory in diffusers' FluxPipeline: num_inference_steps=4 gives the trained sigmas
     (its default sigmas pass through the exported scheduler unshifted). FluxPipeline re-noises packed
     latents, so its draws differ from fastdmd's per seed; the sampler is the same."""
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
+    from diffusers import AutoencoderKL
 
     from fastdmd.export import main as export_main
     from fastdmd.generate import main as generate_main

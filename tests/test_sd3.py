@@ -11,7 +11,7 @@ from diffusers import SD3Transformer2DModel
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.models.family import load_family
 from fastdmd.train import main
-from tiny_pipeline import run_args, save_pipeline_parts
+from tiny_pipeline import CACHE, run_args, save_pipeline_parts, text_encoder_parts
 
 JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 6
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
@@ -26,6 +26,26 @@ def sd3_dir(tmp_path_factory):
                           caption_projection_dim=16, pooled_projection_dim=POOLED_DIM,
                           pos_embed_max_size=8).save_pretrained(root / "transformer")
     save_pipeline_parts(root, PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM)
+    return root
+
+
+def _tiny_transformer() -> SD3Transformer2DModel:
+    torch.manual_seed(0)
+    return SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                                 attention_head_dim=8, num_attention_heads=2, joint_attention_dim=JOINT_DIM,
+                                 caption_projection_dim=16, pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8)
+
+
+@pytest.fixture(scope="module")
+def sd3_pipeline_dir(tmp_path_factory):
+    """What a user downloads: a whole StableDiffusion3Pipeline.save_pretrained directory (model_index.json,
+    CLIP x2 + T5 text encoders and tokenizers, transformer, scheduler; no VAE), a prompt file, no cache."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+
+    root = tmp_path_factory.mktemp("sd3-pipeline")
+    StableDiffusion3Pipeline(transformer=_tiny_transformer(), scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+                             vae=None, **text_encoder_parts("sd3", JOINT_DIM, POOLED_DIM)).save_pretrained(root)
+    (root / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return root
 
 
@@ -250,6 +270,49 @@ def test_export_writes_a_pipeline_directory_with_the_trained_transformer(sd3_dir
     for (name, a), b, c in zip(exported.state_dict().items(), trained.state_dict().values(), teacher.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(exported.state_dict().values(), teacher.state_dict().values()))
+
+
+@pytest.mark.parametrize("t5", [True, False], ids=["clip+t5", "clip-only"])
+def test_the_prompt_cache_is_what_the_pipelines_encode_prompt_gives(sd3_pipeline_dir, tmp_path, t5):
+    """With no cache the text encoders, loaded folder by folder, encode the prompts and the empty one,
+    as StableDiffusion3Pipeline.encode_prompt does; without text_encoder_3 (SD3 without T5) the T5
+    part is zeros, as in diffusers. The second load reads the cache and no encoder."""
+    import shutil
+
+    from diffusers import StableDiffusion3Pipeline
+
+    root = tmp_path / "model"
+    shutil.copytree(sd3_pipeline_dir, root, ignore=None if t5 else shutil.ignore_patterns("*_3"))
+    cfg = parse_args(["--recipe", "sd3-dmd2", "--model.path", str(root), "--model.prompts", str(root / "prompts.txt"),
+                      "--model.prompt_cache", str(tmp_path / "cache.safetensors"), "--model.max_sequence_length", "9"])
+    family = load_family(cfg.model)
+    reference = StableDiffusion3Pipeline.from_pretrained(sd3_pipeline_dir, local_files_only=True, vae=None,
+                                                         **({} if t5 else {"text_encoder_3": None, "tokenizer_3": None}))
+    embeds, _, pooled, _ = reference.encode_prompt(prompt=PROMPTS + [""], prompt_2=None, prompt_3=None,
+                                                   do_classifier_free_guidance=False, max_sequence_length=9)
+    assert family.adapter.prompt_embeds.shape == (len(PROMPTS) + 1, 77 + 9, JOINT_DIM)
+    torch.testing.assert_close(family.adapter.prompt_embeds, embeds.float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(family.adapter.pooled, pooled.float(), rtol=0, atol=1e-6)
+    assert (family.adapter.prompt_embeds[:, 77:].abs().sum() > 0) == t5
+    assert not torch.equal(family.adapter.prompt_embeds[0], family.adapter.prompt_embeds[1])
+    for folder in root.glob("text_encoder*"):
+        shutil.rmtree(folder)
+    torch.testing.assert_close(load_family(cfg.model).adapter.prompt_embeds, family.adapter.prompt_embeds, rtol=0, atol=0)
+
+
+def test_a_downloaded_pipeline_trains_and_draws_new_prompts(sd3_pipeline_dir, tmp_path, monkeypatch):
+    """The user's path end to end: no prompt cache given (it goes to XDG_CACHE_HOME), the text
+    encoders build it, a step trains; fastdmd.generate then encodes a prompt the run never saw."""
+    from fastdmd.generate import main as generate_main
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    args = args_for(sd3_pipeline_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false")
+    args[args.index("--model.prompt_cache") + 1] = ""
+    main(args)
+    assert len(list((tmp_path / "xdg" / "fastdmd" / "prompts").glob("*.safetensors"))) == 1
+    paths = generate_main([str(tmp_path / "run"), "--prompt", "a purple hexagon", "--num", "1",
+                           "--out", str(tmp_path / "png")])
+    assert [os.path.basename(p) for p in paths] == ["grid.png", "prompt0_000.png"]
 
 
 def test_generate_draws_the_runs_prompts_as_rgb_images(sd3_dir, tmp_path, capsys):

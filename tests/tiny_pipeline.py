@@ -1,6 +1,7 @@
 """The parts of a tiny diffusers text-to-image directory that SD3 and FLUX tests share: a random VAE
 (2x down-sampling, 4 latent channels), a flow-matching scheduler, a prompt file and a precomputed
-prompt-embedding cache (no text encoders), plus the command-line flags that point a run at it."""
+prompt-embedding cache, plus the command-line flags that point a run at it; and tiny text encoders
+with their tokenizers, for the tests of the path that builds the cache."""
 
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
@@ -30,3 +31,56 @@ def run_args(recipe: str, root, run_dir, resolution: int, *extra) -> list[str]:
             "--model.dtype", "float32", "--trainer.batch_size", "2", "--trainer.critic_updates", "1",
             "--trainer.log_every", "1", "--trainer.sample_every", "0", "--eval.teacher_steps", "2",
             "--trainer.warmup_steps", "0", "--run_dir", str(run_dir), "--threads", "1", *extra]
+
+
+def text_encoder_parts(family: str, joint_dim: int, pooled_dim: int, t5: bool = True) -> dict:
+    """Tiny random text encoders and tokenizers, built offline, as the pipeline's keyword arguments:
+    sd3: two CLIPTextModelWithProjection (text_encoder, text_encoder_2, their projections splitting
+    pooled_dim) and, with `t5`, a T5EncoderModel (text_encoder_3); flux: a CLIPTextModel of width
+    pooled_dim and a T5EncoderModel (text_encoder_2). T5's width is joint_dim. The CLIP tokenizer has
+    the letters and no merges (every word spelled out); the T5 tokenizer a few whole words, then
+    letters. Traps avoided (DESIGN.md): the CLIP configs' eos_token_id is the tokenizer's end token,
+    and T5's vocabulary is given as pieces and scores (its size checked)."""
+    import json
+    import os
+    import string
+    import tempfile
+
+    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer, T5Config,
+                              T5EncoderModel, T5TokenizerFast)
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for c in string.ascii_lowercase:
+        vocab[c], vocab[c + "</w>"] = len(vocab), len(vocab) + 1
+    with tempfile.TemporaryDirectory() as tmp:
+        with open(os.path.join(tmp, "vocab.json"), "w") as f:
+            json.dump(vocab, f)
+        with open(os.path.join(tmp, "merges.txt"), "w") as f:
+            f.write("#version: 0.2\n")
+        clip_tokenizer = CLIPTokenizer(os.path.join(tmp, "vocab.json"), os.path.join(tmp, "merges.txt"),
+                                       model_max_length=77)
+    assert clip_tokenizer.eos_token_id == 1 and len(clip_tokenizer) == len(vocab)
+    words = "a red blue green square circle triangle cat dog".split()
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -3.0)]
+    pieces += [("▁" + w, -1.0) for w in words] + [(c, -5.0) for c in string.ascii_lowercase]
+    t5_tokenizer = T5TokenizerFast(vocab=pieces, extra_ids=0, model_max_length=512)
+    assert len(t5_tokenizer) == len(pieces)
+
+    def clip(cls, width: int, projection: int = 0):
+        torch.manual_seed(width + projection)
+        config = CLIPTextConfig(vocab_size=len(vocab), hidden_size=width, intermediate_size=2 * width, num_hidden_layers=2,
+                                num_attention_heads=2, max_position_embeddings=77, bos_token_id=0, eos_token_id=1,
+                                pad_token_id=1, **({"projection_dim": projection} if projection else {}))
+        return cls(config)
+
+    torch.manual_seed(3)
+    t5_model = T5EncoderModel(T5Config(vocab_size=len(pieces), d_model=joint_dim, d_kv=8, d_ff=2 * joint_dim,
+                                       num_layers=1, num_heads=2, pad_token_id=0, eos_token_id=1))
+    if family == "sd3":
+        first, second = pooled_dim // 2, pooled_dim - pooled_dim // 2
+        parts = {"text_encoder": clip(CLIPTextModelWithProjection, 8, first), "tokenizer": clip_tokenizer,
+                 "text_encoder_2": clip(CLIPTextModelWithProjection, 12, second), "tokenizer_2": clip_tokenizer}
+        return parts | ({"text_encoder_3": t5_model, "tokenizer_3": t5_tokenizer} if t5 else
+                        {"text_encoder_3": None, "tokenizer_3": None})
+    return {"text_encoder": clip(CLIPTextModel, pooled_dim), "tokenizer": clip_tokenizer,
+            "text_encoder_2": t5_model, "tokenizer_2": t5_tokenizer}

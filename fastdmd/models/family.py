@@ -68,7 +68,7 @@ def _text_to_image(cfg, device, weights: bool) -> Family:
     dtype = DTYPES[cfg.dtype]
     names = prompts.read_prompts(cfg.prompts)
     embeds, pooled = prompts.prompt_embeddings(cfg.path, names, cfg.prompt_cache, cfg.max_sequence_length,
-                                               module.encode_prompts)
+                                               module.text_encoder, device)
     cls_name = "SD3Transformer2DModel" if cfg.family == "sd3" else "FluxTransformer2DModel"
     teacher = sd3.load_transformer(cfg.path, dtype, cls_name, weights).eval().requires_grad_(False)
     vae = sd3.load_vae(cfg.path, dtype)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.prompts import require_text_encoders
+from fastdmd.models.prompts import TextEncoder, require_text_encoders, text_encoder_dtype
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -42,12 +42,29 @@ class FluxAdapter(FlowAdapter):
         return out.reshape(batch, channels, height, width).to(x_t.dtype)
 
 
-@torch.no_grad()
-def encode_prompts(model_path: str, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[P, L, D] and [P, D_pooled] from FluxPipeline.encode_prompt."""
-    from diffusers import FluxPipeline
+def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
+    """FluxPipeline.encode_prompt over the directory's CLIP (text_encoder: the pooled vector) and T5
+    (text_encoder_2: the token embeddings), each loaded from its own folder (no model_index.json needed)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+    from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    pipe = FluxPipeline.from_pretrained(model_path, transformer=None, vae=None, local_files_only=True)
-    embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, max_sequence_length=max_sequence_length)
-    return embeds.float().cpu(), pooled.float().cpu()
+    dtype = text_encoder_dtype(device)
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler",
+                                                                  local_files_only=True),
+        vae=None, transformer=None,
+        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype,
+                                                   local_files_only=True).to(device),
+        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", local_files_only=True),
+        text_encoder_2=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder_2", dtype=dtype,
+                                                      local_files_only=True).to(device),
+        tokenizer_2=T5TokenizerFast.from_pretrained(model_path, subfolder="tokenizer_2", local_files_only=True))
+
+    @torch.no_grad()
+    def encode(prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, device=device,
+                                               max_sequence_length=max_sequence_length)
+        return embeds.float().cpu(), pooled.float().cpu()
+
+    return encode

@@ -20,7 +20,11 @@ from safetensors.torch import load_file, save_file
 
 from fastdmd.config import ConfigError
 
-Encoder = Callable[[str, list[str], int], tuple[torch.Tensor, torch.Tensor]]  # (model dir, prompts, max len)
+# (prompts, max T5 tokens) -> ([P, L, D] embeddings, [P, D_pooled] pooled), fp32 on the CPU
+TextEncoder = Callable[[list[str], int], tuple[torch.Tensor, torch.Tensor]]
+LoadTextEncoder = Callable[[str, torch.device], TextEncoder]  # (model dir, device): loads the encoders once
+
+ENCODE_BATCH = 32  # prompts per text-encoder call: thousands in one T5-XXL batch would not fit
 
 
 def read_prompts(path: str) -> list[str]:
@@ -67,12 +71,35 @@ def load_prompt_cache(path: str, prompts: list[str]) -> tuple[torch.Tensor, torc
     return tensors["prompt_embeds"], tensors["pooled"]
 
 
+def text_encoder_dtype(device: torch.device) -> torch.dtype:
+    """bf16 on GPUs (T5-XXL overflows in fp16), fp32 on the CPU (where bf16 matmuls are slow)."""
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`encode` over `prompts` in batches of ENCODE_BATCH, with a progress bar when there is more than one."""
+    from tqdm import tqdm
+
+    starts = range(0, len(prompts), ENCODE_BATCH)
+    parts = [encode(prompts[i:i + ENCODE_BATCH], max_sequence_length)
+             for i in tqdm(starts, desc="encoding prompts", unit="batch", disable=len(starts) < 2)]
+    return torch.cat([e for e, _ in parts]), torch.cat([p for _, p in parts])
+
+
 def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_sequence_length: int,
-                      encode: Encoder) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of prompts + [""], from the cache or computed with `encode` and cached."""
+                      load_encoder: LoadTextEncoder, device: torch.device = torch.device("cpu")
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Embeddings of prompts + [""], from the cache or computed with the text encoders (on `device`)
+    and cached."""
     cache = cache or default_cache_path(model_path, prompts, max_sequence_length)
     if os.path.isfile(cache):
         return load_prompt_cache(cache, prompts)
-    embeds, pooled = encode(model_path, prompts + [""], max_sequence_length)
+    print(f"prompt cache {cache} not found: encoding {len(prompts)} prompts with the text encoders of {model_path} "
+          f"on {device}")
+    encoder = load_encoder(model_path, device)
+    embeds, pooled = encode_all(encoder, prompts + [""], max_sequence_length)
+    del encoder
+    if device.type == "cuda":  # the encoders' blocks (T5-XXL: ~9 GB) back to the GPU before the networks come
+        torch.cuda.empty_cache()
     save_prompt_cache(cache, prompts, embeds, pooled)
     return embeds, pooled

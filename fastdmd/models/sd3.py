@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.prompts import require_text_encoders
+from fastdmd.models.prompts import TextEncoder, require_text_encoders, text_encoder_dtype
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -45,17 +45,45 @@ def check_model_dir(path: str, family: str, required=REQUIRED, pipeline: str = "
                                 f"{', '.join(required)} (as {pipeline}.save_pretrained writes them)")
 
 
-@torch.no_grad()
-def encode_prompts(model_path: str, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """[P, L, D] and [P, D_pooled] from StableDiffusion3Pipeline.encode_prompt."""
-    from diffusers import StableDiffusion3Pipeline
+def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
+    """StableDiffusion3Pipeline.encode_prompt over the directory's CLIP encoders (text_encoder,
+    text_encoder_2) and T5 (text_encoder_3), each loaded from its own folder (no model_index.json
+    needed). Without text_encoder_3 the T5 part is zeros, as in diffusers' pipeline without T5."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    pipe = StableDiffusion3Pipeline.from_pretrained(model_path, transformer=None, vae=None, local_files_only=True)
-    embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None,
-                                              do_classifier_free_guidance=False,
-                                              max_sequence_length=max_sequence_length)
-    return embeds.float().cpu(), pooled.float().cpu()
+    dtype = text_encoder_dtype(device)
+
+    def part(cls, folder: str):
+        path = os.path.join(model_path, folder)
+        kwargs = {"dtype": dtype} if "Tokenizer" not in cls.__name__ else {}
+        return cls.from_pretrained(path, local_files_only=True, **kwargs)
+
+    t5 = all(os.path.isdir(os.path.join(model_path, d)) for d in ("text_encoder_3", "tokenizer_3"))
+    if not t5:
+        print(f"{model_path} has no text_encoder_3 / tokenizer_3: the T5 part of the prompt embeddings is zeros "
+              f"(SD3 without T5)")
+    pipe = StableDiffusion3Pipeline(
+        # The architecture alone (meta device): the pipeline reads its width for the zeros without T5.
+        transformer=load_transformer(model_path, dtype, weights=False),
+        scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler",
+                                                                  local_files_only=True),
+        vae=None, text_encoder=part(CLIPTextModelWithProjection, "text_encoder").to(device),
+        tokenizer=part(CLIPTokenizer, "tokenizer"),
+        text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2").to(device),
+        tokenizer_2=part(CLIPTokenizer, "tokenizer_2"),
+        text_encoder_3=part(T5EncoderModel, "text_encoder_3").to(device) if t5 else None,
+        tokenizer_3=part(T5TokenizerFast, "tokenizer_3") if t5 else None)
+
+    @torch.no_grad()
+    def encode(prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompt=prompts, prompt_2=None, prompt_3=None, device=device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=max_sequence_length)
+        return embeds.float().cpu(), pooled.float().cpu()
+
+    return encode
 
 
 def load_transformer(model_path: str, dtype: torch.dtype, cls_name: str = "SD3Transformer2DModel",
