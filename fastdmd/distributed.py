@@ -109,45 +109,84 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
         root_kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32,
                                                         cast_forward_inputs=False)
         net.register_forward_pre_hook(cast_inputs_except_time(torch.bfloat16), with_kwargs=True)
-    whole = {}  # rank 0's whole weights, kept until they have filled every rank's shards
+    units = [net] + ([extra] if extra is not None else [])
+    # from_rank0: rank 0 keeps its whole weights (host memory) and puts its networks on the meta device
+    # too, so that every rank shards, allocates (to_empty) and fills its shards the same way.
+    whole = [unit.state_dict() | non_persistent_buffers(unit) if world.is_main else {} for unit in units] \
+        if from_rank0 else []
     if from_rank0 and world.is_main:
-        whole = {"net": net.state_dict()} | ({"extra": extra.state_dict()} if extra is not None else {})
+        for unit in units:
+            unit.to(device="meta")
     for block in blocks:
         fully_shard(block, **kwargs)
     fully_shard(net, **(root_kwargs or kwargs))
     if extra is not None:
         fully_shard(extra, **kwargs)
-    if from_rank0:
-        fill_from_rank0(net, world, whole.pop("net", {}))
-        if extra is not None:
-            fill_from_rank0(extra, world, whole.pop("extra", {}))
+    for unit, state in zip(units, whole):
+        fill_from_rank0(unit, world, state)
     return net
 
 
-def fill_from_rank0(module: nn.Module, world: World, whole: dict[str, torch.Tensor]) -> None:
-    """Give every rank rank 0's weights: `whole` is rank 0's whole state dict ({} on the other ranks,
-    whose `module`, sharded or not, may still be on the meta device). Tensors go out one at a time
-    (torch.distributed.checkpoint's broadcast_from_rank0), so no rank ever holds a second whole copy;
-    buffers left out of state dicts (non-persistent) are broadcast as they are."""
+def fill_from_rank0(module: nn.Module, world: World, whole: dict[str, torch.Tensor] | None = None) -> None:
+    """Give every rank rank 0's weights. An FSDP2-sharded `module` (on the meta device on every rank):
+    `whole` is rank 0's whole state dict and non-persistent buffers ({} on the others); each rank
+    allocates its shards, then
+    torch.distributed.checkpoint's broadcast_from_rank0 sends the tensors one at a time, so no rank
+    holds a second whole copy. A module without FSDP2 units: rank 0's, already on its device, is
+    broadcast tensor by tensor into the others' (`whole` unused). First, every rank checks that it built the module as
+    rank 0 did (names, shapes, dtypes): a mismatch stops every rank with a message, none left waiting."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.fsdp import FSDPModule
 
-    if not world.is_main:
+    sharded = any(isinstance(m, FSDPModule) for m in module.modules())
+    if sharded or not world.is_main:
         module.to_empty(device=world.device)
-    # The broadcast checks shapes but would convert dtypes: a rank that built the network otherwise
-    # (say bf16 against rank 0's fp32) must fail here, every rank with it (none is left waiting).
-    dtypes = broadcast_object({name: p.dtype for name, p in module.named_parameters()}, world)
-    wrong = {name: (p.dtype, dtypes.get(name)) for name, p in module.named_parameters() if dtypes.get(name) != p.dtype}
-    failed = torch.tensor([float(bool(wrong))])
+    tensors = dict(module.named_parameters()) | dict(module.named_buffers())
+    layout = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    rank0_layout = broadcast_object(layout, world)
+    wrong = sorted(set(layout) ^ set(rank0_layout)) + \
+        [f"{name}: {layout[name]} here, {rank0_layout[name]} on rank 0" for name in layout
+         if name in rank0_layout and layout[name] != rank0_layout[name]]
+    stop_together(f"rank {world.rank} built {type(module).__name__} unlike rank 0 (names only one has, or "
+                  f"shape and dtype): {wrong[:4]}" if wrong else None, world)
+    with torch.no_grad():
+        if sharded:
+            whole = whole or {}
+            loose = non_persistent_buffers(module)  # not in state dicts: copied and broadcast as they are
+            set_model_state_dict(module, {k: v for k, v in whole.items() if k not in loose},
+                                 options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+            for name, buf in loose.items():
+                if world.is_main:
+                    buf.copy_(whole[name])
+                dist.broadcast(buf, src=0)
+        else:
+            for t in tensors.values():
+                dist.broadcast(t, src=0)
+
+
+def non_persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """{qualified name: buffer} of the buffers that state dicts leave out."""
+    return {f"{prefix}.{name}".lstrip("."): owner._buffers[name] for prefix, owner in module.named_modules()
+            for name in owner._non_persistent_buffers_set if owner._buffers.get(name) is not None}
+
+
+def stop_together(error: str | BaseException | None, world: World) -> None:
+    """Raise on every rank if any rank has an error (this rank's, or None): a rank that stopped alone
+    would leave the others waiting in their next collective. The failing rank raises its own error."""
+    if not world.distributed:
+        if isinstance(error, BaseException):
+            raise error
+        if error:
+            raise RuntimeError(error)
+        return
+    failed = torch.tensor([0.0 if error is None else 1.0])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if isinstance(error, BaseException):
+        raise error
+    if error:
+        raise RuntimeError(error)
     if failed.item():
-        raise RuntimeError(f"rank {world.rank} built {type(module).__name__} unlike rank 0 (name: this rank's dtype, "
-                           f"rank 0's): {dict(list(wrong.items())[:4])}" if wrong else
-                           f"another rank built {type(module).__name__} unlike rank 0 (its error says how); stopping too")
-    set_model_state_dict(module, whole, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
-    for owner in module.modules():
-        for name in owner._non_persistent_buffers_set:
-            if owner._buffers.get(name) is not None:
-                dist.broadcast(owner._buffers[name], src=0)
+        raise RuntimeError("another rank failed (its error says why); stopping too")
 
 
 TIME_INPUTS = ("timestep", "timesteps", "guidance")

@@ -33,7 +33,8 @@ from fastdmd.config import Config, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.accel import make_adamw, set_attention
-from fastdmd.distributed import World, barrier, broadcast_object, fill_from_rank0, mean_across_ranks, parallelize, reshard
+from fastdmd.distributed import (World, barrier, broadcast_object, fill_from_rank0, mean_across_ranks, parallelize,
+                                 reshard, stop_together)
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
 from fastdmd.models.fusion import fuse_qkv, fused_attentions
@@ -187,8 +188,14 @@ class Trainer:
         self.generator, self.real, self.fake = build_roles(teacher, self.adapter, gan=self.use_gan, critic=critic,
                                                            lora_rank=lora, lora_multiplier=cfg.dmdr.fake_lora_scale)
         base = None
-        if cfg.model.init_generator and (world.is_main or not from_rank0):
-            self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
+        if cfg.model.init_generator:
+            error = None
+            if world.is_main or not from_rank0:  # the others take the weights from rank 0 with the rest
+                try:
+                    self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
+                except Exception as e:  # noqa: BLE001 - raised by stop_together, once every rank knows
+                    error = e
+            stop_together(error, world)
         if cfg.method == "drpo":
             base = Generator(copy.deepcopy(self.generator.net).eval().requires_grad_(False), self.adapter)
         if place_whole:
@@ -228,11 +235,10 @@ class Trainer:
         if perf.shard_teacher or not world.distributed:
             parallelize(teacher, world, perf, trainable=False, from_rank0=from_rank0)
         else:
-            whole = teacher.state_dict() if world.is_main and from_rank0 else {}
             if world.is_main or not from_rank0:  # the others' are on the meta device: fill_from_rank0 places them
                 teacher.to(world.device)
             if from_rank0:
-                fill_from_rank0(teacher, world, whole)
+                fill_from_rank0(teacher, world)
         if base is not None and world.distributed:  # DrPO's frozen base, sharded like the teacher
             parallelize(base.net, world, perf, trainable=False, from_rank0=from_rank0)
         if self.use_gan:  # real digits, only for the GAN term: each rank draws from its own shard of the train split
@@ -276,13 +282,7 @@ class Trainer:
                 family = load_family(cfg.model, world.device, weights)
             except Exception as e:  # noqa: BLE001 - raised below, once every rank knows (none waits for it)
                 error = e
-        if world.distributed:
-            failed = torch.tensor([0.0 if error is None else 1.0])
-            torch.distributed.all_reduce(failed, op=torch.distributed.ReduceOp.MAX)
-            if failed.item() and error is None:
-                raise RuntimeError("another rank could not load the model (its error says why); stopping too")
-        if error is not None:
-            raise error
+        stop_together(error, world)
         return family or load_family(cfg.model, world.device, weights)
 
     # ----- state -------------------------------------------------------------------------------

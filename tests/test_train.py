@@ -263,7 +263,7 @@ def _rank0_worker(rank, port, out):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from fastdmd.distributed import World, fill_from_rank0, parallelize
+    from fastdmd.distributed import World, fill_from_rank0, parallelize, stop_together
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
@@ -275,7 +275,7 @@ def _rank0_worker(rank, port, out):
                 "extra": {k: v.clone() for k, v in extra.state_dict().items()},
                 "plain": {k: v.clone() for k, v in plain.state_dict().items()}, "plain_cache": plain.cache.clone()}
         parallelize(net, world, extra=extra, from_rank0=True)
-        fill_from_rank0(plain, world, plain.state_dict() if rank == 0 else {})  # an unsharded network
+        fill_from_rank0(plain, world)  # an unsharded network: rank 0's goes out tensor by tensor
         full = StateDictOptions(full_state_dict=True)
         got = {"net": get_model_state_dict(net, options=full), "cache": net.cache,
                "extra": get_model_state_dict(extra, options=full), "plain": plain.state_dict(), "plain_cache": plain.cache}
@@ -283,10 +283,15 @@ def _rank0_worker(rank, port, out):
         with torch.device("cpu" if rank == 0 else "meta"):
             odd = _Net(torch.float32 if rank == 0 else torch.bfloat16)
         try:
-            fill_from_rank0(odd, world, odd.state_dict() if rank == 0 else {})
+            fill_from_rank0(odd, world)
         except RuntimeError as e:
             error = str(e)
-        torch.save({"want": want, "got": got, "error": error}, f"{out}/{rank}.pt")
+        alone = None
+        try:  # an error on rank 0 alone (say, its init_generator failed to load) stops rank 1 too
+            stop_together(ValueError("bad checkpoint") if rank == 0 else None, world)
+        except (ValueError, RuntimeError) as e:
+            alone = f"{type(e).__name__}: {e}"
+        torch.save({"want": want, "got": got, "error": error, "alone": alone}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
 
@@ -295,7 +300,8 @@ def _rank0_worker(rank, port, out):
 def test_networks_built_on_the_meta_device_take_rank_0s_weights_as_they_are_sharded(tmp_path):
     """perf.load_on_rank0: rank 1 builds its networks on the meta device and reads nothing; sharding
     fills its shards (and the non-persistent buffers, which state dicts leave out) from rank 0's whole
-    weights. A rank that built a network in another dtype stops every rank with a message."""
+    weights. A rank that built a network otherwise (here another dtype) stops every rank with a message;
+    so does an error on one rank (stop_together)."""
     torch.multiprocessing.spawn(_rank0_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
     zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     want = zero["want"]
@@ -305,7 +311,8 @@ def test_networks_built_on_the_meta_device_take_rank_0s_weights_as_they_are_shar
             assert all(torch.equal(got[part][k], want[part][k]) for k in want[part]), part
         assert torch.equal(got["cache"], want["cache"]) and torch.equal(got["plain_cache"], want["plain_cache"])
     assert "rank 1 built _Net unlike rank 0" in one["error"] and "torch.bfloat16" in one["error"]
-    assert "another rank built _Net unlike rank 0" in zero["error"]
+    assert "another rank failed" in zero["error"]
+    assert zero["alone"] == "ValueError: bad checkpoint" and "another rank failed" in one["alone"]
 
 
 def test_without_weights_the_family_is_built_on_the_meta_device():
