@@ -138,6 +138,8 @@ class GDMDConfig:
                            choices=("linear", "softmax", "signed"))
     lam: float = opt(0.5, "slope of the linear weight modes", min=0.0)
     tau: float = opt(1.0, "softmax temperature", min=1e-6)
+    eps: float = opt(1e-6, "eps of the advantages' denominator std + eps: rewards whose spread over a sample's "
+                     "targets is well below it give weights near 1", min=1e-12)
 
 
 @dataclass

@@ -141,7 +141,7 @@ class FakeScore(nn.Module):
             loss = self.denoising_loss(x0, labels, generator, sigma)
             return loss, {"loss_critic": loss.detach()}
         x0 = x0.detach()
-        x_t, sigma, eps = self.noised(x0, generator)
+        x_t, sigma, eps = self.noised(x0, generator, sigma)
         pred, logit_fake = self.predict_and_logit(x_t, sigma, labels)
         denoise = F.mse_loss(pred, self.adapter.target(x0, eps))
         real_t, real_sigma, _ = self.noised(real_x0, generator)

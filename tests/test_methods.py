@@ -319,3 +319,20 @@ def test_gndmr_resume_matches_an_uninterrupted_run(tmp_path):
     keys = ("loss_generator", "loss_policy", "fusion_weight_0", "loss_critic")
     assert [[r[k] for k in keys] for r in rows(tmp_path / "straight")] == \
         [[r[k] for k in keys] for r in rows(tmp_path / "resumed")]
+
+
+def test_the_critic_with_the_gan_head_denoises_at_the_noise_levels_it_is_given():
+    """DMDR's dynamic renoise hands the critic its sigma; with DMD2's GAN head on, the denoising part
+    must use it too (it drew its own U(0, 1) before)."""
+    from fastdmd.config import ModelConfig
+    from fastdmd.models.family import load_family
+    from fastdmd.roles import build_roles
+
+    family = load_family(ModelConfig())
+    _, _, fake = build_roles(family.teacher, family.adapter, gan=True)
+    seen, predict_and_logit = [], fake.predict_and_logit
+    fake.predict_and_logit = lambda x, s, y: (seen.append(s), predict_and_logit(x, s, y))[1]
+    sigma, labels = torch.tensor([0.9, 0.95]), torch.tensor([3, 7])
+    x0 = torch.randn(2, *family.sample_shape)
+    fake.critic_loss(x0, labels, x0.flip(0), labels, 0.1, torch.Generator().manual_seed(0), sigma=sigma)
+    assert torch.equal(seen[0], sigma) and not torch.equal(seen[1], sigma)  # generated at sigma, real at its own

@@ -2,7 +2,7 @@
 
 The DMD gradient read as an implicit target: for each sample, K targets T_k = sg(x0) - grad_k at K
 noise levels; the rewards score the targets (not the raw sample); the K targets of a sample form
-one group, whose standardized, clipped advantages A_k (`ops.group_advantages`, group_size = K)
+one group, whose standardized, clipped advantages A_k (`target_advantages`, METHODS.md's formula)
 become per-target weights w(A_k) (`gdmd.weight_mode`, fastdmd.objectives.weights):
 
     loss = (1/K) sum_k 0.5 * mean(w(A_k) * (x0 - T_k)^2)
@@ -17,11 +17,23 @@ from typing import Iterator
 
 import torch
 
-from fastdmd import ops
 from fastdmd.objectives.base import Batch, Objective, Update
 from fastdmd.objectives.dmd2 import dmd_logs, dmd_op, dmd_predictions
 from fastdmd.objectives.weights import gdmd_weights
 from fastdmd.profiling import phase
+
+
+def target_advantages(scores: torch.Tensor, weights: torch.Tensor, eps: float, clip: float) -> torch.Tensor:
+    """A [B, K] from the rewards [B, K, R] of each sample's K targets: METHODS.md's
+    A_k = clip((r_k - mean_k r) / (std_k r + eps), -c, c) (population std over the K targets), each
+    reward standardized so, then summed with the reward weights before the clip (one reward of weight
+    1: exactly that formula). Not ops.group_advantages, which standardizes the fused sum again: with one
+    reward that divides by std / (std + eps) and undoes the eps, so rewards nearly equal over the
+    targets (say classifier log-probs 1e-6 apart) would get full-strength weights; here A shrinks
+    smoothly to 0 as the spread falls below eps."""
+    mean = scores.mean(dim=1, keepdim=True)
+    std = scores.std(dim=1, unbiased=False, keepdim=True)
+    return (((scores - mean) / (std + eps)) * weights).sum(dim=-1).clamp(-clip, clip)
 
 
 class GDMD(Objective):
@@ -33,10 +45,8 @@ class GDMD(Objective):
             plain = [dmd_op(x0.detach(), inp, cfg.dmd) for inp in inputs]
             scored = [roles.reward.scores(out.target, batch.labels, out) for out in plain]
             scores = torch.stack([s.per_reward for s in scored], dim=1)
-            batch_size, k, r = scores.shape
-            adv = ops.group_advantages(scores.reshape(batch_size * k, r), group_size=k, weights=scored[0].weights,
-                                       clip=cfg.reward.clip)
-            weights = gdmd_weights(adv.advantages.reshape(batch_size, k), c.weight_mode, c.lam, c.tau)
+            advantages = target_advantages(scores, scored[0].weights, c.eps, cfg.reward.clip)
+            weights = gdmd_weights(advantages, c.weight_mode, c.lam, c.tau)
         outs = [dmd_op(x0, inp, cfg.dmd, weights=weights[:, i].contiguous()) for i, inp in enumerate(inputs)]
         loss = torch.stack([o.loss for o in outs]).mean()
         self.remember(x0, batch.labels)

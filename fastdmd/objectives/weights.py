@@ -2,10 +2,9 @@
 the paper's method section and code are not public).
 
 Where it sits: after the K DMD targets T_k = sg(x0) - grad_k of each sample (K noise levels) have
-been scored by the reward. Their group advantages A [B, K] come from `ops.group_advantages`, with
-each sample's K targets as one group:
-    A = ops.group_advantages(r.reshape(B * K, R), group_size=K, clip=c).advantages.reshape(B, K)
-(r: the [B, K, R] scores of R reward models on the targets). The weights from here go to
+been scored by the reward. Their advantages A [B, K] come from `gdmd.target_advantages`, with
+each sample's K targets as one group: A_k = clip((r_k - mean_k r) / (std_k r + eps), -c, c)
+(r: the [B, K, R] scores of R reward models on the targets, standardized each, summed with their weights). The weights from here go to
 `ops.dmd_target(..., weights=w[:, k])` for target k, and the K losses are averaged:
 loss = (1/K) sum_k w(A_k) * 0.5 * mean((x0 - T_k)^2).
 
@@ -18,8 +17,7 @@ Modes (all non-decreasing in A, so a better target never gets less weight):
 - "signed": w = 1 + lam * A without the floor: the "toward positive, away from negative" variant.
   Targets worse than 1/lam standard deviations get a negative weight, i.e. the generator is
   pushed away from them; the group mean stays 1.
-A group without reward signal (A = 0, ops.group_advantages' invalid groups) gets w = 1 in every
-mode: plain DMD.
+A group without reward signal (equal rewards: A = 0) gets w = 1 in every mode: plain DMD.
 """
 
 from __future__ import annotations
