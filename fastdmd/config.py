@@ -106,6 +106,9 @@ class RewardConfig:
     weights: tuple = opt(None, "one weight per reward (default 1 each)", factory=tuple)
     group_size: int = opt(8, "samples per group (same class) for group-normalized advantages", min=2)
     clip: float = opt(5.0, "advantages are clipped to [-clip, clip]", min=0.0)
+    dm_proxy: str = opt("grad_sq", "distribution_matching: the per-sample stand-in for R_dm (fastdmd/rewards/"
+                        "distribution_matching.py): grad_sq, disagreement or alignment",
+                        choices=("grad_sq", "disagreement", "alignment"))
     clip_score_path: str = opt("", "clip_score: local transformers folder of a CLIP model, e.g. "
                                "openai/clip-vit-large-patch14 (fastdmd/rewards/clip.py says how to make it)")
     pickscore_path: str = opt("", "pickscore: local transformers folder of yuvalkirstain/PickScore_v1 with the "
@@ -145,13 +148,16 @@ class GDMDConfig:
 @dataclass
 class GNDMConfig:
     normalization: str = opt("group_normalizer", "group form: group_normalizer (a: per-sample normalizer -> group "
-                             "mean), baseline (b: subtract the group-mean gradient), norm_scale (c: gradient "
-                             "norms standardized within the group), none", choices=("group_normalizer", "baseline",
+                             "mean), baseline (b: subtract the group-mean gradient), norm_scale (c, our reading: "
+                             "each gradient rescaled to the group-mean gradient norm), none",
+                             choices=("group_normalizer", "baseline",
                                                                                    "norm_scale", "none"))
     pg_weight: float = opt(0.0, "weight of the policy-gradient term on fused R_dm + reward advantages (0 = GNDM; "
                            "> 0 = GNDMR)", min=0.0)
     adaptive_fusion: bool = opt(True, "GNDMR: rescale each reward's fusion weight by its within-group spread "
                                 "relative to its running average")
+    group_noise: bool = opt(True, "one DM noise level and noise draw per group (false: per sample), so that group "
+                            "statistics compare the samples, not the noise levels they drew")
     policy_updates: int = opt(2, "importance sampling: clipped-ratio updates per stochastic rollout", min=1, max=8)
     clip_range: float = opt(0.2, "PPO clip of the importance ratio", min=0.0)
     eta: float = opt(0.7, "CPS noise of the stochastic rollout steps", min=0.01, max=1.0)

@@ -336,3 +336,54 @@ def test_the_critic_with_the_gan_head_denoises_at_the_noise_levels_it_is_given()
     x0 = torch.randn(2, *family.sample_shape)
     fake.critic_loss(x0, labels, x0.flip(0), labels, 0.1, torch.Generator().manual_seed(0), sigma=sigma)
     assert torch.equal(seen[0], sigma) and not torch.equal(seen[1], sigma)  # generated at sigma, real at its own
+
+
+@pytest.mark.parametrize("recipe", ["digits-gndm", "digits-gndmr"])
+def test_a_groups_samples_are_noised_alike_for_the_group_statistics(tmp_path, recipe):
+    """gndm.group_noise: one DM noise level and noise draw per group (the samples of a group are then
+    compared with each other, not with the noise levels they drew); off, a draw per sample."""
+    def noised(*flags):
+        trainer = trainer_for(tmp_path / "-".join(flags or ("on",)), "--recipe", recipe, *flags)
+        seen, dm_inputs = [], trainer.objective.dm_inputs
+
+        def spy(x0, labels, rng):
+            inputs = dm_inputs(x0, labels, rng)
+            s = inputs.sigma[:, None, None, None]
+            seen.append((inputs.sigma, (inputs.x_t - (1 - s) * x0.detach()) / s))  # flow: x_t = (1 - s) x0 + s eps
+            return inputs
+
+        trainer.objective.dm_inputs = spy
+        next(trainer.objective.generator_updates(first_batch(trainer)))
+        return seen[0], trainer.objective.group_size
+
+    ((sigma, eps), n), ((sigma_off, eps_off), _) = noised(), noised("--gndm.group_noise", "false")
+    groups, eps_groups = sigma.reshape(-1, n), eps.reshape(-1, n, *eps.shape[1:])
+    assert (groups == groups[:, :1]).all() and len(groups[:, 0].unique()) == len(groups)
+    torch.testing.assert_close(eps_groups, eps_groups[:, :1].expand_as(eps_groups), rtol=0, atol=1e-5)
+    assert len(sigma_off.unique()) == len(sigma_off) and not torch.allclose(eps_off[0], eps_off[1], atol=0.1)
+
+
+def test_the_r_dm_proxy_is_chosen_in_the_config():
+    from fastdmd.rewards import build_reward
+
+    cfg = parse_args(TINY + ["--recipe", "digits-gndmr", "--reward.dm_proxy", "alignment"])
+    from fastdmd.models.family import load_family
+
+    reward = build_reward(cfg.reward, load_family(cfg.model).classifier, [str(i) for i in range(10)], torch.device("cpu"))
+    assert "distribution_matching_alignment" in [r.name for r in reward.rewards]
+
+
+def test_rtdmd_standardizes_the_weighted_sum_of_its_rewards(tmp_path, monkeypatch):
+    """RTDMD (from flow-GRPO's code): several rewards are weighted and summed, then standardized per
+    group (standardizing each reward first, as GNDMR does, can flip an advantage's sign)."""
+    trainer = trainer_for(tmp_path, "--recipe", "digits-rtdmd", "--reward.names", "classifier_log_prob,jpeg",
+                          "--reward.weights", "1,0.5", "--rtdmd.stage1_steps", "0",
+                          "--rtdmd.reward_backprop_weight", "0")  # JPEG is not differentiable
+    calls, group_advantages = [], ops.group_advantages
+    monkeypatch.setattr(ops, "group_advantages", lambda r, **kw: (calls.append((r, kw)), group_advantages(r, **kw))[1])
+    seen, scores = [], trainer.reward.scores
+    monkeypatch.setattr(trainer.reward, "scores", lambda *a, **kw: (seen.append(scores(*a, **kw)), seen[-1])[1])
+    next(trainer.objective.generator_updates(first_batch(trainer, step=1)))
+    (rewards, kwargs), = calls
+    assert rewards.shape == (8, 1) and kwargs.get("weights") is None
+    torch.testing.assert_close(rewards[:, 0], seen[0].total)

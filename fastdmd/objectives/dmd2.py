@@ -32,14 +32,18 @@ class DMDInputs(NamedTuple):
 
 
 def dmd_predictions(x0: torch.Tensor, labels: torch.Tensor, real, fake, cfg: DMDConfig,
-                    generator: torch.Generator | None, sigma: torch.Tensor | None = None) -> DMDInputs:
+                    generator: torch.Generator | None, sigma: torch.Tensor | None = None,
+                    noise: torch.Tensor | None = None) -> DMDInputs:
+    """The scores at x_t = noised x0, at `sigma` ~ U[dmd.sigma_min, dmd.sigma_max] and Gaussian `noise`
+    unless given."""
     adapter = real.adapter
     with torch.no_grad():
         if sigma is None:
             u = torch.rand(x0.shape[0], generator=generator, device=x0.device)
             sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * u
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        x_t = adapter.add_noise(x0.detach(), sigma, eps)
+        if noise is None:
+            noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        x_t = adapter.add_noise(x0.detach(), sigma, noise)
         with phase("real_score"):
             real_cond, real_uncond = real.predict(x_t, sigma, labels, cfg.guidance_scale)
         with phase("fake_score"):

@@ -16,7 +16,8 @@ h(x, t) = x - t v_fake(x, t), two independent CPS steps (detached) from t to t' 
 x'_1, x'_2 and L_cons = mean((h(x'_1, t') - h(x_t, t)) (h(x'_2, t') - h(x_t, t))).
 
 Stage 2, hybrid policy gradient: groups of `reward.group_size` samples per class from the CPS SDE
-sampler with fp32 log-probs; group advantages (ops.group_advantages, clipped) of the rewards; PPO
+sampler with fp32 log-probs; group advantages (ops.group_advantages, clipped) of the weighted sum of
+the rewards (summed first, then standardized, as flow-GRPO's code does); PPO
 clipped loss on the SubGRPO-trained stochastic steps (the untrained ones use noise shared within a
 group, seeded from the class, the step and the run seed); the deterministic last step gets AC-DMD
 (`last_step_dmd_weight`) plus reward backprop `reward_backprop_weight * mean(relu(margin - sum_k
@@ -43,7 +44,6 @@ from fastdmd.profiling import phase
 from fastdmd.rollout.sde import cps_step, group_shared_noise, policy_loss, sde_rollout, subgrpo_steps
 
 T_MIN, T_MAX, T_GAP = 0.02, 0.98, 0.01   # RTDMD's min/max step 20/980 and the +10 timesteps above s
-CONSISTENCY_MAX_STEPS = 200              # Delta ~ U{1..200} timesteps
 
 
 def cps_back_coeffs(t: torch.Tensor, s: float, eta: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,7 +134,8 @@ class RTDMD(Objective):
                                   shared_noise=shared)
         with torch.no_grad(), phase("reward"):
             scores = self.roles.reward.scores(rollout.sample, batch.labels)
-            adv = ops.group_advantages(scores.per_reward, group_size=n, weights=scores.weights, clip=cfg.reward.clip)
+            # The weighted sum of the rewards, then its group statistics: RTDMD's (flow-GRPO's) order.
+            adv = ops.group_advantages(scores.total[:, None], group_size=n, clip=cfg.reward.clip)
         with phase("generator_fwd"):
             pols = [policy_loss(self._velocity, rollout, i, batch.labels, adv.advantages, c.clip_range) for i in trained]
         pg = torch.stack([p.loss.mean() for p in pols]).mean()
@@ -180,7 +181,8 @@ class RTDMD(Objective):
     def _consistency(self, x_t, t, pred_t, labels, rng) -> torch.Tensor:
         fake, eta = self.roles.fake, self.cfg.rtdmd.eta
         shape = (x_t.shape[0],) + (1,) * (x_t.dim() - 1)
-        delta = torch.randint(1, CONSISTENCY_MAX_STEPS + 1, (x_t.shape[0],), generator=rng, device=x_t.device) / 1000
+        max_steps = max(1, round(self.cfg.rtdmd.consistency_max_delta * 1000))  # Delta ~ U{1..max} timesteps
+        delta = torch.randint(1, max_steps + 1, (x_t.shape[0],), generator=rng, device=x_t.device) / 1000
         t_next = (t - delta).clamp_min(1e-3)
         h_t = x_t - t.view(shape) * pred_t
         ends = []

@@ -56,4 +56,4 @@ def _make_reward(name, cfg, classifier, prompts, device) -> Reward:
         return CLIP_REWARDS[name](getattr(cfg, f"{name}_path"), prompts, dtype=cfg.dtype,
                                   micro_batch=cfg.micro_batch, device=cfg.device or device)
     return {"classifier_log_prob": lambda: ClassifierLogProb(classifier), "jpeg": JpegCompressibility,
-            "distribution_matching": DistributionMatchingReward}[name]()
+            "distribution_matching": lambda: DistributionMatchingReward(cfg.dm_proxy)}[name]()
