@@ -212,7 +212,7 @@ def test_a_fixed_reward_device_is_refused_under_torchrun(tmp_path):
         Trainer(cfg, World(rank=0, world_size=2))
 
 
-def _share_worker(rank, port, out):
+def _share_worker(rank, out):
     import types
 
     import torch.distributed as dist
@@ -220,7 +220,8 @@ def _share_worker(rank, port, out):
     from fastdmd.distributed import World
     from fastdmd.trainer import Trainer
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file store, not a TCP port: a free port found first can be taken by a neighbouring test's group.
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     try:
         noise, labels = torch.arange(7 * 3.0).reshape(7, 3), torch.arange(7)
         draws = [torch.randn(7, 3, generator=torch.Generator().manual_seed(i)) for i in range(2)]
@@ -242,7 +243,7 @@ def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
     """Under torchrun each rank draws its share of a grid (every world-size-th sample, with those
     samples' rows of the per-sample draws, so a sample is the one a single process draws) and rank 0
     reassembles them in order; the others get None."""
-    torch.multiprocessing.spawn(_share_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_share_worker, args=(str(tmp_path),), nprocs=2)
     zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert torch.equal(zero["got"], zero["want"]) and one["got"] is None
     assert zero["calls"][0] == 4 and one["calls"][0] == 3  # samples 0, 2, 4, 6 and 1, 3, 5
@@ -259,13 +260,14 @@ class _Net(torch.nn.Module):
         self.register_buffer("cache", torch.randn(4), persistent=False)
 
 
-def _rank0_worker(rank, port, out):
+def _rank0_worker(rank, out):
     import torch.distributed as dist
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fastdmd.distributed import World, fill_from_rank0, parallelize, stop_together
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # A file store, not a TCP port: a free port found first can be taken by a neighbouring test's group.
+    dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
     try:
         world = World(rank=rank, world_size=2)
         torch.manual_seed(0)
@@ -302,7 +304,7 @@ def test_networks_built_on_the_meta_device_take_rank_0s_weights_as_they_are_shar
     fills its shards (and the non-persistent buffers, which state dicts leave out) from rank 0's whole
     weights. A rank that built a network otherwise (here another dtype) stops every rank with a message;
     so does an error on one rank (stop_together)."""
-    torch.multiprocessing.spawn(_rank0_worker, args=(_free_port(), str(tmp_path)), nprocs=2)
+    torch.multiprocessing.spawn(_rank0_worker, args=(str(tmp_path),), nprocs=2)
     zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     want = zero["want"]
     for got in (zero["got"], one["got"]):
