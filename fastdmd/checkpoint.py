@@ -191,6 +191,8 @@ def load_checkpoint(path: str, state: dict, world: World) -> int:
             # no_dist for a one-process World even inside torchrun: loading a whole generator
             # (model.init_generator) on rank 0 alone must not wait for the other ranks.
             dcp.load(state, checkpoint_id=path, no_dist=not world.distributed)
+    except TypeError:  # a wrong call (say an older torch's dcp.load), not a damaged checkpoint: no advice to delete
+        raise
     except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
         reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
         raise CheckpointError(f"could not load checkpoint {path} ({reason}); delete it to resume from the one before, "

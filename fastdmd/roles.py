@@ -136,7 +136,8 @@ class FakeScore(nn.Module):
     def critic_loss(self, x0, labels, real_x0, real_labels, gan_weight: float, generator,
                     sigma: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
         """Denoising loss, plus (with the GAN head) gan_weight x the non-saturating discriminator loss:
-        softplus(-D(noised real)) + softplus(D(noised generated))."""
+        softplus(-D(noised real)) + softplus(D(noised generated)), both batches noised at the same levels
+        (`sigma`, or U(0, 1) draws; the real batch is as large as the generated one)."""
         if self.gan_head is None or gan_weight == 0:
             loss = self.denoising_loss(x0, labels, generator, sigma)
             return loss, {"loss_critic": loss.detach()}
@@ -144,7 +145,9 @@ class FakeScore(nn.Module):
         x_t, sigma, eps = self.noised(x0, generator, sigma)
         pred, logit_fake = self.predict_and_logit(x_t, sigma, labels)
         denoise = F.mse_loss(pred, self.adapter.target(x0, eps))
-        real_t, real_sigma, _ = self.noised(real_x0, generator)
+        # The real batch at the generated batch's noise levels: the discriminator learns nothing from the
+        # noise level (DMDR's renoise levels differ from U(0, 1)).
+        real_t, real_sigma, _ = self.noised(real_x0, generator, sigma)
         _, logit_real = self.predict_and_logit(real_t, real_sigma, real_labels)
         disc = F.softplus(logit_fake).mean() + F.softplus(-logit_real).mean()
         return denoise + gan_weight * disc, {"loss_critic": denoise.detach(), "loss_discriminator": disc.detach()}

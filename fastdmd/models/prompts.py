@@ -71,11 +71,6 @@ def load_prompt_cache(path: str, prompts: list[str]) -> tuple[torch.Tensor, torc
     return tensors["prompt_embeds"], tensors["pooled"]
 
 
-def text_encoder_dtype(device: torch.device) -> torch.dtype:
-    """bf16 on GPUs (T5-XXL overflows in fp16), fp32 on the CPU (where bf16 matmuls are slow)."""
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
-
-
 def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode` over `prompts` in batches of ENCODE_BATCH, with a progress bar when there is more than one."""
     from tqdm import tqdm
@@ -89,8 +84,9 @@ def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int
 def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_sequence_length: int,
                       load_encoder: LoadTextEncoder, device: torch.device = torch.device("cpu")
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of prompts + [""], from the cache or computed with the text encoders (on `device`)
-    and cached."""
+    """Embeddings of prompts + [""], from the cache or computed with the text encoders (on `device`, in
+    fp32 wherever they run, so that a cache does not depend on the machine that built it: T5-XXL
+    takes ~19 GB for the moment) and cached."""
     cache = cache or default_cache_path(model_path, prompts, max_sequence_length)
     if os.path.isfile(cache):
         return load_prompt_cache(cache, prompts)
@@ -99,7 +95,7 @@ def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_seque
     encoder = load_encoder(model_path, device)
     embeds, pooled = encode_all(encoder, prompts + [""], max_sequence_length)
     del encoder
-    if device.type == "cuda":  # the encoders' blocks (T5-XXL: ~9 GB) back to the GPU before the networks come
+    if device.type == "cuda":  # the encoders' blocks back to the GPU before the networks come
         torch.cuda.empty_cache()
     save_prompt_cache(cache, prompts, embeds, pooled)
     return embeds, pooled

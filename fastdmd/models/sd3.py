@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.prompts import TextEncoder, require_text_encoders, text_encoder_dtype
+from fastdmd.models.prompts import TextEncoder, require_text_encoders
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -53,7 +53,7 @@ def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    dtype = text_encoder_dtype(device)
+    dtype = torch.float32  # wherever they run: a cache must not depend on the machine that built it
 
     def part(cls, folder: str):
         path = os.path.join(model_path, folder)

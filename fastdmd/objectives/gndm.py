@@ -9,7 +9,7 @@ group statistics stabilize the per-sample estimate (`gndm.normalization`):
 - "baseline" (b): the group-mean gradient is subtracted from each sample's gradient, so only the
   sample's deviation from its group is matched;
 - "norm_scale" (c): each sample's gradient is rescaled to the group-mean gradient norm;
-- "none": plain DMD2 on the grouped batch.
+- "none": plain DMD2 on the grouped batch (DMD2's own draws with `gndm.group_noise` false).
 With `gndm.group_noise` (ours, default on) a group's samples are noised alike: one DM noise level and
 one noise draw per group, so that the group statistics (the normalizer's group mean, R_dm's group
 advantages) compare samples rather than the noise levels each happened to draw; with a draw per

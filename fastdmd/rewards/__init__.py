@@ -9,9 +9,10 @@ there instead of silently adding a constant to the loss. `dmd` is the `ops.dmd_t
 of the same samples; only `DistributionMatchingReward` (GNDM's R_dm) reads it.
 
 Where rewards enter the step: after the generator forward (and, for GDMD, on the DMD targets),
-in the `reward` phase. Policy-gradient methods (RTDMD, GNDM, DrPO's ranking) turn the score
-matrix of a `CombinedReward` into group advantages with `ops.group_advantages`; reward-backprop
-methods (DMDR, RTDMD's last step) differentiate the weighted sum.
+in the `reward` phase. Policy-gradient methods turn the scores of a `CombinedReward` into group
+advantages with `ops.group_advantages`: GNDMR each reward's (standardized per reward, then fused with
+the weights), RTDMD the weighted sum's; DrPO ranks by the weighted sum; reward-backprop methods
+(DMDR, RTDMD's last step) differentiate the weighted sum.
 
     from fastdmd.rewards import ClassifierLogProb, CombinedReward, JpegCompressibility
     reward = CombinedReward([ClassifierLogProb(classifier), JpegCompressibility()], [1.0, 0.1])

@@ -44,18 +44,18 @@ class Reward(abc.ABC):
 
 
 class RewardScores(NamedTuple):
-    per_reward: torch.Tensor  # [B, K] fp32: column k is reward k's scores (the rewards of ops.group_advantages)
-    weights: torch.Tensor     # [K] fp32 on the scores' device (the weights of ops.group_advantages)
+    per_reward: torch.Tensor  # [B, K] fp32: column k is reward k's scores
+    weights: torch.Tensor     # [K] fp32 on the scores' device
     total: torch.Tensor       # [B] fp32: per_reward @ weights, differentiable when every part is
 
 
 class CombinedReward(Reward):
     """K rewards with weights: the score matrix [B, K] and the weighted sum sum_k w_k r_k.
 
-    The matrix and weights feed `ops.group_advantages`, which standardizes each reward within its
-    group before fusing with the weights (so there the weights are relative importances, not unit
-    conversions). The raw weighted sum is what reward-backprop losses differentiate (e.g. RTDMD's
-    relu(3 - sum_k w_k r_k)) and what gets logged.
+    GNDMR and GDMD standardize each reward of the matrix within its group before fusing with the
+    weights (there the weights are relative importances, not unit conversions). The raw weighted sum
+    is what RTDMD standardizes for its advantages (there the weights also convert units), what
+    reward-backprop losses differentiate (e.g. RTDMD's relu(3 - sum_k w_k r_k)) and what gets logged.
     """
 
     def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None,
