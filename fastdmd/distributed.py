@@ -173,14 +173,9 @@ def non_persistent_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
 def stop_together(error: str | BaseException | None, world: World) -> None:
     """Raise on every rank if any rank has an error (this rank's, or None): a rank that stopped alone
     would leave the others waiting in their next collective. The failing rank raises its own error."""
-    if not world.distributed:
-        if isinstance(error, BaseException):
-            raise error
-        if error:
-            raise RuntimeError(error)
-        return
     failed = torch.tensor([0.0 if error is None else 1.0])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if world.distributed:
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
     if isinstance(error, BaseException):
         raise error
     if error:

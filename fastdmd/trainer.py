@@ -170,7 +170,8 @@ class Trainer:
         # perf.load_on_rank0: the other ranks' networks are built on the meta device; each takes its weights
         # from rank 0 as parallelize shards it.
         from_rank0 = world.distributed and cfg.perf.load_on_rank0
-        self.family = family or self._load_family(cfg, world, weights=world.is_main or not from_rank0)
+        reads_weights = world.is_main or not from_rank0
+        self.family = family or self._load_family(cfg, world, weights=reads_weights)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         # Under torchrun the networks stay in host memory until fully_shard moves each rank's shards to its
         # GPU: whole copies of the teacher, generator and critic on every GPU first would need ~10 B/param.
@@ -190,7 +191,7 @@ class Trainer:
         base = None
         if cfg.model.init_generator:
             error = None
-            if world.is_main or not from_rank0:  # the others take the weights from rank 0 with the rest
+            if reads_weights:  # the others take the weights from rank 0 with the rest
                 try:
                     self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
                 except Exception as e:  # noqa: BLE001 - raised by stop_together, once every rank knows
@@ -235,7 +236,7 @@ class Trainer:
         if perf.shard_teacher or not world.distributed:
             parallelize(teacher, world, perf, trainable=False, from_rank0=from_rank0)
         else:
-            if world.is_main or not from_rank0:  # the others' are on the meta device: fill_from_rank0 places them
+            if reads_weights:  # the others' are on the meta device: fill_from_rank0 places them
                 teacher.to(world.device)
             if from_rank0:
                 fill_from_rank0(teacher, world)

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.prompts import TextEncoder, require_text_encoders
+from fastdmd.models.prompts import TextEncoder, encoder_part, require_text_encoders, tokenizer_part
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -49,17 +49,14 @@ def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
     from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    dtype = torch.float32  # wherever they run: a cache must not depend on the machine that built it
     pipe = FluxPipeline(
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler",
                                                                   local_files_only=True),
         vae=None, transformer=None,
-        text_encoder=CLIPTextModel.from_pretrained(model_path, subfolder="text_encoder", dtype=dtype,
-                                                   local_files_only=True).to(device),
-        tokenizer=CLIPTokenizer.from_pretrained(model_path, subfolder="tokenizer", local_files_only=True),
-        text_encoder_2=T5EncoderModel.from_pretrained(model_path, subfolder="text_encoder_2", dtype=dtype,
-                                                      local_files_only=True).to(device),
-        tokenizer_2=T5TokenizerFast.from_pretrained(model_path, subfolder="tokenizer_2", local_files_only=True))
+        text_encoder=encoder_part(model_path, CLIPTextModel, "text_encoder", device),
+        tokenizer=tokenizer_part(model_path, CLIPTokenizer, "tokenizer"),
+        text_encoder_2=encoder_part(model_path, T5EncoderModel, "text_encoder_2", device),
+        tokenizer_2=tokenizer_part(model_path, T5TokenizerFast, "tokenizer_2"))
 
     @torch.no_grad()
     def encode(prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:

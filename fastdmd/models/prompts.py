@@ -71,6 +71,16 @@ def load_prompt_cache(path: str, prompts: list[str]) -> tuple[torch.Tensor, torc
     return tensors["prompt_embeds"], tensors["pooled"]
 
 
+def encoder_part(model_path: str, cls, folder: str, device: torch.device):
+    """A text encoder from model_path/folder on `device`, in fp32 wherever it runs (a cache must not
+    depend on the machine that built it)."""
+    return cls.from_pretrained(model_path, subfolder=folder, dtype=torch.float32, local_files_only=True).to(device)
+
+
+def tokenizer_part(model_path: str, cls, folder: str):
+    return cls.from_pretrained(model_path, subfolder=folder, local_files_only=True)
+
+
 def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`encode` over `prompts` in batches of ENCODE_BATCH, with a progress bar when there is more than one."""
     from tqdm import tqdm

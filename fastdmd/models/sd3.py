@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 
 from fastdmd.models.flow import FlowAdapter
-from fastdmd.models.prompts import TextEncoder, require_text_encoders
+from fastdmd.models.prompts import TextEncoder, encoder_part, require_text_encoders, tokenizer_part
 
 REQUIRED = ("transformer/config.json", "scheduler/scheduler_config.json")
 
@@ -53,28 +53,21 @@ def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
     from transformers import CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
     require_text_encoders(model_path, ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"))
-    dtype = torch.float32  # wherever they run: a cache must not depend on the machine that built it
-
-    def part(cls, folder: str):
-        path = os.path.join(model_path, folder)
-        kwargs = {"dtype": dtype} if "Tokenizer" not in cls.__name__ else {}
-        return cls.from_pretrained(path, local_files_only=True, **kwargs)
-
     t5 = all(os.path.isdir(os.path.join(model_path, d)) for d in ("text_encoder_3", "tokenizer_3"))
     if not t5:
         print(f"{model_path} has no text_encoder_3 / tokenizer_3: the T5 part of the prompt embeddings is zeros "
               f"(SD3 without T5)")
     pipe = StableDiffusion3Pipeline(
         # The architecture alone (meta device): the pipeline reads its width for the zeros without T5.
-        transformer=load_transformer(model_path, dtype, weights=False),
+        transformer=load_transformer(model_path, torch.float32, weights=False),
         scheduler=FlowMatchEulerDiscreteScheduler.from_pretrained(model_path, subfolder="scheduler",
                                                                   local_files_only=True),
-        vae=None, text_encoder=part(CLIPTextModelWithProjection, "text_encoder").to(device),
-        tokenizer=part(CLIPTokenizer, "tokenizer"),
-        text_encoder_2=part(CLIPTextModelWithProjection, "text_encoder_2").to(device),
-        tokenizer_2=part(CLIPTokenizer, "tokenizer_2"),
-        text_encoder_3=part(T5EncoderModel, "text_encoder_3").to(device) if t5 else None,
-        tokenizer_3=part(T5TokenizerFast, "tokenizer_3") if t5 else None)
+        vae=None, text_encoder=encoder_part(model_path, CLIPTextModelWithProjection, "text_encoder", device),
+        tokenizer=tokenizer_part(model_path, CLIPTokenizer, "tokenizer"),
+        text_encoder_2=encoder_part(model_path, CLIPTextModelWithProjection, "text_encoder_2", device),
+        tokenizer_2=tokenizer_part(model_path, CLIPTokenizer, "tokenizer_2"),
+        text_encoder_3=encoder_part(model_path, T5EncoderModel, "text_encoder_3", device) if t5 else None,
+        tokenizer_3=tokenizer_part(model_path, T5TokenizerFast, "tokenizer_3") if t5 else None)
 
     @torch.no_grad()
     def encode(prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:

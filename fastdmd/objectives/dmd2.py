@@ -31,6 +31,11 @@ class DMDInputs(NamedTuple):
     sigma: torch.Tensor
 
 
+def dm_sigma(count: int, cfg: DMDConfig, generator: torch.Generator | None, device) -> torch.Tensor:
+    """`count` DM noise levels ~ U[dmd.sigma_min, dmd.sigma_max]."""
+    return cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * torch.rand(count, generator=generator, device=device)
+
+
 def dmd_predictions(x0: torch.Tensor, labels: torch.Tensor, real, fake, cfg: DMDConfig,
                     generator: torch.Generator | None, sigma: torch.Tensor | None = None,
                     noise: torch.Tensor | None = None) -> DMDInputs:
@@ -39,8 +44,7 @@ def dmd_predictions(x0: torch.Tensor, labels: torch.Tensor, real, fake, cfg: DMD
     adapter = real.adapter
     with torch.no_grad():
         if sigma is None:
-            u = torch.rand(x0.shape[0], generator=generator, device=x0.device)
-            sigma = cfg.sigma_min + (cfg.sigma_max - cfg.sigma_min) * u
+            sigma = dm_sigma(x0.shape[0], cfg, generator, x0.device)
         if noise is None:
             noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = adapter.add_noise(x0.detach(), sigma, noise)

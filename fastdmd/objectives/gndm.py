@@ -41,7 +41,7 @@ import torch
 
 from fastdmd import ops
 from fastdmd.objectives.base import Batch, Objective, Update
-from fastdmd.objectives.dmd2 import dmd_logs, dmd_op, dmd_predictions
+from fastdmd.objectives.dmd2 import dm_sigma, dmd_logs, dmd_op, dmd_predictions
 from fastdmd.profiling import phase
 from fastdmd.rollout.sde import policy_loss, sde_rollout
 
@@ -89,8 +89,7 @@ class GNDM(Objective):
         if cfg.gndm.group_noise:
             with torch.no_grad():
                 groups = x0.shape[0] // n
-                u = torch.rand(groups, generator=rng, device=x0.device)
-                sigma = (cfg.dmd.sigma_min + (cfg.dmd.sigma_max - cfg.dmd.sigma_min) * u).repeat_interleave(n)
+                sigma = dm_sigma(groups, cfg.dmd, rng, x0.device).repeat_interleave(n)
                 noise = torch.randn((groups, *x0.shape[1:]), generator=rng, device=x0.device,
                                     dtype=x0.dtype).repeat_interleave(n, dim=0)
         return dmd_predictions(x0, labels, self.roles.real, self.roles.fake, cfg.dmd, rng, sigma, noise)
