@@ -46,6 +46,16 @@ def test_adapter_packs_like_the_pipeline(flux_dir):
     torch.testing.assert_close(got, FluxPipeline._unpack_latents(direct, 16, 16, 2))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_image_ids_are_the_pipelines(dtype):
+    """Built on the device (a CUDA graph capture refuses diffusers' copy from the CPU), the same ids."""
+    from fastdmd.models.flux import image_ids
+
+    got = image_ids(3, 5, torch.device("cpu"), dtype)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got, FluxPipeline._prepare_latent_image_ids(1, 3, 5, "cpu", dtype), rtol=0, atol=0)
+
+
 def test_the_prompt_cache_is_what_the_pipelines_encode_prompt_gives(flux_dir, tmp_path):
     """A whole FluxPipeline.save_pretrained directory, as a user downloads it, with no prompt cache:
     its CLIP and T5 encoders, loaded folder by folder, give what FluxPipeline.encode_prompt gives."""
@@ -102,3 +112,27 @@ def test_export_runs_in_flux_pipeline_at_four_steps_and_generates(flux_dir, tmp_
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     paths = generate_main([str(out), "--prompt", PROMPTS[0], "--num", "1", "--out", str(tmp_path / "png")])
     assert len(paths) == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_rollout_and_scores_replay_cuda_graphs(flux_dir, tmp_path):
+    """FLUX's calls capture (diffusers' image ids, copied from the CPU, made the capture fail and the
+    run fall back to eager) and the graphed rollout is the eager one."""
+    from fastdmd.distributed import World
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import Trainer, step_generator
+
+    dev = torch.device("cuda")
+    cfg = parse_args(args_for(flux_dir, tmp_path / "run", "--perf.cuda_graph_rollout", "true",
+                              "--perf.cuda_graph_scores", "true"))
+    trainer = Trainer(cfg, World(device=dev))
+    for step in range(1, 3):
+        trainer.train_step(step)
+        noise, labels = torch.randn(2, 4, 8, 8, device=dev), torch.tensor([0, 1], device=dev)
+        got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
+        want = backward_simulation(trainer.generator, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                   step_generator(0, 0, step, dev))
+        torch.testing.assert_close(got[0], want[0], rtol=1e-3, atol=1e-4)  # TF32 matmuls are off by default
+    assert trainer.rollout.active, trainer.rollout.reason
+    assert trainer.scores_graphs == "CUDA graph"

@@ -178,12 +178,14 @@ def test_dmdr_real_score_is_never_captured(tmp_path):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_a_dmd2_step_waits_for_the_gpu_once_per_update_and_once_for_its_logs(tmp_path):
     """Each device-to-host read makes the host wait for the GPU's whole queue, after which the GPU idles
-    until the host queues more. A DMD2 step reads three times: the generator's loss and gradient norm
-    together (skip a non-finite update, clip), the critic's, and every logged value at the end."""
+    until the host queues more. A DMD2 step reads once per update (its loss and gradient norm together:
+    skip a non-finite update, clip), so once for the generator and once per critic update, and once for
+    every logged value at the end."""
     import warnings
 
     dev = torch.device("cuda")
-    trainer = Trainer(parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16"]), World(device=dev))
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16"])
+    trainer = Trainer(cfg, World(device=dev))
     trainer.train_step(1)  # first-use work (optimizer state, library handles) out of the way
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("warn")
@@ -194,7 +196,8 @@ def test_a_dmd2_step_waits_for_the_gpu_once_per_update_and_once_for_its_logs(tmp
     finally:
         torch.cuda.set_sync_debug_mode(0)
     waits = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "synchroniz" in str(w.message)]
-    assert len(waits) == 3, "\n".join(waits)
+    assert cfg.trainer.critic_updates == 2
+    assert len(waits) == 1 + cfg.trainer.critic_updates + 1, "\n".join(waits)
 
 
 @pytest.mark.gpu
@@ -230,12 +233,16 @@ def test_score_graphs_replay_the_eager_scores_and_read_the_live_critic(tmp_path)
                                    rtol=2e-3, atol=2e-3)
     assert len(fake.graphs) == 2
     with trainer._autocast():  # the critic's training forward needs its autograd graph: eager
-        assert fake.predict(x_t, sigma, labels).requires_grad and len(fake.graphs) == 1
+        assert fake.predict(x_t, sigma, labels).requires_grad and len(fake.graphs) == 2  # no capture
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_score_graphs_keep_the_losses(tmp_path):
+def test_score_graphs_keep_the_losses(tmp_path, monkeypatch):
+    # fp32 convolutions: with TF32 (PyTorch's default for cuDNN) the captured graph and the eager call
+    # may run different cuDNN algorithms, whose TF32 roundings, amplified by the real-minus-fake
+    # difference, moved the second step's loss by 0.2% on an H100.
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     dev = torch.device("cuda")
     runs = {}
     for name, extra in [("eager", []), ("graphs", ["--perf.cuda_graph_scores", "true"])]:
@@ -243,7 +250,7 @@ def test_score_graphs_keep_the_losses(tmp_path):
         trainer = Trainer(cfg, World(device=dev))
         runs[name] = [trainer.train_step(step)["loss_dmd"] for step in range(1, 4)]
     assert trainer.scores_graphs == "CUDA graph"
-    torch.testing.assert_close(runs["graphs"], runs["eager"], rtol=1e-3, atol=1e-6)  # TF32 convolutions
+    torch.testing.assert_close(runs["graphs"], runs["eager"], rtol=1e-4, atol=1e-8)
 
 
 def test_cudnn_attention_off_is_applied_and_reported(tmp_path):

@@ -31,7 +31,7 @@ class FluxAdapter(FlowAdapter):
         batch, channels, height, width = x_t.shape
         dtype = next(model.parameters()).dtype
         packed = FluxPipeline._pack_latents(x_t.to(dtype), batch, channels, height, width)
-        img_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, x_t.device, dtype)
+        img_ids = image_ids(height // 2, width // 2, x_t.device, dtype)
         txt = self.prompt_embeds[labels].to(dtype)
         txt_ids = torch.zeros(txt.shape[1], 3, device=x_t.device, dtype=dtype)
         guidance = torch.full((batch,), self.guidance, device=x_t.device, dtype=torch.float32) \
@@ -40,6 +40,15 @@ class FluxAdapter(FlowAdapter):
                     timestep=sigma.to(dtype), img_ids=img_ids, txt_ids=txt_ids, guidance=guidance).sample
         out = out.view(batch, height // 2, width // 2, channels, 2, 2).permute(0, 3, 1, 4, 2, 5)
         return out.reshape(batch, channels, height, width).to(x_t.dtype)
+
+
+def image_ids(height: int, width: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """FluxPipeline._prepare_latent_image_ids, (0, row, column) per packed token, built on `device`:
+    diffusers builds them on the CPU and copies them over, which a CUDA graph capture refuses
+    (a copy from pageable host memory) and which makes every eager call wait for the copy."""
+    rows = torch.arange(height, device=device, dtype=dtype)[:, None].expand(height, width)
+    columns = torch.arange(width, device=device, dtype=dtype)[None, :].expand(height, width)
+    return torch.stack([torch.zeros_like(rows), rows, columns], dim=-1).reshape(height * width, 3)
 
 
 def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
