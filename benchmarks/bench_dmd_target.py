@@ -49,29 +49,31 @@ def cases(args):
 
                 fields = dict(shape=shape_name, dtype=str(dtype).removeprefix("torch."), mode=mode)
                 nbytes = bytes_per_element * dtype.itemsize * inputs["x0"].numel()
-                yield fields, call, nbytes, ALL_GRAPHABLE | {"triton_one_pass"}
+                yield fields, call, nbytes, ALL_GRAPHABLE | {"triton_one_pass", "triton_two_pass"}
 
 
-def triton_one_pass(kernel):
-    """The kernel with passes 1 and 2 in one launch (dmd_target_triton.ONE_PASS), whatever the default;
-    an error (recorded in the row) where the launcher would keep two passes."""
-    def run(**inputs):
-        x0 = inputs["x0"]
-        chunks = dmd_target_triton.sample_chunks(x0[0].numel()).num_chunks
-        if not dmd_target_triton.one_pass_fits(x0.device, chunks):
-            raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this GPU's SMs")
-        saved, dmd_target_triton.ONE_PASS = dmd_target_triton.ONE_PASS, True
-        try:
-            return kernel(**inputs)
-        finally:
-            dmd_target_triton.ONE_PASS = saved
-    return run
+def forced_passes(one_pass: bool):
+    """The kernel with passes 1 and 2 in one launch, or in two, whatever the launcher would choose
+    (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run."""
+    def variant(kernel):
+        def run(**inputs):
+            x0 = inputs["x0"]
+            chunks = dmd_target_triton.sample_chunks(x0[0].numel()).num_chunks
+            if one_pass and not dmd_target_triton.one_pass_fits(x0.device, chunks):
+                raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this GPU's SMs")
+            saved, dmd_target_triton.ONE_PASS = dmd_target_triton.ONE_PASS, one_pass
+            try:
+                return kernel(**inputs)
+            finally:
+                dmd_target_triton.ONE_PASS = saved
+        return run
+    return variant
 
 
 if __name__ == "__main__":
     args = parse_args(__doc__.splitlines()[0])
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
-                   "triton: the default launches; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
-                   "barrier between them"],
-                  kernel_variants={"triton_one_pass": triton_one_pass})
+                   "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
+                   "barrier between them; triton_two_pass: two launches"],
+                  kernel_variants={"triton_one_pass": forced_passes(True), "triton_two_pass": forced_passes(False)})

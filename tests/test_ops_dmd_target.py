@@ -308,3 +308,24 @@ def test_deterministic_and_batch_invariant():
     single = dmd_target(**{k: v[1:2] if isinstance(v, torch.Tensor) else v for k, v in inputs.items()})
     for name in ("target", "normalizer", "grad_sq", "cosine"):
         assert torch.equal(getattr(single, name), getattr(first, name)[1:2]), name
+
+
+def test_one_pass_is_chosen_where_two_passes_would_read_the_inputs_twice_from_dram(monkeypatch):
+    """The launcher's choice (measured on an H100: one pass faster once pass 1's reads exceed L2,
+    slower below): by size unless ONE_PASS forces it, and never where the kernel cannot run."""
+    from types import SimpleNamespace
+
+    cuda, l2 = torch.device("cuda"), 50 << 20
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: SimpleNamespace(L2_cache_size=l2))
+    monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: chunks <= 132)
+    monkeypatch.setattr(dmd_target_triton, "ONE_PASS", None)
+    image_64_bf16, image_8_bf16 = 64 * 16 * 128 * 128 * 4 * 2, 8 * 16 * 128 * 128 * 4 * 2
+    assert dmd_target_triton.one_pass_enabled(cuda, 128, image_64_bf16)
+    assert not dmd_target_triton.one_pass_enabled(cuda, 128, image_8_bf16)
+    assert not dmd_target_triton.one_pass_enabled(cuda, 128, l2)
+    assert not dmd_target_triton.one_pass_enabled(cuda, 256, image_64_bf16)  # does not fit
+    monkeypatch.setattr(dmd_target_triton, "ONE_PASS", True)
+    assert dmd_target_triton.one_pass_enabled(cuda, 128, image_8_bf16)
+    assert not dmd_target_triton.one_pass_enabled(cuda, 256, image_8_bf16)
+    monkeypatch.setattr(dmd_target_triton, "ONE_PASS", False)
+    assert not dmd_target_triton.one_pass_enabled(cuda, 128, image_64_bf16)

@@ -19,10 +19,14 @@ fastdmd.ops.reference.dmd_target; this file is the same thing in three Triton ke
 One launch per pass for the whole batch. Launching passes 1-2 per group of samples sized to fit
 in L2 (so that pass 2 re-reads from L2) was measured slower on an H100: 142 us against 123 us at
 bf16 64x16x128x128, 42 against 33 us on the video shape (benchmarks/results/gpu_h100_2026-11-26.md).
-_dmd_one_pass_kernel (ONE_PASS; off until measured on a GPU) fuses passes 1 and 2: each program
-publishes its chunk's partial sum, waits on its sample's arrival counter, then runs pass 2 on the
-chunk it has just read (L2 hits whatever the batch size): 6E per element from DRAM in forward.
-The same helpers compute both, so its results are the two-pass results bit for bit.
+_dmd_one_pass_kernel fuses passes 1 and 2: each program publishes its chunk's partial sum, waits
+on its sample's arrival counter, then runs pass 2 on the chunk it has just read (L2 hits whatever
+the batch size): 6E per element from DRAM in forward. The same helpers compute both, so its results
+are the two-pass results bit for bit (tested on an H100). The launcher takes it where pass 2 of two
+passes would miss L2 (one_pass_enabled); where the batch fits in L2 anyway its waits only cost. On an
+H100 (benchmarks/results/gpu_h100_2026-11-26_second.md), from CUDA graphs, one pass against two:
+bf16 64x16x128x128 forward 116.8 against 122.7 us, forward+backward 208.8 against 230.5; fp32 182.9
+against 230.8 and 314.3 against 364.0; but bf16 8x16x128x128 (17 MB, in L2) 21.2 against 16.4 us.
 
 Bytes per element, E = input element size (2 for bf16), one more E per pass with the noise term:
   pass 1 reads x0, x_t, real_cond, real_uncond                                     4E
@@ -60,9 +64,9 @@ from fastdmd.ops.sample_chunks import sample_chunks
 _STATS = 4
 # Finalize tile: samples x partial sums held at once by the single finalize program.
 _FINALIZE_TILE = 4096
-# One launch for passes 1 and 2 (_dmd_one_pass_kernel) instead of two. Off until measured and
-# tested on a GPU (it cannot run in the interpreter); the results are bit for bit the two-pass ones.
-ONE_PASS = False
+# One launch for passes 1 and 2 (_dmd_one_pass_kernel) instead of two: None chooses by size
+# (one_pass_enabled); True or False forces it wherever it fits, or never (benchmarks and tests).
+ONE_PASS: Optional[bool] = None
 # The one-pass kernel's wait gives up after this many polls of its sample's counter (about a second):
 # a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
 # a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
@@ -313,9 +317,13 @@ def one_pass_fits(device: torch.device, num_chunks: int) -> bool:
             and num_chunks <= torch.cuda.get_device_properties(device).multi_processor_count)
 
 
-def one_pass_enabled(device: torch.device, num_chunks: int) -> bool:
-    """Whether the launcher takes the one-pass kernel: ONE_PASS, where it fits."""
-    return ONE_PASS and one_pass_fits(device, num_chunks)
+def one_pass_enabled(device: torch.device, num_chunks: int, pass_one_bytes: int) -> bool:
+    """Whether the launcher takes the one-pass kernel, where it fits: by ONE_PASS if set, else when
+    what pass 1 reads (pass_one_bytes) exceeds the GPU's L2, so that two passes would read it twice
+    from DRAM."""
+    if ONE_PASS is not None:
+        return ONE_PASS and one_pass_fits(device, num_chunks)
+    return one_pass_fits(device, num_chunks) and pass_one_bytes > torch.cuda.get_device_properties(device).L2_cache_size
 
 
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -349,7 +357,10 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
 
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
-    if one_pass_enabled(x0.device, chunks.num_chunks) if one_pass is None else one_pass:
+    pass_one_inputs = [x0, x_t, real_cond] + [t for t, present in ((real_uncond, flags["HAS_UNCOND"]),
+                                                                    (noise, flags["HAS_NOISE"])) if present]
+    pass_one_bytes = sum(t.numel() * t.element_size() for t in pass_one_inputs)
+    if one_pass_enabled(x0.device, chunks.num_chunks, pass_one_bytes) if one_pass is None else one_pass:
         counters = torch.zeros(batch + 1, dtype=torch.int32, device=x0.device)  # arrivals per sample, ticket
         _dmd_one_pass_kernel[(num_programs,)](
             x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, counters[:batch],
