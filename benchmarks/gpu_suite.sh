@@ -24,18 +24,19 @@
 #   bench_*  the benchmark in full mode, results (.json, .csv) in OUTDIR
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
-#   throughput  benchmarks/step_throughput.py: the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px; naive + optimized, then naive + optimized-graphs in a second process), flux-dev at
-#            depth 2, digits; results in OUTDIR/step_throughput_*.{json,md}
+#   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
+#            512 px): naive + optimized, then naive + optimized-graphs in a second process (~110 s each);
+#            results in OUTDIR/step_throughput_*.{json,md}
+#   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26): env + install 27 s, native 55-67 s, tests 32-38 s (-n 6), gputests 26 s (-n 3; then
-# with the op tests' GPU checks too),
-# bench_dmd_target 42 s, bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss
-# 28 s, throughput's sd3-medium run ~90 s for two variants, memplan 12 s; a machine started in ~30 s.
+# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s, tests 32-41 s
+# (-n 6), gputests 26-33 s (-n 3), bench_dmd_target 51 s (before its two-pass variant was added),
+# bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s,
+# throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
 # The steps that time nothing can share the machine; the timed ones run alone. One call, e.g. (the
 # native build was verified on 2026-11-26 and is left out here to leave the time to throughput):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 530 bash -c "
@@ -43,12 +44,15 @@
 #   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 3 --ignore=tests/test_ops_native.py' bash $S $O/g gputests &
 #   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 6 --ignore=tests/test_ops_native.py' bash $S $O/t tests
 #   wait; FASTDMD_STEP_TIMEOUT=90 bash $S $O/b bench_dmd_target
-#   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
-# (timeout_s 570 for the call; the tool brings back files of at most 16 MiB, so the profiler's
+#   FASTDMD_STEP_TIMEOUT=260 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+# then, in a second call (timeout_s 300, ~4.5 min of the 15 left after the first), env install
+# throughput_other with FASTDMD_STEP_TIMEOUT=230.
+# (timeout_s 570 for the first call; the tool brings back files of at most 16 MiB, so the profiler's
 # Chrome traces stay out of the archive: the step_throughput files hold their summaries). The tests
 # include the GPU-only checks (the one-pass dmd_target kernel against two passes, the rollout and
-# score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, a
-# DMD2 step waiting for the GPU three times): read their results before trusting the timings.
+# score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, FLUX's
+# rollout and score graphs, a DMD2 step waiting for the GPU once per update and once for its logs):
+# read their results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
@@ -79,7 +83,7 @@ done
 if [[ $# -gt 0 ]]; then
     steps=("$@")
 else
-    steps=(env install native onepass tests "${benches[@]}" gputests throughput memplan)
+    steps=(env install native onepass tests "${benches[@]}" gputests throughput throughput_other memplan)
 fi
 
 step_env() {
@@ -156,6 +160,11 @@ step_throughput() {
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12_graphs" \
         || status=1
+    return $status
+}
+
+step_throughput_other() {  # the other presets: FLUX's shape at depth 2, the digits default
+    local status=0
     "$python" benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512 \
         --out "$outdir/step_throughput_flux-dev-d2" || status=1
     "$python" benchmarks/step_throughput.py --preset digits --out "$outdir/step_throughput_digits" || status=1
@@ -182,9 +191,9 @@ failed=()
 : > "$outdir/summary.txt"
 for step in "${steps[@]}"; do
     case $step in
-        env | install | native | onepass | tests | gputests | throughput | memplan) command=(step_"$step") ;;
+        env | install | native | onepass | tests | gputests | throughput | throughput_other | memplan) command=(step_"$step") ;;
         bench_*) command=(step_bench "$step") ;;
-        *) echo "$step: unknown step; expected env, install, native, onepass, tests, gputests, throughput, memplan or one of: ${benches[*]}" |
+        *) echo "$step: unknown step; expected env, install, native, onepass, tests, gputests, throughput, throughput_other, memplan or one of: ${benches[*]}" |
                tee -a "$outdir/summary.txt"
            failed+=("$step"); continue ;;
     esac
