@@ -254,8 +254,9 @@ class Trainer:
         self.real.batched_cfg = perf.batched_cfg
         scores_blocker = graph_blocker("perf.cuda_graph_scores", perf.cuda_graph_scores, world.device,
                                        world.distributed, perf.blocks_in_cuda_graphs)
-        for score in filter(None, (self.real, self.fake)):
-            score.graphs = CudaGraphs(score.eager_predict, scores_blocker)
+        for name, score in (("real score", self.real), ("fake score", self.fake)):
+            if score is not None:
+                score.graphs = CudaGraphs(score.eager_predict, scores_blocker, name)
         self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None

@@ -2,6 +2,7 @@
 
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -181,8 +182,6 @@ def test_a_dmd2_step_waits_for_the_gpu_once_per_update_and_once_for_its_logs(tmp
     until the host queues more. A DMD2 step reads once per update (its loss and gradient norm together:
     skip a non-finite update, clip), so once for the generator and once per critic update, and once for
     every logged value at the end."""
-    import warnings
-
     dev = torch.device("cuda")
     cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16"])
     trainer = Trainer(cfg, World(device=dev))
@@ -393,3 +392,27 @@ def test_apex_is_not_handed_fsdp2_dtensors(monkeypatch):
         assert isinstance(opt, torch.optim.AdamW) and name.startswith("apex FusedAdam cannot step FSDP2's")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="makes a capture fail by having no CUDA at all")
+def test_a_failed_capture_warns_once_and_stays_eager():
+    """The run header, printed before the first capture, says "CUDA graph": a capture that fails later
+    must say so when it happens (FLUX's image ids once made every capture fail, silently)."""
+    from fastdmd.rollout.graphs import CudaGraphs
+
+    calls = []
+
+    def double(x):
+        calls.append(x)
+        return 2 * x
+
+    graphs = CudaGraphs(double, None, "rollout")
+    x = torch.arange(3.0)
+    with pytest.warns(RuntimeWarning, match=r"^rollout: eager: CUDA graph capture failed \(.+\); running eagerly"):
+        torch.testing.assert_close(graphs(x), 2 * x)
+    assert not graphs.active and len(graphs) == 0
+    calls.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.testing.assert_close(graphs(x + 1), 2 * (x + 1))
+    assert len(calls) == 1  # eager, once

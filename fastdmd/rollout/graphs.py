@@ -11,14 +11,15 @@ Every graph of the process shares one memory pool: a graph's scratch memory is f
 run, its outputs are copied out right after the replay, its inputs live outside the pool and no two
 graphs run at once, so sharing costs nothing and saves a pool per graph.
 
-Where a graph cannot work the call stays eager and `reason` says why (logged once in the run
-header): no CUDA device, FSDP-sharded weights (their all-gathers run outside any graph), blocks
-that torch.compile already replays from CUDA graphs (reduce-overhead), or a capture that failed
-(the error is kept).
+Where a graph cannot work the call stays eager and `reason` says why (in the run header): no CUDA
+device, FSDP-sharded weights (their all-gathers run outside any graph), blocks that torch.compile
+already replays from CUDA graphs (reduce-overhead), or a capture that failed (the error is kept,
+and a RuntimeWarning says so when it happens, since the header printed before the first capture).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Sequence
 
 import torch
@@ -47,8 +48,8 @@ class CudaGraphs:
     """`fn(*tensors, *constants)` without grad, replayed from a CUDA graph per (shapes, dtypes, constants,
     autocast state)."""
 
-    def __init__(self, fn: Callable, reason: str | None):
-        self.fn, self.reason = fn, reason
+    def __init__(self, fn: Callable, reason: str | None, name: str):
+        self.fn, self.reason, self.name = fn, reason, name
         self._graphs: dict[tuple, tuple] = {}
 
     @property
@@ -70,6 +71,9 @@ class CudaGraphs:
             except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager, say why
                 self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {e})"
                 self._graphs.clear()
+                # The run header, printed before the first capture, said "CUDA graph".
+                warnings.warn(f"{self.name}: {self.reason}; running eagerly from now on", RuntimeWarning,
+                              stacklevel=2)
                 return self.fn(*tensors, *constants)
         graph, static_inputs, static_out = self._graphs[key]
         for buffer, tensor in zip(static_inputs, tensors):
@@ -108,7 +112,7 @@ class GraphedRollout:
                  distributed: bool = False, blocks_graphed: bool = False):
         self.x0_fn, self.sigmas = x0_fn, tuple(sigmas)
         self.graphs = CudaGraphs(self._simulate, graph_blocker("perf.cuda_graph_rollout", enabled, device,
-                                                               distributed, blocks_graphed))
+                                                               distributed, blocks_graphed), "rollout")
 
     @property
     def active(self) -> bool:
