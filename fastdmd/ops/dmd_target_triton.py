@@ -338,6 +338,8 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
     numel_per_sample = x0.numel() // batch
     chunks = sample_chunks(numel_per_sample)
     flags = dict(HAS_UNCOND=real_uncond is not None, HAS_NOISE=noise is not None)
+    pass_one_bytes = sum(t.numel() * t.element_size() for t in (x0, x_t, real_cond, real_uncond, noise)
+                         if t is not None)
     x0, x_t, real_cond, fake = (t.contiguous() for t in (x0, x_t, real_cond, fake))
     # Absent optional tensors are never read (their HAS_ flag is off): x0 stands in as a pointer.
     real_uncond = x0 if real_uncond is None else real_uncond.contiguous()
@@ -357,9 +359,6 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
 
     layout = dict(BLOCK=chunks.block, BLOCKS_PER_CHUNK=chunks.blocks_per_chunk,
                   num_warps=chunks.num_warps)
-    pass_one_inputs = [x0, x_t, real_cond] + [t for t, present in ((real_uncond, flags["HAS_UNCOND"]),
-                                                                    (noise, flags["HAS_NOISE"])) if present]
-    pass_one_bytes = sum(t.numel() * t.element_size() for t in pass_one_inputs)
     if one_pass_enabled(x0.device, chunks.num_chunks, pass_one_bytes) if one_pass is None else one_pass:
         counters = torch.zeros(batch + 1, dtype=torch.int32, device=x0.device)  # arrivals per sample, ticket
         _dmd_one_pass_kernel[(num_programs,)](
