@@ -218,6 +218,7 @@ def _share_worker(rank, out):
     import torch.distributed as dist
 
     from fastdmd.distributed import World
+    from fastdmd.train import exit_skipping_finalization
     from fastdmd.trainer import Trainer
 
     # A file store, not a TCP port: a free port found first can be taken by a neighbouring test's group.
@@ -236,6 +237,7 @@ def _share_worker(rank, out):
         torch.save({"got": got, "calls": calls, "want": sample(noise, labels, draws)}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+    exit_skipping_finalization()
 
 
 @pytest.mark.distributed
@@ -265,6 +267,7 @@ def _rank0_worker(rank, out):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from fastdmd.distributed import World, fill_from_rank0, parallelize, stop_together
+    from fastdmd.train import exit_skipping_finalization
 
     # A file store, not a TCP port: a free port found first can be taken by a neighbouring test's group.
     dist.init_process_group("gloo", init_method=f"file://{out}/store", rank=rank, world_size=2)
@@ -296,6 +299,9 @@ def _rank0_worker(rank, out):
         torch.save({"want": want, "got": got, "error": error, "alone": alone}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
+    # As torchrun's ranks do: gloo's finalization abort (exit_skipping_finalization's docstring) hit
+    # rank 1 here about once in four CI runs.
+    exit_skipping_finalization()
 
 
 @pytest.mark.distributed
