@@ -140,8 +140,8 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
 
 def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: str | None) -> dict:
     """One step under torch.profiler: the device's busy time (the sum of its kernels' times; below
-    s/step by what the GPU waits for the host), the top ops by self time, and the Chrome trace
-    (gzipped) when trace_path is given."""
+    s/step by what the GPU waits for the host), the top kernels (CPU: ops by self time), the work of
+    each phase by kind, and the Chrome trace (gzipped) when trace_path is given."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -151,19 +151,19 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         trainer.train_step(step)
         synchronize(device)
     if cuda:  # the kernels (and copies) themselves: each once, not again under the op that launched it
-        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+        events = [e for e in prof.key_averages() if is_device_work(e)]
         self_time = lambda e: e.self_device_time_total  # noqa: E731
     else:
-        events = list(prof.key_averages())
+        events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
         self_time = lambda e: e.self_cpu_time_total  # noqa: E731
     top = sorted(events, key=self_time, reverse=True)[:25]
-    busy_total = sum(self_time(e) for e in events) / 1e3 if cuda else None
-    result = {"profile_device_busy_ms": busy_total,
+    by_phase = phase_work_ms(prof.events(), cuda)
+    result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
-              "profile_phase_busy_ms": phase_busy_ms(prof.events(), cuda),
+              "profile_phase_busy_ms": {name: sum(kinds.values()) for name, kinds in by_phase.items()},
               "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()}}
-    if cuda:  # kernels no PyTorch op launched are in the total but in no phase
-        result["profile_phase_busy_ms"][UNATTRIBUTED] = busy_total - sum(result["profile_phase_busy_ms"].values())
+    if cuda:
+        result["profile_phase_kind_ms"] = by_phase
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -173,35 +173,64 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
     return result
 
 
-def phase_busy_ms(events, cuda: bool) -> dict[str, float]:
-    """Milliseconds of work per phase in one profiled step: on CUDA the device time of the kernels each
-    op launched (CPU: the ops' self time), given to the outermost phase range open on the host when the
-    op started, whatever thread it ran on (backward runs on autograd's). Set against the phase's wall
-    time, a low share says the GPU waited for the host there."""
+def is_device_work(event) -> bool:
+    """A kernel, copy or memset the GPU ran; not a profiler range drawn on the GPU's timeline (a phase's
+    record_function shows there too, and would count its kernels a second time)."""
+    from torch.autograd import DeviceType
+
+    return event.device_type == DeviceType.CUDA and not getattr(event, "is_user_annotation", False)
+
+
+# What a kernel does, from its name (cuBLAS / cuDNN / ATen / Inductor); the first kind that matches wins.
+KERNEL_KINDS = (
+    ("torch.compile", ("triton_",)),  # Inductor's kernels: their names list the fused ops (_to_copy, ...)
+    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "conv")),
+    ("optimizer, foreach", ("multi_tensor_apply", "adam")),
+    ("copy / cast", ("copy", "catarray", "memcpy", "memset")),
+)
+OTHER_KIND = "other"
+OUTSIDE = "(outside the phases)"
+
+
+def kernel_kind(name: str) -> str:
+    lowered = name.lower()
+    return next((kind for kind, parts in KERNEL_KINDS if any(part in lowered for part in parts)), OTHER_KIND)
+
+
+def phase_work_ms(events, cuda: bool) -> dict[str, dict[str, float]]:
+    """Milliseconds of work per phase of one profiled step, by kind (kernel_kind; on CPU one kind, the
+    ops' self time). An op goes to the outermost phase range it started in. A kernel goes to the
+    outermost phase opened last on the host before it started: the profiled step synchronizes at
+    every phase boundary, so the kernels still queued when their phase's range closed have run before
+    the next phase opens; those no op launched (replayed from CUDA graphs) are placed too. Set against
+    the phase's wall time, a low share says the GPU waited for the host there (the profiler's own host
+    overhead included)."""
     from torch.autograd import DeviceType
 
     ranges = sorted((e.time_range.start, -e.time_range.end, e.name) for e in events  # the outer first on a tie
                     if e.name in PHASES and e.device_type == DeviceType.CPU)
     outer = []
     for start, neg_end, name in ranges:
-        end = -neg_end
         if not outer or start >= outer[-1][1]:
-            outer.append((start, end, name))
+            outer.append((start, -neg_end, name))
     starts = [start for start, _, _ in outer]
-    busy = collections.defaultdict(float)
+    work = collections.defaultdict(lambda: collections.defaultdict(float))
     for e in events:
-        if e.device_type != DeviceType.CPU:
-            continue
-        work = sum(k.duration for k in e.kernels) if cuda else e.self_cpu_time_total
-        if not work:
-            continue
+        if cuda:
+            if not is_device_work(e):
+                continue
+            ms, kind = e.time_range.elapsed_us() / 1e3, kernel_kind(e.name)
+        else:
+            if e.device_type != DeviceType.CPU or not e.self_cpu_time_total:
+                continue
+            ms, kind = e.self_cpu_time_total / 1e3, "CPU self time"
         i = bisect.bisect_right(starts, e.time_range.start) - 1
-        inside = i >= 0 and e.time_range.start < outer[i][1]
-        busy[outer[i][2] if inside else "(outside the phases)"] += work / 1e3
-    return dict(busy)
+        inside = i >= 0 and (cuda or e.time_range.start < outer[i][1])
+        work[outer[i][2] if inside else OUTSIDE][kind] += ms
+    return {name: dict(kinds) for name, kinds in work.items()}
 
 
-UNATTRIBUTED = "(no launching op: unattributed)"
 
 
 def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
@@ -211,9 +240,9 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
     synchronizes at every phase boundary, so its phases add up to more than s/step), and peak memory
     over all of them. Then the extras, each of which records its error instead of failing the
     variant: the FLOPs of the timed steps, the batch-1 sample, the profiled step."""
-    with cudagraph_tree_skips() as skips:
+    with compile_events() as events:
         row = _measure(name, args, family, device, warmup, steps, profile_trace, profile)
-    return row | skips
+    return row | events
 
 
 def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
@@ -282,30 +311,44 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
 
 
 @contextlib.contextmanager
-def cudagraph_tree_skips():
-    """What torch.compile's cudagraph trees (reduce-overhead) declined to replay from CUDA graphs while
-    inside: the number of skips and their distinct reasons (torch logs each one as a warning). A
-    skipped block runs its compiled kernels without a graph, so a variant's speed is read with this."""
+def compile_events():
+    """What torch.compile did while inside: the graphs dynamo compiled and the graph breaks it made
+    (code between two graphs runs eagerly), the recompile limits it hit (from there on a block runs
+    eagerly, with only a log line to say so), and what the cudagraph trees (reduce-overhead) declined
+    to replay from CUDA graphs (the skips and their distinct reasons; a skipped block runs its compiled
+    kernels without a graph). A variant's speed is read with these."""
+    from torch._dynamo.convert_frame import log as dynamo_log
     from torch._dynamo.utils import counters
     from torch._inductor.cudagraph_utils import cudagraphs_log
 
-    reasons: list[str] = []
+    def collector(keep):
+        messages: list[str] = []
 
-    class Collect(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            message = record.getMessage().splitlines()[0][:300]
-            if message not in reasons:
-                reasons.append(message)
+        class Collect(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                message = record.getMessage().splitlines()[0][:300]
+                if keep(message) and message not in messages:
+                    messages.append(message)
 
-    handler, before = Collect(), counters["inductor"]["cudagraph_skips"]
+        return Collect(), messages
+
+    skips, skip_reasons = collector(lambda message: True)
+    limits, limit_messages = collector(lambda message: "recompile_limit" in message or "cache_size_limit" in message)
+    before = (counters["inductor"]["cudagraph_skips"], counters["stats"]["unique_graphs"],
+              sum(counters["graph_break"].values()))
     found: dict = {}
-    cudagraphs_log.addHandler(handler)
+    cudagraphs_log.addHandler(skips)
+    dynamo_log.addHandler(limits)
     try:
         yield found
     finally:
-        cudagraphs_log.removeHandler(handler)
-        found |= {"cudagraph_skips": counters["inductor"]["cudagraph_skips"] - before,
-                  "cudagraph_skip_reasons": reasons[:10]}
+        cudagraphs_log.removeHandler(skips)
+        dynamo_log.removeHandler(limits)
+        found |= {"cudagraph_skips": counters["inductor"]["cudagraph_skips"] - before[0],
+                  "cudagraph_skip_reasons": skip_reasons[:10],
+                  "compiled_graphs": counters["stats"]["unique_graphs"] - before[1],
+                  "graph_breaks": sum(counters["graph_break"].values()) - before[2],
+                  "recompile_limit_hits": limit_messages[:10]}
 
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
@@ -478,6 +521,10 @@ def report(r: dict) -> str:
                 f"{v['phase_peak_memory_bytes'][name] / 2**30:.2f}" if name in v["phase_peak_memory_bytes"] else "-"
                 for v in peaks) + " |")
     for v in done:
+        if v.get("compiled_graphs") or v.get("graph_breaks") or v.get("recompile_limit_hits"):
+            lines += ["", f"{v['variant']}: torch.compile compiled {v['compiled_graphs']} graph(s) with "
+                      f"{v['graph_breaks']} graph break(s)" + (": recompile limit hit: " + "; ".join(
+                          f"`{m}`" for m in v["recompile_limit_hits"]) if v.get("recompile_limit_hits") else "")]
         if v.get("cudagraph_skips"):
             lines += ["", f"{v['variant']}: torch.compile's cudagraph trees skipped {v['cudagraph_skips']} time(s): "
                       + "; ".join(f"`{reason}`" for reason in v["cudagraph_skip_reasons"])]
@@ -494,17 +541,23 @@ def report(r: dict) -> str:
         busy_by_phase = v.get("profile_phase_busy_ms") or {}
         if busy_by_phase:
             what = "device busy" if busy is not None else "CPU self time"
+            kinds_by_phase = v.get("profile_phase_kind_ms") or {}
+            kinds = [kind for kind in [*(k for k, _ in KERNEL_KINDS), OTHER_KIND]
+                     if any(kind in phase_kinds for phase_kinds in kinds_by_phase.values())]
             lines += ["", f"Profiled step, {v['variant']}, by phase: {what} (ms) against the phase's wall time in "
                       "the same step (synchronized at the phase boundaries, profiler overhead included); a low share "
-                      "is a phase where the GPU waits for the host", "",
-                      "| phase | busy (ms) | wall (ms) | busy / wall |", "|---|---:|---:|---:|"]
+                      "is a phase where the GPU waits for the host" + ("; then the device time by kind of kernel"
+                                                                       if kinds else ""), "",
+                      "| phase | busy (ms) | wall (ms) | busy / wall |" + "".join(f" {kind} |" for kind in kinds),
+                      "|---|---:|---:|---:|" + "---:|" * len(kinds)]
             walls = v.get("profile_phase_wall_ms", {})
-            for name in [*PHASES, "(outside the phases)", UNATTRIBUTED]:
+            for name in [*PHASES, OUTSIDE]:
                 if name not in busy_by_phase:
                     continue
                 wall = walls.get(name, 0.0)
                 share = f"{busy_by_phase[name] / wall:.0%}" if wall else "-"
-                lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} |")
+                lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} |" + "".join(
+                    f" {kinds_by_phase.get(name, {}).get(kind, 0.0):.2f} |" for kind in kinds))
     return "\n".join(lines) + "\n"
 
 

@@ -68,20 +68,31 @@ def test_an_extra_that_fails_leaves_the_timing(tmp_path, monkeypatch):
     assert "sample_batch1_eager_ms" not in row
 
 
-def test_cudagraph_tree_skips_are_counted_with_their_reasons(monkeypatch):
+def test_cudagraph_tree_skips_and_recompile_limits_are_recorded_with_their_reasons(monkeypatch):
     """torch.compile's reduce-overhead mode reports a block it will not replay from a CUDA graph
-    through this logger and counter; the benchmark records both per variant."""
+    through a logger and a counter, dynamo a code object past its recompile limit (which then runs
+    eagerly) through a log line: the benchmark records them per variant, with the graphs compiled."""
     from torch._inductor.cudagraph_utils import log_cudagraph_skip_and_bump_counter
 
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 2)
     import step_throughput
 
-    with step_throughput.cudagraph_tree_skips() as found:
+    def scaled(x, k):
+        return x * k
+
+    compiled = torch.compile(scaled, backend="eager", dynamic=False)
+    torch._dynamo.reset()
+    with step_throughput.compile_events() as found:
         for _ in range(2):
             log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to mutated inputs (2 instances)")
+        for k in range(4):  # an int argument is specialized: each new value recompiles
+            assert compiled(torch.ones(2), k).tolist() == [k, k]
     log_cudagraph_skip_and_bump_counter("skipping cudagraphs due to something after")
-    assert found == {"cudagraph_skips": 2,
-                     "cudagraph_skip_reasons": ["skipping cudagraphs due to mutated inputs (2 instances)"]}
+    assert found["cudagraph_skips"] == 2
+    assert found["cudagraph_skip_reasons"] == ["skipping cudagraphs due to mutated inputs (2 instances)"]
+    assert found["compiled_graphs"] == 2 and found["graph_breaks"] == 0
+    assert len(found["recompile_limit_hits"]) == 1 and "recompile_limit" in found["recompile_limit_hits"][0]
 
 
 def test_phase_table_keeps_each_phases_peak_memory(monkeypatch):
@@ -131,6 +142,41 @@ def test_each_variant_takes_an_unchanged_teacher(tmp_path, monkeypatch):
     assert not any(getattr(block, "_compiled_call_impl", None) for block in naive_teacher.transformer_blocks)
 
 
+def test_gpu_kernels_go_to_the_phase_that_queued_them_graph_replays_included(monkeypatch):
+    """On CUDA a kernel can start after its phase's host range closed (it was queued) or have no
+    launching op (a graph replay): it counts for the phase opened last before it started. The
+    phases' own ranges on the GPU timeline are not kernels, and each kernel is sorted by kind."""
+    import types
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    def event(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return types.SimpleNamespace(name=name, time_range=Interval(start, end), device_type=device,
+                                     is_user_annotation=annotation, self_cpu_time_total=0)
+
+    events = [
+        event("rollout", 0, 10, DeviceType.CPU), event("generator_fwd", 12, 20, DeviceType.CPU),
+        event("generator_fwd", 12, 30, annotation=True),  # the range drawn on the GPU timeline
+        event("Memcpy HtoD (Pageable -> Device)", -5, -4),  # before any phase
+        event("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT", 2, 5000),  # launched in the rollout
+        event("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kernel_cuda", 11, 2011),
+        event("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x64_4x1", 13, 3013),
+        event("triton_poi_fused__to_copy_add_mul_0", 25, 1025),  # after generator_fwd's range: still its own
+        event("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(a", 26, 526),
+        event("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float", 27, 277),
+    ]
+    assert step_throughput.phase_work_ms(events, cuda=True) == {
+        step_throughput.OUTSIDE: {"copy / cast": 0.001},
+        "rollout": {"matmul": 4.998, "copy / cast": 2.0},
+        "generator_fwd": {"attention": 3.0, "torch.compile": 1.0, "optimizer, foreach": 0.5, "other": 0.25},
+    }
+    assert [step_throughput.is_device_work(e) for e in events[2:4]] == [False, True]
+
+
 def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
     """--profile gives each phase the work of the ops that started inside it (on CPU their self time,
     on CUDA their kernels' device time), beside that phase's wall time in the same step."""
@@ -146,7 +192,7 @@ def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
         assert busy[name] <= 1.05 * wall[name], (name, busy[name], wall[name])
         if wall[name] > 2.0:  # (the rollout may be nothing at all: k = 0) beyond overheads, a CPU is never idle
             assert busy[name] > 0.7 * wall[name], (name, busy[name], wall[name])
-    assert set(busy) <= {*PHASES, "(outside the phases)"} and busy.get("(outside the phases)", 0) < 0.05 * sum(busy.values())
+    assert set(busy) <= {*PHASES, step_throughput.OUTSIDE} and busy.get(step_throughput.OUTSIDE, 0) < 0.05 * sum(busy.values())
     record = {"preset": "digits", "date": "d", "device": "cpu", "torch": "t", "triton": "t", "diffusers": "d",
               "command": "c", "batch": 4, "depth": None, "matmul_peak_flops": 1.0, "matmul_peak_dtype": "float32",
               "variants": [row]}
