@@ -14,7 +14,7 @@ of copy bandwidth is measured against what a perfect one-pass implementation wou
 import torch
 
 from _bench_common import ALL_GRAPHABLE, parse_args, run_benchmark
-from fastdmd.ops import dmd_target_triton, reference
+from fastdmd.ops import dmd_target_triton, reference, sample_chunks
 
 # The issue's target shape first: a run cut short by a time limit still has it.
 FULL_SHAPES = {"image_64x16x128x128": (64, 16, 128, 128), "image_8x16x128x128": (8, 16, 128, 128),
@@ -49,25 +49,39 @@ def cases(args):
 
                 fields = dict(shape=shape_name, dtype=str(dtype).removeprefix("torch."), mode=mode)
                 nbytes = bytes_per_element * dtype.itemsize * inputs["x0"].numel()
-                yield fields, call, nbytes, ALL_GRAPHABLE | {"triton_one_pass", "triton_two_pass"}
+                yield fields, call, nbytes, ALL_GRAPHABLE | set(KERNEL_VARIANTS)
 
 
-def forced_passes(one_pass: bool):
+def forced_passes(one_pass: bool, max_chunks: int | None = None):
     """The kernel with passes 1 and 2 in one launch, or in two, whatever the launcher would choose
-    (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run."""
+    (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run.
+    max_chunks: at most this many programs per sample (sample_chunks.MAX_CHUNKS; fewer, longer chunks
+    change the order of a sample's sums, hence its last bits)."""
     def variant(kernel):
         def run(**inputs):
-            x0 = inputs["x0"]
-            chunks = dmd_target_triton.sample_chunks(x0[0].numel()).num_chunks
-            if one_pass and not dmd_target_triton.one_pass_fits(x0.device, chunks):
-                raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this GPU's SMs")
-            saved, dmd_target_triton.ONE_PASS = dmd_target_triton.ONE_PASS, one_pass
+            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS
+            dmd_target_triton.ONE_PASS = one_pass
+            sample_chunks.MAX_CHUNKS = max_chunks or sample_chunks.MAX_CHUNKS
             try:
+                chunks = sample_chunks.sample_chunks(inputs["x0"][0].numel()).num_chunks
+                if one_pass and not dmd_target_triton.one_pass_fits(inputs["x0"].device, chunks):
+                    raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this "
+                                       "GPU's SMs")
                 return kernel(**inputs)
             finally:
-                dmd_target_triton.ONE_PASS = saved
+                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS = saved
         return run
     return variant
+
+
+# The launcher's choice, both forced choices, and both with 32 programs per sample instead of up to
+# 256 (fewer, longer programs: fewer waits in one pass; the video latent's one pass then fits).
+KERNEL_VARIANTS = {
+    "triton_one_pass": forced_passes(True),
+    "triton_two_pass": forced_passes(False),
+    "triton_one_pass_32_chunks": forced_passes(True, max_chunks=32),
+    "triton_two_pass_32_chunks": forced_passes(False, max_chunks=32),
+}
 
 
 if __name__ == "__main__":
@@ -75,5 +89,6 @@ if __name__ == "__main__":
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
-                   "barrier between them; triton_two_pass: two launches"],
-                  kernel_variants={"triton_one_pass": forced_passes(True), "triton_two_pass": forced_passes(False)})
+                   "barrier between them; triton_two_pass: two launches; _32_chunks: 32 programs per sample, "
+                   "not up to 256"],
+                  kernel_variants=KERNEL_VARIANTS)

@@ -33,22 +33,23 @@
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s, tests 32-41 s
-# (-n 6), gputests 26-33 s (-n 3), bench_dmd_target 51 s (before its two-pass variant was added),
-# bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s,
-# throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
-# The steps that time nothing can share the machine; the timed ones run alone. One call, e.g. (the
-# native build was verified on 2026-11-26 and is left out here to leave the time to throughput):
-#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 530 bash -c "
-#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install; FASTDMD_STEP_TIMEOUT=60 bash $S $O/o onepass
-#   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 3 --ignore=tests/test_ops_native.py' bash $S $O/g gputests &
-#   FASTDMD_STEP_TIMEOUT=130 FASTDMD_PYTEST_ARGS='-n 6 --ignore=tests/test_ops_native.py' bash $S $O/t tests
-#   wait; FASTDMD_STEP_TIMEOUT=90 bash $S $O/b bench_dmd_target
+# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s (since then twice its
+# cases: 32 chunks too), tests 32-41 s (-n 6), gputests 26-33 s (-n 3),
+# bench_dmd_target 51 s (since then 3 more kernel variants: allow ~130 s), bench_group_advantages
+# 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s, throughput_other
+# ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
+# The steps that time nothing can share the machine; the timed ones run alone. Session 9's two calls
+# left 183 s, too little to start a third machine: plan for one call of ~590 s, e.g. (the native
+# build, the op tests and throughput_other passed or were measured on 2026-11-26 and are left out):
+#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 565 bash -c "
+#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
+#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests &
+#   FASTDMD_STEP_TIMEOUT=80 bash $S $O/o onepass; wait
+#   FASTDMD_STEP_TIMEOUT=130 bash $S $O/b bench_dmd_target
 #   FASTDMD_STEP_TIMEOUT=260 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
-# then, in a second call (timeout_s 300, ~4.5 min of the 15 left after the first), env install
-# throughput_other with FASTDMD_STEP_TIMEOUT=230.
-# (timeout_s 570 for the first call; the tool brings back files of at most 16 MiB, so the profiler's
-# Chrome traces stay out of the archive: the step_throughput files hold their summaries). The tests
+# with timeout_s 590. The tool brings back files of at most 16 MiB, so the profiler's Chrome traces
+# stay out of the archive: the step_throughput files hold their summaries, device time per phase by
+# kind of kernel included. If time is left, a second call: env install tests throughput_other. The tests
 # include the GPU-only checks (the one-pass dmd_target kernel against two passes, the rollout and
 # score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, FLUX's
 # rollout and score graphs, a DMD2 step waiting for the GPU once per update and once for its logs):

@@ -16,6 +16,7 @@ import torch
 
 from fastdmd import ops
 from fastdmd.ops import dmd_target_triton, reference
+from fastdmd.ops import sample_chunks as sample_chunks_module
 from fastdmd.ops.dmd_target_triton import dmd_target
 from fastdmd.ops.testing import assert_no_worse_than_torch, default_device, small_chunks
 
@@ -271,10 +272,15 @@ def test_full_size_latents_bf16(shape):
 @pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 16, 64, 64), (64, 16, 128, 128), (2, 336, 60, 104)],
                          ids=["odd", "training", "image_64", "video"])
-def test_one_pass_kernel_gives_the_two_pass_bits(shape, monkeypatch):
+@pytest.mark.parametrize("max_chunks", [None, 32], ids=["default_chunks", "32_chunks"])
+def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, monkeypatch):
     """Each one-pass call gets, from the caching allocator, a block just filled with NaN for its
     partial sums: a program that read its sample's partial sums before they were all published would
-    mix a NaN in and change the bits."""
+    mix a NaN in and change the bits. Fewer, longer chunks per sample too (the video latent's then
+    fit the GPU's SMs)."""
+    if max_chunks is not None:
+        monkeypatch.setattr(sample_chunks_module, "MAX_CHUNKS", max_chunks)
+
     def run(inputs, poison: bool = False):
         x0 = inputs["x0"].detach().clone().requires_grad_()
         if poison:  # freed at once: the caching allocator hands this block to the call's partial sums
@@ -329,3 +335,24 @@ def test_one_pass_is_chosen_where_two_passes_would_read_the_inputs_twice_from_dr
     assert not dmd_target_triton.one_pass_enabled(cuda, 256, image_8_bf16)
     monkeypatch.setattr(dmd_target_triton, "ONE_PASS", False)
     assert not dmd_target_triton.one_pass_enabled(cuda, 128, image_64_bf16)
+
+
+def test_benchmark_variants_set_the_kernels_knobs_for_their_call_only(monkeypatch):
+    """bench_dmd_target's kernel variants run on a GPU only: what they set (one or two passes, the
+    chunks per sample) is checked here, and that it is undone after."""
+    monkeypatch.syspath_prepend(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import bench_dmd_target
+
+    def knobs(**inputs):
+        return dmd_target_triton.ONE_PASS, dmd_target_triton.sample_chunks(inputs["x0"][0].numel()).num_chunks
+
+    before = dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS
+    x0 = torch.zeros(2, 16, 128, 128)  # 128 blocks of 2048 per sample
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass"](knobs)(x0=x0) == (False, 128)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass_32_chunks"](knobs)(x0=x0) == (False, 32)
+    monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: chunks <= 132)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass_32_chunks"](knobs)(x0=x0) == (True, 32)
+    monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: False)
+    with pytest.raises(RuntimeError, match="one pass does not apply: 128 programs per sample"):
+        bench_dmd_target.KERNEL_VARIANTS["triton_one_pass"](knobs)(x0=x0)
+    assert (dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS) == before

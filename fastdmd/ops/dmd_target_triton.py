@@ -241,6 +241,8 @@ def _dmd_one_pass_kernel(
     arrived = tl.atomic_add(arrivals_ptr + sample, 1, sem="acq_rel", scope="gpu") + 1
     polls = 0
     while (arrived < num_chunks) & (polls < MAX_POLLS):
+        # Triton (3.6 and 3.9) emits this add of 0 as a plain acquire load (ld.global.gpu.acquire),
+        # not a read-modify-write: the waits do not contend with the arrivals' increments.
         arrived = tl.atomic_add(arrivals_ptr + sample, 0, sem="acquire", scope="gpu")
         polls += 1
     tl.debug_barrier()
