@@ -33,11 +33,11 @@
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s (since then twice its
-# cases: 32 chunks too), tests 32-41 s (-n 6), gputests 26-33 s (-n 3),
-# bench_dmd_target 51 s (since then 3 more kernel variants: allow ~130 s), bench_group_advantages
-# 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s, throughput_other
-# ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
+# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s (twice its cases
+# since: 32 chunks too), tests 32-41 s (-n 6), gputests 26-33 s (-n 3), bench_dmd_target 51 s (the
+# launcher's choice alone; 5 forced variants since: allow ~130 s), bench_group_advantages 18 s,
+# bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s, throughput_other ~170 s,
+# memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
 # The steps that time nothing can share the machine; the timed ones run alone. Session 9's two calls
 # left 183 s, too little to start a third machine: plan for one call of ~590 s, e.g. (the native
 # build, the op tests and throughput_other passed or were measured on 2026-11-26 and are left out):
