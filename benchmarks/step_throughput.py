@@ -157,13 +157,14 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
         self_time = lambda e: e.self_cpu_time_total  # noqa: E731
     top = sorted(events, key=self_time, reverse=True)[:25]
-    by_phase = phase_work_ms(prof.events(), cuda)
+    work = phase_work_ms(prof.events(), cuda)
     result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
-              "profile_phase_busy_ms": {name: sum(kinds.values()) for name, kinds in by_phase.items()},
-              "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()}}
+              "profile_phase_busy_ms": {phase: sum(names.values()) for phase, names in work.items()},
+              "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()},
+              "profile_phase_top": top_by_phase(work)}
     if cuda:
-        result["profile_phase_kind_ms"] = by_phase
+        result["profile_phase_kind_ms"] = kinds_by_phase(work)
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -199,13 +200,13 @@ def kernel_kind(name: str) -> str:
 
 
 def phase_work_ms(events, cuda: bool) -> dict[str, dict[str, float]]:
-    """Milliseconds of work per phase of one profiled step, by kind (kernel_kind; on CPU one kind, the
-    ops' self time). An op goes to the outermost phase range it started in. A kernel goes to the
-    outermost phase opened last on the host before it started: the profiled step synchronizes at
-    every phase boundary, so the kernels still queued when their phase's range closed have run before
-    the next phase opens; those no op launched (replayed from CUDA graphs) are placed too. Set against
-    the phase's wall time, a low share says the GPU waited for the host there (the profiler's own host
-    overhead included)."""
+    """Milliseconds of work per phase of one profiled step, by name: on CUDA the kernels' (and copies')
+    device time, on CPU the ops' self time. An op goes to the outermost phase range it started in. A
+    kernel goes to the outermost phase opened last on the host before it started: the profiled step
+    synchronizes at every phase boundary, so the kernels still queued when their phase's range closed
+    have run before the next phase opens; those no op launched (replayed from CUDA graphs) are placed
+    too. Set against the phase's wall time, a low share says the GPU waited for the host there (the
+    profiler's own host overhead included)."""
     from torch.autograd import DeviceType
 
     ranges = sorted((e.time_range.start, -e.time_range.end, e.name) for e in events  # the outer first on a tie
@@ -220,17 +221,30 @@ def phase_work_ms(events, cuda: bool) -> dict[str, dict[str, float]]:
         if cuda:
             if not is_device_work(e):
                 continue
-            ms, kind = e.time_range.elapsed_us() / 1e3, kernel_kind(e.name)
+            ms = e.time_range.elapsed_us() / 1e3
         else:
             if e.device_type != DeviceType.CPU or not e.self_cpu_time_total:
                 continue
-            ms, kind = e.self_cpu_time_total / 1e3, "CPU self time"
+            ms = e.self_cpu_time_total / 1e3
         i = bisect.bisect_right(starts, e.time_range.start) - 1
         inside = i >= 0 and (cuda or e.time_range.start < outer[i][1])
-        work[outer[i][2] if inside else OUTSIDE][kind] += ms
-    return {name: dict(kinds) for name, kinds in work.items()}
+        work[outer[i][2] if inside else OUTSIDE][e.name] += ms
+    return {phase: dict(names) for phase, names in work.items()}
 
 
+def kinds_by_phase(work: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
+    """phase_work_ms's kernels summed by kernel_kind."""
+    kinds = collections.defaultdict(lambda: collections.defaultdict(float))
+    for phase, names in work.items():
+        for name, ms in names.items():
+            kinds[phase][kernel_kind(name)] += ms
+    return {phase: dict(by_kind) for phase, by_kind in kinds.items()}
+
+
+def top_by_phase(work: dict[str, dict[str, float]], n: int = 5) -> dict[str, list[tuple[str, float]]]:
+    """Each phase's n heaviest kernels (or ops): (name, ms)."""
+    return {phase: sorted(((name[:100], ms) for name, ms in names.items()), key=lambda item: -item[1])[:n]
+            for phase, names in work.items()}
 
 
 def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
@@ -558,6 +572,12 @@ def report(r: dict) -> str:
                 share = f"{busy_by_phase[name] / wall:.0%}" if wall else "-"
                 lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} |" + "".join(
                     f" {kinds_by_phase.get(name, {}).get(kind, 0.0):.2f} |" for kind in kinds))
+            tops = v.get("profile_phase_top") or {}
+            if tops:
+                lines += ["", f"Profiled step, {v['variant']}: the heaviest {'kernels' if kinds else 'ops'} of "
+                          "each phase (ms)", ""]
+                lines += [f"- {name}: " + "; ".join(f"`{kernel}` {ms:.2f}" for kernel, ms in tops[name])
+                          for name in [*PHASES, OUTSIDE] if tops.get(name)]
     return "\n".join(lines) + "\n"
 
 

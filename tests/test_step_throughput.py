@@ -169,12 +169,15 @@ def test_gpu_kernels_go_to_the_phase_that_queued_them_graph_replays_included(mon
         event("void at::native::(anonymous namespace)::multi_tensor_apply_kernel<at::native::(a", 26, 526),
         event("void at::native::reduce_kernel<128, 4, at::native::ReduceOp<float", 27, 277),
     ]
-    assert step_throughput.phase_work_ms(events, cuda=True) == {
+    work = step_throughput.phase_work_ms(events, cuda=True)
+    assert step_throughput.kinds_by_phase(work) == {
         step_throughput.OUTSIDE: {"copy / cast": 0.001},
         "rollout": {"matmul": 4.998, "copy / cast": 2.0},
         "generator_fwd": {"attention": 3.0, "torch.compile": 1.0, "optimizer, foreach": 0.5, "other": 0.25},
     }
     assert [step_throughput.is_device_work(e) for e in events[2:4]] == [False, True]
+    top = step_throughput.top_by_phase(work, n=2)["generator_fwd"]
+    assert [(name[:21], ms) for name, ms in top] == [("cudnn_generated_fort_", 3.0), ("triton_poi_fused__to_", 1.0)]
 
 
 def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
