@@ -25,8 +25,8 @@
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px): naive + optimized, then naive + optimized-graphs in a second process (~110 s each);
-#            results in OUTDIR/step_throughput_*.{json,md}
+#            512 px): naive + optimized + optimized-master (~170 s), then naive + optimized-graphs in a
+#            second process (~110 s); results in OUTDIR/step_throughput_*.{json,md}
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
@@ -36,8 +36,9 @@
 # (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s (twice its cases
 # since: 32 chunks too), tests 32-41 s (-n 6), gputests 26-33 s (-n 3), bench_dmd_target 51 s (the
 # launcher's choice alone; 5 forced variants since: allow ~130 s), bench_group_advantages 18 s,
-# bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s, throughput_other ~170 s,
-# memplan 12 s (CPU only: run it here instead); a machine started in ~30 s.
+# bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s (before optimized-master; allow
+# ~290 s now), throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine
+# started in ~30 s.
 # The steps that time nothing can share the machine; the timed ones run alone. Session 9's two calls
 # left 183 s, too little to start a third machine: plan for one call of ~590 s, e.g. (the native
 # build, the op tests and throughput_other passed or were measured on 2026-11-26 and are left out):
@@ -46,7 +47,7 @@
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests &
 #   FASTDMD_STEP_TIMEOUT=80 bash $S $O/o onepass; wait
 #   FASTDMD_STEP_TIMEOUT=130 bash $S $O/b bench_dmd_target
-#   FASTDMD_STEP_TIMEOUT=260 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
 # with timeout_s 590. The tool brings back files of at most 16 MiB, so the profiler's Chrome traces
 # stay out of the archive: the step_throughput files hold their summaries, device time per phase by
 # kind of kernel included. If time is left, a second call: env install tests throughput_other. The tests
@@ -157,7 +158,8 @@ step_throughput() {
     # process of its own, beside its own naive run: a CUDA error leaves a process's context unusable.
     local status=0
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" || status=1
+        --variants naive optimized optimized-master --profile --out "$outdir/step_throughput_sd3-medium-d12" \
+        || status=1
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12_graphs" \
         || status=1

@@ -71,7 +71,7 @@ from fastdmd.trainer import Trainer
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-VARIANTS = ("naive", "optimized", "optimized-graphs")
+VARIANTS = ("naive", "optimized", "optimized-graphs", "optimized-master")
 
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
@@ -80,14 +80,17 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     run forward (teacher, rollout copy), the rollout on a bf16 copy of the generator and the DMD
     scores (teacher and critic, no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
-    and backward; the rollout and the scores then need no graphs of their own."""
+    and backward; the rollout and the scores then need no graphs of their own. optimized-master: the
+    optimized step with the generator and the critic computing on bf16 copies of their fp32 weights
+    (perf.master_weights; bf16 on CPU too), the rollout on the generator's copy (not fused)."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
-    precision = ["--perf.mixed_precision", "bf16"] if cuda else []
+    precision = ["--perf.mixed_precision", "bf16"] if cuda or name == "optimized-master" else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", "--perf.batched_cfg", "false",
                 *precision]
-    rollout_copy = ["--perf.rollout_weights", "bf16"] if cuda else []
+    rollout_copy = ["--perf.master_weights", "true"] if name == "optimized-master" else \
+        ["--perf.rollout_weights", "bf16"] if cuda else []
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",

@@ -236,6 +236,12 @@ class PerfConfig:
                                "autocast casts at every forward) or bf16 (a bf16 copy, refreshed after each step's "
                                "generator updates: one cast per step, 2 B/param more; needs mixed_precision bf16, "
                                "one process)", choices=("master", "bf16"))
+    master_weights: bool = opt(False, "one process, mixed_precision bf16: the generator and the critic run forward and "
+                               "backward on bf16 copies of their weights; the fp32 weights, which the optimizer "
+                               "updates and the EMA and checkpoints keep, take the copies' gradients and are copied "
+                               "back into them after every update (FSDP2's bf16 policy does the same under "
+                               "torchrun). Autocast then casts no weight at each forward; the rollout runs on the "
+                               "generator's copy; 2 B/param more per trained network")
     fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks that "
                          "only run forward (the teacher, the rollout's bf16 copy): one matmul for three (SD3, FLUX)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
@@ -344,6 +350,12 @@ class Config:
         if self.perf.rollout_weights == "bf16" and self.perf.mixed_precision != "bf16":
             raise ConfigError("perf.rollout_weights = 'bf16' runs the rollout on a bf16 copy of the generator under bf16 "
                               f"autocast: it needs perf.mixed_precision bf16 (got {self.perf.mixed_precision!r})")
+        if self.perf.master_weights and self.perf.mixed_precision != "bf16":
+            raise ConfigError("perf.master_weights runs the trained networks on bf16 copies of their fp32 weights: it "
+                              f"needs perf.mixed_precision bf16 (got {self.perf.mixed_precision!r})")
+        if self.perf.master_weights and self.perf.rollout_weights == "bf16":
+            raise ConfigError("perf.master_weights already runs the rollout on the generator's bf16 copy: leave "
+                              "perf.rollout_weights at master")
         if self.perf.compile_mode != "default" and not (self.perf.compile and self.perf.compile_backend == "inductor"):
             raise ConfigError(f"perf.compile_mode = {self.perf.compile_mode!r} is a mode of the inductor backend: it needs "
                               f"perf.compile true and perf.compile_backend inductor (got {self.perf.compile} and "

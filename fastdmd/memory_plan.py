@@ -156,7 +156,8 @@ def saved_activation_bytes(net: nn.Module, kwargs: dict, dtype: torch.dtype) -> 
 
 def plan(preset: str, batch: int, resolution: int, world_size: int, precision: str, checkpointing: bool,
          gpu_gib: float, depth: int | None = None, teacher_dtype: str = "bfloat16", shard_teacher: bool = True,
-         critic_lora_params: int = 0, model_path: str = "", rollout_copy: bool = False) -> Plan:
+         critic_lora_params: int = 0, model_path: str = "", rollout_copy: bool = False,
+         master_weights: bool = False) -> Plan:
     net, make_inputs = build_meta_network(preset, depth, model_path)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     net.to(compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
@@ -173,10 +174,15 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
         "gradients of one network (fp32)": 4 * max(params, critic_params) * shard,
         f"teacher ({teacher_dtype})": teacher_bytes * params * (shard if shard_teacher else 1),
         "FSDP unsharded working set (2 blocks)": 2 * largest_block * compute.itemsize if world_size > 1 else 0,
-        "autocast weight copies (bf16, one process)": 2 * params if precision == "bf16" and world_size == 1 else 0,
+        "autocast weight copies (bf16, one process)": 2 * params if precision == "bf16" and world_size == 1
+        and not master_weights else 0,
     }
     if rollout_copy:
         items["rollout's bf16 generator copy (perf.rollout_weights bf16)"] = 2 * params
+    if master_weights:
+        # Whole bf16 networks (a LoRA critic's copy holds its frozen base too). Their bf16 gradients are
+        # not added: the fp32 ones counted above take their place tensor by tensor.
+        items["bf16 compute copies of generator and critic (perf.master_weights)"] = 2 * params + 2 * params
     kwargs = make_inputs(batch, resolution, compute)
     full = saved_activation_bytes(net, kwargs, compute)
     if checkpointing and getattr(net, "_supports_gradient_checkpointing", False):
@@ -204,13 +210,20 @@ def main(argv: list[str] | None = None) -> Plan:
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--rollout-weights", default="master", choices=("master", "bf16"),
                    help="perf.rollout_weights: bf16 adds the rollout's bf16 copy of the generator")
+    p.add_argument("--master-weights", action="store_true",
+                   help="perf.master_weights: bf16 compute copies of the generator and critic (one process, bf16) "
+                        "instead of autocast's weight copies")
     args = p.parse_args(argv)
     if args.world_size < 1 or args.batch < 1 or args.resolution < 16:
         p.error(f"need --world-size >= 1, --batch >= 1, --resolution >= 16; got {args.world_size}, {args.batch}, "
                 f"{args.resolution}")
+    if args.master_weights and (args.world_size > 1 or args.precision != "bf16" or args.rollout_weights == "bf16"):
+        p.error(f"--master-weights is one process in bf16 with the rollout on the generator's copy: got "
+                f"--world-size {args.world_size}, --precision {args.precision}, --rollout-weights {args.rollout_weights}")
     result = plan(args.preset, args.batch, args.resolution, args.world_size, args.precision,
                   args.activation_checkpointing, args.gpu_memory, args.depth, args.teacher_dtype,
-                  model_path=args.model_path, rollout_copy=args.rollout_weights == "bf16")
+                  model_path=args.model_path, rollout_copy=args.rollout_weights == "bf16",
+                  master_weights=args.master_weights)
     print(f"memory plan: {args.preset}" + (f" depth {args.depth}" if args.depth else "") +
           f", batch {args.batch}/rank" + ("" if args.preset == "digits" else f", {args.resolution}px") +
           f", {args.world_size} rank(s), {args.precision}, "

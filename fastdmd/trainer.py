@@ -117,9 +117,18 @@ class RoleState(Stateful):
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 
+def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
+
+
 def make_optimizer(module: torch.nn.Module, lr: float, cfg, perf) -> tuple[torch.optim.Optimizer, str]:
-    params = [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
-    return make_adamw(params, lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, perf)
+    return make_adamw(trainable_parameters(module), lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, perf)
+
+
+def bf16_copy(role: torch.nn.Module, adapter) -> torch.nn.Module:
+    """perf.master_weights: a bf16 copy of a trained role (its network, hooks and GAN head) sharing the role's
+    adapter (whose prompt embeddings are not copied)."""
+    return copy.deepcopy(role, memo={id(adapter): adapter}).to(torch.bfloat16)
 
 
 def lr_factor(updates_done: int, t) -> float:
@@ -204,9 +213,19 @@ class Trainer:
             if self.fake is not None:
                 self.fake.to(world.device)
         perf = cfg.perf
+        # perf.master_weights: the step computes with bf16 copies of the generator and the critic (made before
+        # compile wraps the blocks); self.generator and self.fake keep the fp32 weights the optimizers update.
+        self.generator_compute, self.fake_compute = self.generator, self.fake
+        if perf.master_weights:
+            if world.distributed:
+                raise ValueError("perf.master_weights is for one process (world size "
+                                 f"{world.world_size}): under torchrun FSDP2's MixedPrecisionPolicy already runs "
+                                 "every forward and backward on bf16 weights gathered from the fp32 shards")
+            self.generator_compute = bf16_copy(self.generator, self.adapter)
+            self.fake_compute = bf16_copy(self.fake, self.adapter) if self.fake is not None else None
         # perf.rollout_weights bf16: the rollout's own bf16 copy of the generator (made before compile wraps
         # the blocks), synchronized after each step's generator updates.
-        self.rollout_generator = self.generator
+        self.rollout_generator = self.generator_compute
         if perf.rollout_weights == "bf16":
             if world.distributed:
                 raise ValueError("perf.rollout_weights = 'bf16' keeps a whole bf16 copy of the generator: one process "
@@ -220,19 +239,19 @@ class Trainer:
         if not perf.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
             self.attention += ", SDPA's cuDNN backend off"
-        for role in filter(None, (self.generator, self.fake, base)):
+        for role in filter(None, (self.generator, self.fake, self.generator_compute, self.fake_compute, base)):
             set_attention(role.net, perf.attention)
-        parallelize(self.generator.net, world, perf, from_rank0=from_rank0)
-        if self.rollout_generator is not self.generator:
+        parallelize(self.generator_compute.net, world, perf, from_rank0=from_rank0)
+        if self.rollout_generator is not self.generator_compute:
             set_attention(self.rollout_generator.net, perf.attention)
             parallelize(self.rollout_generator.net, world, perf, trainable=False)
         self._rollout_sync = None  # (the copy's weights, the generator's), paired by the generator's parameter names
-        if self.rollout_generator is not self.generator:
+        if self.rollout_generator is not self.generator_compute:
             copy_params = dict(self.rollout_generator.net.named_parameters()) | rollout_views
             self._rollout_sync = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
                                   list(self.generator.net.parameters()))
         if self.fake is not None:
-            parallelize(self.fake.net, world, perf, extra=self.fake.gan_head, from_rank0=from_rank0)
+            parallelize(self.fake_compute.net, world, perf, extra=self.fake_compute.gan_head, from_rank0=from_rank0)
         if perf.shard_teacher or not world.distributed:
             parallelize(teacher, world, perf, trainable=False, from_rank0=from_rank0)
         else:
@@ -254,10 +273,10 @@ class Trainer:
         self.real.batched_cfg = perf.batched_cfg
         scores_blocker = graph_blocker("perf.cuda_graph_scores", perf.cuda_graph_scores, world.device,
                                        world.distributed, perf.blocks_in_cuda_graphs)
-        for name, score in (("real score", self.real), ("fake score", self.fake)):
+        for name, score in (("real score", self.real), ("fake score", self.fake_compute)):
             if score is not None:
                 score.graphs = CudaGraphs(score.eager_predict, scores_blocker, name)
-        self.objective = build_objective(cfg, Roles(self.generator, self.real, self.fake, self.reward,
+        self.objective = build_objective(cfg, Roles(self.generator_compute, self.real, self.fake_compute, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
         self.opt_g, self.optimizer_name = make_optimizer(self.generator, t.lr_generator, t, cfg.perf)
@@ -308,6 +327,8 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
         self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        self._sync_compute_weights(self.generator_compute, self.generator)
+        self._sync_compute_weights(self.fake_compute, self.fake)
         self._sync_rollout_weights()
         for sched in filter(None, (self.sched_g, self.sched_c)):
             sched.last_epoch = self.step - 1
@@ -336,11 +357,14 @@ class Trainer:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
+                self._take_gradients(self.generator_compute, self.generator)
                 norm = self._grad_norm(self.generator)
                 loss_value, norm_value = read_scalars(update.loss, norm)
                 self._clip(self.generator, norm, norm_value)
                 skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step)
                 skipped_g += skipped
+                if not skipped:
+                    self._sync_compute_weights(self.generator_compute, self.generator)
                 if self.ema is not None and not skipped:
                     self.ema.update(self.generator)
             logs.append(detached(update.logs) | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
@@ -349,17 +373,23 @@ class Trainer:
         skipped_c, critic_logs = 0, []
         if self.fake is not None:
             with phase("critic_update"):
-                self.opt_c.zero_grad(set_to_none=True)  # the generator's GAN term back-propagated through the critic
+                # the generator's GAN term back-propagated through the critic
+                self.opt_c.zero_grad(set_to_none=True)
+                self.fake_compute.zero_grad(set_to_none=True)
                 for i in range(t.critic_updates):
                     with self._autocast():
                         if t.critic_samples != "step":
                             self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
+                    self._take_gradients(self.fake_compute, self.fake)
                     norm = self._grad_norm(self.fake)
                     loss_value, norm_value = read_scalars(loss_c, norm)
                     self._clip(self.fake, norm, norm_value)
-                    skipped_c += self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
+                    skipped = self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
+                    skipped_c += skipped
+                    if not skipped:
+                        self._sync_compute_weights(self.fake_compute, self.fake)
                     critic_logs.append(detached(c_logs))
                 self.sched_c.step()
         rows = read_logs(logs + critic_logs)
@@ -381,6 +411,26 @@ class Trainer:
         generator = shared_step_generator(self.cfg.trainer.seed, step)
         return int(torch.randint(0, len(self.cfg.dmd.generator_sigmas), (1,), generator=generator))
 
+    @staticmethod
+    def _take_gradients(compute: torch.nn.Module, master: torch.nn.Module) -> None:
+        """perf.master_weights: the bf16 copy's gradients, in fp32, become the fp32 weights' (the optimizer's);
+        the copy's are dropped. Nothing without a copy (compute is master)."""
+        if compute is master:
+            return
+        for c, m in zip(trainable_parameters(compute), trainable_parameters(master)):
+            m.grad = None if c.grad is None else c.grad.float()
+            c.grad = None
+
+    @staticmethod
+    @torch.no_grad()
+    def _sync_compute_weights(compute: torch.nn.Module | None, master: torch.nn.Module | None) -> None:
+        """perf.master_weights: cast the updated fp32 weights into the bf16 copy, in place (a captured CUDA
+        graph reads the copy's storage). Nothing without a copy."""
+        if compute is master:
+            return
+        with phase("optimizer"):
+            torch._foreach_copy_(trainable_parameters(compute), trainable_parameters(master))
+
     @torch.no_grad()
     def _sync_rollout_weights(self) -> None:
         """perf.rollout_weights bf16: cast the generator's updated weights into the rollout's copy, in place
@@ -398,7 +448,7 @@ class Trainer:
         fuse_qkv(teacher)
         fused = {"teacher": fused_attentions(teacher)}
         views = {}
-        if self.rollout_generator is not self.generator:
+        if self.rollout_generator is not self.generator_compute:
             views = fuse_qkv(self.rollout_generator.net)
             fused["rollout copy"] = fused_attentions(self.rollout_generator.net)
         if not any(fused.values()):
@@ -429,7 +479,7 @@ class Trainer:
             int(torch.randint(0, len(dmd.generator_sigmas), (1,), generator=shared_step_generator(t.seed, step, 1, update)))
         with phase("rollout"):
             x_t, sigma = self.rollout(noise, labels, k, rng)
-            self.objective.remember(self.generator(x_t, sigma, labels), labels)
+            self.objective.remember(self.generator_compute(x_t, sigma, labels), labels)
 
     def _real_batch(self, rng: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         images, labels = self.real_shard
@@ -572,6 +622,10 @@ class Trainer:
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"
               + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else "")
               + f" scores={self.scores_graphs} fused_qkv={self.fused_qkv}")
+        if p.master_weights:
+            trained = "generator and critic" if self.fake is not None else "generator"
+            print(f"  weights: the {trained} compute on bf16 copies; their fp32 weights take the gradients and "
+                  "the updates (perf.master_weights)")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))
@@ -579,7 +633,7 @@ class Trainer:
     @property
     def scores_graphs(self) -> str:
         """How the DMD scores run: 'CUDA graph', or why not (per score where the two differ)."""
-        reasons = {name: score.graphs.reason for name, score in (("real", self.real), ("fake", self.fake))
+        reasons = {name: score.graphs.reason for name, score in (("real", self.real), ("fake", self.fake_compute))
                    if score is not None}
         if len(set(reasons.values())) == 1:
             return next(iter(reasons.values())) or "CUDA graph"

@@ -55,6 +55,9 @@ def test_sharding_batch_and_checkpointing_move_the_right_parts():
     assert one.items[copies] == 2 * one.params and eight.items[copies] == 0
     with_copy = plan("sd3-medium", 1, 256, 1, "bf16", False, 80, depth=2, rollout_copy=True)
     assert with_copy.total - one.total == 2 * one.params
+    master = plan("sd3-medium", 1, 256, 1, "bf16", False, 80, depth=2, master_weights=True)
+    assert master.items[copies] == 0  # no autocast casts: two whole bf16 networks instead
+    assert master.total - one.total == 2 * one.params
     act = "activations (generator or critic forward + backward)"
     two = plan("sd3-medium", 2, 256, 1, "bf16", False, 80, depth=2)
     assert 1.8 < two.items[act] / one.items[act] <= 2.0
@@ -70,6 +73,8 @@ def test_fits_verdict_and_cli(capsys):
     assert not small.fits and "does NOT fit" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         main(["--preset", "digits", "--world-size", "0"])
+    with pytest.raises(SystemExit):
+        main(["--preset", "digits", "--master-weights", "--world-size", "2"])
 
 
 def test_torchrun_start_up_host_memory_is_the_whole_networks(capsys):

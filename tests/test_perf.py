@@ -287,6 +287,14 @@ def test_bf16_rollout_weights_follow_the_generator(tmp_path):
         parse_args(TINY + ["--perf.rollout_weights", "bf16"])
 
 
+def test_master_weights_need_bf16_and_serve_the_rollout_themselves():
+    with pytest.raises(ValueError, match=r"master_weights.*needs perf.mixed_precision bf16 \(got 'fp32'\)"):
+        parse_args(TINY + ["--perf.master_weights", "true"])
+    with pytest.raises(ValueError, match="master_weights already runs the rollout on the generator's bf16 copy"):
+        parse_args(TINY + ["--perf.mixed_precision", "bf16", "--perf.master_weights", "true",
+                           "--perf.rollout_weights", "bf16"])
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_bf16_rollout_copy_in_a_cuda_graph_follows_the_generator(tmp_path):

@@ -213,6 +213,58 @@ def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir
         assert torch.equal(to_qkv, want.to(torch.bfloat16))
 
 
+def test_master_weights_compute_on_bf16_copies_with_autocasts_numbers(sd3_dir, tmp_path):
+    """perf.master_weights: the generator and the critic run on bf16 copies (the objective's roles, the
+    rollout), their fp32 weights take the gradients and the updates, and the copies follow them after
+    every update. With a bf16 teacher this is what autocast computes from the fp32 weights, without a
+    weight cast per forward: the same losses; and the critic's copy starts as the teacher itself."""
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    def run(*extra):
+        cfg = parse_args(args_for(sd3_dir, tmp_path / "_".join(extra or ("autocast",)), "--model.dtype", "bfloat16",
+                                  "--perf.mixed_precision", "bf16", "--eval.at_end", "false", *extra))
+        return Trainer(cfg, World())
+
+    autocast, master = run(), run("--perf.master_weights", "true")
+    copies = (master.generator_compute, master.fake_compute)
+    assert master.rollout_generator is master.generator_compute
+    assert master.objective.roles.generator is master.generator_compute and master.objective.roles.fake is master.fake_compute
+    x_t, sigma, labels = torch.randn(2, 4, 8, 8), torch.tensor([0.9, 0.3]), torch.tensor([0, 2])
+    with torch.no_grad(), master._autocast():
+        assert torch.equal(master.fake_compute.predict(x_t, sigma, labels),
+                           master.real.eager_predict(x_t, sigma, labels, 1.0)[0])
+    for step in (1, 2, 3):
+        want, got = autocast.train_step(step), master.train_step(step)
+        for key in ("loss_dmd", "loss_critic", "grad_norm_generator"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), (step, key)
+    for copy, weights in zip(copies, (master.generator, master.fake)):
+        assert {p.dtype for p in weights.parameters()} == {torch.float32}
+        assert {p.dtype for p in copy.parameters()} == {torch.bfloat16}
+        assert all(p.grad is None for p in copy.parameters())
+        for c, w in zip(copy.parameters(), weights.parameters()):
+            assert torch.equal(c, w.detach().to(torch.bfloat16))
+    trained = dict(master.generator.net.named_parameters())["transformer_blocks.0.attn.to_q.weight"]
+    initial = dict(master.real.net.named_parameters())["transformer_blocks.0.attn.to_q.weight"]
+    assert not torch.equal(trained.detach(), initial.float())  # the updates (lr 5e-7) reached the fp32 weights
+
+
+def test_master_weights_resume_to_the_uninterrupted_run(sd3_dir, tmp_path):
+    """A resumed run refills the bf16 copies from the fp32 weights it loads."""
+    def rows(run_dir, *extra):
+        main(args_for(sd3_dir, run_dir, "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
+                      "--perf.master_weights", "true", "--trainer.lr_schedule", "constant", "--eval.at_end", "false",
+                      "--trainer.lr_generator", "1e-3", "--trainer.lr_critic", "1e-3", *extra))
+        with open(run_dir / "metrics.jsonl") as f:
+            return [json.loads(line) for line in f]
+
+    straight = rows(tmp_path / "straight", "--trainer.steps", "3")
+    rows(tmp_path / "cut", "--trainer.steps", "2", "--trainer.checkpoint_every", "2")
+    resumed = rows(tmp_path / "cut", "--trainer.steps", "3", "--resume")
+    for key in ("loss_dmd", "loss_critic", "grad_norm_generator"):
+        assert resumed[2][key] == straight[2][key], key
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_fused_bf16_rollout_copy_in_cuda_graphs_follows_the_generator(sd3_dir, tmp_path):
@@ -388,3 +440,37 @@ def test_fsdp_bf16_policy_keeps_the_diffusion_time_in_fp32():
         dist.destroy_process_group()
     assert seen["t"].dtype == torch.float32 and seen["t"].tolist() == [749.0, 999.0]
     assert seen["x"].dtype == seen["pooled"].dtype == out.dtype == torch.bfloat16
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, tmp_path):
+    """perf.master_weights with the rollout and score graphs: the graphs, captured before training,
+    read the bf16 copies in place; after steps that update the fp32 weights (and refill the copies)
+    they replay what the copies compute eagerly."""
+    from fastdmd.distributed import World
+    from fastdmd.rollout import backward_simulation
+    from fastdmd.trainer import Trainer, step_generator
+
+    dev = torch.device("cuda")
+    cfg = parse_args(args_for(sd3_dir, tmp_path / "run", "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
+                              "--perf.master_weights", "true", "--perf.cuda_graph_rollout", "true",
+                              "--perf.cuda_graph_scores", "true", "--trainer.lr_generator", "1e-2",
+                              "--trainer.lr_critic", "1e-2"))
+    trainer = Trainer(cfg, World(device=dev))
+    assert trainer.rollout.active and trainer.scores_graphs == "CUDA graph"
+    labels = torch.tensor([0, 2], device=dev)
+    for step in range(1, 4):
+        trainer.train_step(step)
+        noise, x_t = torch.randn(2, 4, 8, 8, device=dev), torch.randn(2, 4, 8, 8, device=dev)
+        sigma = torch.tensor([0.9, 0.3], device=dev)
+        with torch.no_grad(), trainer._autocast():
+            got = trainer.rollout(noise, labels, 3, step_generator(0, 0, step, dev))
+            want = backward_simulation(trainer.generator_compute, noise, labels, cfg.dmd.generator_sigmas, 3,
+                                       step_generator(0, 0, step, dev))
+            torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
+            torch.testing.assert_close(trainer.fake_compute.predict(x_t, sigma, labels),
+                                       trainer.fake_compute.eager_predict(x_t, sigma, labels), rtol=3e-2, atol=3e-2)
+    for copy, weights in ((trainer.generator_compute, trainer.generator), (trainer.fake_compute, trainer.fake)):
+        for c, w in zip(copy.parameters(), weights.parameters()):
+            assert torch.equal(c, w.detach().to(torch.bfloat16))

@@ -201,3 +201,17 @@ def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
               "variants": [row]}
     step_throughput.add_ratios(record)
     assert "| phase | busy (ms) | wall (ms) | busy / wall |" in step_throughput.report(record)
+
+
+def test_the_master_weights_variant_trains_bf16_copies(tmp_path, monkeypatch):
+    """optimized-master: the optimized step with perf.master_weights (bf16 on CPU too, which it needs),
+    the rollout on the generator's own bf16 copy rather than a second one."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    args = step_throughput.variant_args("optimized-master", False, "aot_eager")
+    assert args[args.index("--perf.master_weights") + 1] == "true" and "--perf.rollout_weights" not in args
+    assert args[args.index("--perf.mixed_precision") + 1] == "bf16"
+    run_args = step_throughput.preset_args("digits", 4) + args + ["--run_dir", str(tmp_path), "--threads", "1"]
+    row = step_throughput.measure("optimized-master", run_args, None, torch.device("cpu"), warmup=1, steps=1)
+    assert row["s_per_step"] > 0 and row["compiled_graphs"] > 0
