@@ -131,6 +131,12 @@ def bf16_copy(role: torch.nn.Module, adapter) -> torch.nn.Module:
     return copy.deepcopy(role, memo={id(adapter): adapter}).to(torch.bfloat16)
 
 
+def weight_pairs(compute: torch.nn.Module | None, master: torch.nn.Module | None) -> tuple[list, list] | None:
+    """(a bf16 copy's trainable weights, the fp32 ones), in the same order; None when the role computes with
+    its own weights (no copy)."""
+    return None if compute is master else (trainable_parameters(compute), trainable_parameters(master))
+
+
 def lr_factor(updates_done: int, t) -> float:
     """Linear warm-up, then constant or cosine decay reaching 0 after trainer.steps updates."""
     warm = min(1.0, (updates_done + 1) / (t.warmup_steps + 1))
@@ -245,10 +251,14 @@ class Trainer:
         if self.rollout_generator is not self.generator_compute:
             set_attention(self.rollout_generator.net, perf.attention)
             parallelize(self.rollout_generator.net, world, perf, trainable=False)
-        self._rollout_sync = None  # (the copy's weights, the generator's), paired by the generator's parameter names
+        # (a bf16 copy's weights, the fp32 ones they are refilled from) per copy, None without it: the compute
+        # copies of perf.master_weights; the rollout's copy, paired by the generator's parameter names.
+        self._generator_copy = weight_pairs(self.generator_compute, self.generator)
+        self._fake_copy = weight_pairs(self.fake_compute, self.fake)
+        self._rollout_copy = None
         if self.rollout_generator is not self.generator_compute:
             copy_params = dict(self.rollout_generator.net.named_parameters()) | rollout_views
-            self._rollout_sync = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
+            self._rollout_copy = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
                                   list(self.generator.net.parameters()))
         if self.fake is not None:
             parallelize(self.fake_compute.net, world, perf, extra=self.fake_compute.gan_head, from_rank0=from_rank0)
@@ -327,9 +337,8 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
         self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
-        self._sync_compute_weights(self.generator_compute, self.generator)
-        self._sync_compute_weights(self.fake_compute, self.fake)
-        self._sync_rollout_weights()
+        for copy_pairs in (self._generator_copy, self._fake_copy, self._rollout_copy):
+            self._refill(copy_pairs)
         for sched in filter(None, (self.sched_g, self.sched_c)):
             sched.last_epoch = self.step - 1
             sched.step()
@@ -357,24 +366,24 @@ class Trainer:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
-                self._take_gradients(self.generator_compute, self.generator)
+                self._take_gradients(self._generator_copy)
                 norm = self._grad_norm(self.generator)
                 loss_value, norm_value = read_scalars(update.loss, norm)
                 self._clip(self.generator, norm, norm_value)
                 skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step)
                 skipped_g += skipped
                 if not skipped:
-                    self._sync_compute_weights(self.generator_compute, self.generator)
+                    self._refill(self._generator_copy)
                 if self.ema is not None and not skipped:
                     self.ema.update(self.generator)
             logs.append(detached(update.logs) | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
-        self._sync_rollout_weights()
+        self._refill(self._rollout_copy)
         self.sched_g.step()
         skipped_c, critic_logs = 0, []
         if self.fake is not None:
             with phase("critic_update"):
-                # the generator's GAN term back-propagated through the critic
-                self.opt_c.zero_grad(set_to_none=True)
+                # the generator's GAN term back-propagated through the critic (into the bf16 copy's gradients
+                # with perf.master_weights; the fp32 weights' are replaced by each update's)
                 self.fake_compute.zero_grad(set_to_none=True)
                 for i in range(t.critic_updates):
                     with self._autocast():
@@ -382,14 +391,14 @@ class Trainer:
                             self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
-                    self._take_gradients(self.fake_compute, self.fake)
+                    self._take_gradients(self._fake_copy)
                     norm = self._grad_norm(self.fake)
                     loss_value, norm_value = read_scalars(loss_c, norm)
                     self._clip(self.fake, norm, norm_value)
                     skipped = self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
                     skipped_c += skipped
                     if not skipped:
-                        self._sync_compute_weights(self.fake_compute, self.fake)
+                        self._refill(self._fake_copy)
                     critic_logs.append(detached(c_logs))
                 self.sched_c.step()
         rows = read_logs(logs + critic_logs)
@@ -412,33 +421,23 @@ class Trainer:
         return int(torch.randint(0, len(self.cfg.dmd.generator_sigmas), (1,), generator=generator))
 
     @staticmethod
-    def _take_gradients(compute: torch.nn.Module, master: torch.nn.Module) -> None:
+    def _take_gradients(pairs: tuple[list, list] | None) -> None:
         """perf.master_weights: the bf16 copy's gradients, in fp32, become the fp32 weights' (the optimizer's);
-        the copy's are dropped. Nothing without a copy (compute is master)."""
-        if compute is master:
+        the copy's are dropped. Nothing without a copy."""
+        if pairs is None:
             return
-        for c, m in zip(trainable_parameters(compute), trainable_parameters(master)):
+        for c, m in zip(*pairs):
             m.grad = None if c.grad is None else c.grad.float()
             c.grad = None
 
     @staticmethod
     @torch.no_grad()
-    def _sync_compute_weights(compute: torch.nn.Module | None, master: torch.nn.Module | None) -> None:
-        """perf.master_weights: cast the updated fp32 weights into the bf16 copy, in place (a captured CUDA
-        graph reads the copy's storage). Nothing without a copy."""
-        if compute is master:
-            return
-        with phase("optimizer"):
-            torch._foreach_copy_(trainable_parameters(compute), trainable_parameters(master))
-
-    @torch.no_grad()
-    def _sync_rollout_weights(self) -> None:
-        """perf.rollout_weights bf16: cast the generator's updated weights into the rollout's copy, in place
-        (a captured rollout graph reads the copy's storage)."""
-        if self._rollout_sync is None:
-            return
-        with phase("optimizer"):
-            torch._foreach_copy_(*self._rollout_sync)
+    def _refill(pairs: tuple[list, list] | None) -> None:
+        """Cast the updated fp32 weights into a bf16 copy (weight_pairs), in place: a captured CUDA graph reads
+        the copy's storage. Nothing without a copy."""
+        if pairs is not None:
+            with phase("optimizer"):
+                torch._foreach_copy_(*pairs)
 
     def _fuse_qkv(self, teacher: torch.nn.Module, enabled: bool) -> tuple[str, dict[str, torch.Tensor]]:
         """perf.fuse_qkv on the teacher and the rollout's bf16 copy: (what the run header says, the copy's
