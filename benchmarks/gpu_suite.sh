@@ -41,17 +41,21 @@
 # started in ~30 s.
 # The steps that time nothing can share the machine; the timed ones run alone. Session 9's two calls
 # left 183 s, too little to start a third machine: plan for one call of ~590 s, e.g. (the native
-# build, the op tests and throughput_other passed or were measured on 2026-11-26 and are left out):
+# build, most op tests and throughput_other passed or were measured on 2026-11-26 and are left out;
+# MasterAdamW's tests and bench are new since):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 565 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests &
+#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
 #   FASTDMD_STEP_TIMEOUT=80 bash $S $O/o onepass; wait
-#   FASTDMD_STEP_TIMEOUT=130 bash $S $O/b bench_dmd_target
-#   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw
+#   FASTDMD_STEP_TIMEOUT=120 bash $S $O/b bench_dmd_target
+#   FASTDMD_STEP_TIMEOUT=290 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
 # with timeout_s 590. The tool brings back files of at most 16 MiB, so the profiler's Chrome traces
 # stay out of the archive: the step_throughput files hold their summaries, device time per phase by
 # kind of kernel included. If time is left, a second call: env install tests throughput_other. The tests
-# include the GPU-only checks (the one-pass dmd_target kernel against two passes, the rollout and
+# include the GPU-only checks (MasterAdamW's compiled update against its reference and, in gputests,
+# its bf16 copies read by the CUDA graphs; the one-pass dmd_target kernel against two passes, the rollout and
 # score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, FLUX's
 # rollout and score graphs, a DMD2 step waiting for the GPU once per update and once for its logs):
 # read their results before trusting the timings.

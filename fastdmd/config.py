@@ -237,11 +237,12 @@ class PerfConfig:
                                "generator updates: one cast per step, 2 B/param more; needs mixed_precision bf16, "
                                "one process)", choices=("master", "bf16"))
     master_weights: bool = opt(False, "one process, mixed_precision bf16: the generator and the critic run forward and "
-                               "backward on bf16 copies of their weights; the fp32 weights, which the optimizer "
-                               "updates and the EMA and checkpoints keep, take the copies' gradients and are copied "
-                               "back into them after every update (FSDP2's bf16 policy does the same under "
-                               "torchrun). Autocast then casts no weight at each forward; the rollout runs on the "
-                               "generator's copy; 2 B/param more per trained network")
+                               "backward on bf16 copies of their weights; the fp32 weights, which the EMA and "
+                               "checkpoints keep, are updated by fastdmd's MasterAdamW, which reads the copies' bf16 "
+                               "gradients and writes the new weights back into the copies (and moves the EMA) in one "
+                               "fused pass (FSDP2's bf16 policy does the like under torchrun). Autocast then casts no "
+                               "weight at each forward; the rollout runs on the generator's copy; 2 B/param more per "
+                               "trained network")
     fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks that "
                          "only run forward (the teacher, the rollout's bf16 copy): one matmul for three (SD3, FLUX)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
@@ -353,6 +354,11 @@ class Config:
         if self.perf.master_weights and self.perf.mixed_precision != "bf16":
             raise ConfigError("perf.master_weights runs the trained networks on bf16 copies of their fp32 weights: it "
                               f"needs perf.mixed_precision bf16 (got {self.perf.mixed_precision!r})")
+        if self.perf.master_weights and (self.perf.optimizer != "torch" or not self.perf.fused_optimizer):
+            chosen = "perf.optimizer = 'apex'" if self.perf.optimizer != "torch" else "perf.fused_optimizer false"
+            raise ConfigError(f"perf.master_weights steps with fastdmd's MasterAdamW (bf16 gradients in, bf16 copy out, "
+                              f"one fused update); {chosen} asks for another optimizer: leave perf.optimizer at torch "
+                              "and perf.fused_optimizer true")
         if self.perf.master_weights and self.perf.rollout_weights == "bf16":
             raise ConfigError("perf.master_weights already runs the rollout on the generator's bf16 copy: leave "
                               "perf.rollout_weights at master")

@@ -5,7 +5,8 @@ What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenl
 - generator: fp32 master weights, AdamW's two fp32 states, the fp32 EMA: 16 B/param / W
 - critic: weights and AdamW states: 12 B/param / W (a LoRA critic: its adapters only)
 - gradients: fp32, of one network at a time (the generator's are freed before the critic's
-  backward, zero_grad(set_to_none=True)): 4 B/param of the larger / W
+  backward, zero_grad(set_to_none=True)): 4 B/param of the larger / W; bf16 (2 B/param) with
+  --master-weights, whose MasterAdamW reads the bf16 copies' gradients as they are
 - teacher: frozen weights in the teacher dtype / W (or whole when not sharded)
 - FSDP working set: the largest block unsharded twice (current + prefetched), in the compute dtype
 - autocast weight copies (bf16, one process): the bf16 casts of the fp32 weights that autocast
@@ -171,7 +172,8 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
         "generator weights + AdamW + EMA (fp32)": 16 * params * shard,
         "critic weights + AdamW (fp32)": 12 * critic_params * shard + (teacher_bytes * params * shard
                                                                       if critic_lora_params else 0),
-        "gradients of one network (fp32)": 4 * max(params, critic_params) * shard,
+        f"gradients of one network ({'bf16' if master_weights else 'fp32'})":
+            (2 if master_weights else 4) * max(params, critic_params) * shard,
         f"teacher ({teacher_dtype})": teacher_bytes * params * (shard if shard_teacher else 1),
         "FSDP unsharded working set (2 blocks)": 2 * largest_block * compute.itemsize if world_size > 1 else 0,
         "autocast weight copies (bf16, one process)": 2 * params if precision == "bf16" and world_size == 1
@@ -180,8 +182,7 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
     if rollout_copy:
         items["rollout's bf16 generator copy (perf.rollout_weights bf16)"] = 2 * params
     if master_weights:
-        # Whole bf16 networks (a LoRA critic's copy holds its frozen base too). Their bf16 gradients are
-        # not added: the fp32 ones counted above take their place tensor by tensor.
+        # Whole bf16 networks (a LoRA critic's copy holds its frozen base too); their gradients are counted above.
         items["bf16 compute copies of generator and critic (perf.master_weights)"] = 2 * params + 2 * params
     kwargs = make_inputs(batch, resolution, compute)
     full = saved_activation_bytes(net, kwargs, compute)

@@ -39,6 +39,7 @@ from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
 from fastdmd.models.fusion import fuse_qkv, fused_attentions
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
+from fastdmd.optim import MasterAdamW
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
 from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
@@ -79,6 +80,8 @@ class EMA:
         self.decay = decay
         self.names = [n for n, _ in module.named_parameters()]
         self.shadow = [p.detach().clone() for p in module.parameters()]
+        # for an optimizer that moves the EMA in its own update (MasterAdamW): each weight's shadow
+        self.by_parameter = dict(zip(module.parameters(), self.shadow))
 
     @torch.no_grad()
     def update(self, module: torch.nn.Module) -> None:
@@ -121,8 +124,17 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
 
 
-def make_optimizer(module: torch.nn.Module, lr: float, cfg, perf) -> tuple[torch.optim.Optimizer, str]:
-    return make_adamw(trainable_parameters(module), lr, (cfg.adam_beta1, cfg.adam_beta2), cfg.weight_decay, perf)
+def make_optimizer(module: torch.nn.Module, compute: torch.nn.Module, lr: float, cfg, perf) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW on the role's trainable weights: MasterAdamW when the step computes on a bf16 copy (perf.master_weights),
+    else torch's or apex's (accel.make_adamw)."""
+    betas = (cfg.adam_beta1, cfg.adam_beta2)
+    if compute is not module:
+        opt = MasterAdamW(trainable_parameters(module), trainable_parameters(compute), lr, betas,
+                          weight_decay=cfg.weight_decay)
+        params = opt.param_groups[0]["params"]
+        backend = ops.resolve_backend(params[0].device if params else None)
+        return opt, f"fastdmd MasterAdamW ({backend}: bf16 gradients in, bf16 copy out, fused EMA)"
+    return make_adamw(trainable_parameters(module), lr, betas, cfg.weight_decay, perf)
 
 
 def bf16_copy(role: torch.nn.Module, adapter) -> torch.nn.Module:
@@ -289,11 +301,11 @@ class Trainer:
         self.objective = build_objective(cfg, Roles(self.generator_compute, self.real, self.fake_compute, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
-        self.opt_g, self.optimizer_name = make_optimizer(self.generator, t.lr_generator, t, cfg.perf)
+        self.opt_g, self.optimizer_name = make_optimizer(self.generator, self.generator_compute, t.lr_generator, t, cfg.perf)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
         self.opt_c = self.sched_c = None
         if self.fake is not None:
-            self.opt_c, _ = make_optimizer(self.fake, t.lr_critic, t, cfg.perf)
+            self.opt_c, _ = make_optimizer(self.fake, self.fake_compute, t.lr_critic, t, cfg.perf)
             self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
         self.step = 0
         self.bad_steps = 0
@@ -366,15 +378,13 @@ class Trainer:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
-                self._take_gradients(self._generator_copy)
-                norm = self._grad_norm(self.generator)
+                norm = self._grad_norm(self.generator_compute)
                 loss_value, norm_value = read_scalars(update.loss, norm)
-                self._clip(self.generator, norm, norm_value)
-                skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step)
+                grad_scale = self._clip(self.generator_compute, norm, norm_value, self.opt_g)
+                skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step, grad_scale,
+                                               self.ema)
                 skipped_g += skipped
-                if not skipped:
-                    self._refill(self._generator_copy)
-                if self.ema is not None and not skipped:
+                if self.ema is not None and not skipped and not isinstance(self.opt_g, MasterAdamW):
                     self.ema.update(self.generator)
             logs.append(detached(update.logs) | {"loss_generator": loss_value, "grad_norm_generator": norm_value})
         self._refill(self._rollout_copy)
@@ -391,14 +401,11 @@ class Trainer:
                             self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
-                    self._take_gradients(self._fake_copy)
-                    norm = self._grad_norm(self.fake)
+                    norm = self._grad_norm(self.fake_compute)
                     loss_value, norm_value = read_scalars(loss_c, norm)
-                    self._clip(self.fake, norm, norm_value)
-                    skipped = self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step)
+                    grad_scale = self._clip(self.fake_compute, norm, norm_value, self.opt_c)
+                    skipped = self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step, grad_scale)
                     skipped_c += skipped
-                    if not skipped:
-                        self._refill(self._fake_copy)
                     critic_logs.append(detached(c_logs))
                 self.sched_c.step()
         rows = read_logs(logs + critic_logs)
@@ -419,16 +426,6 @@ class Trainer:
         from the seed and the step alone, so every rank, and a resumed run, draws the same."""
         generator = shared_step_generator(self.cfg.trainer.seed, step)
         return int(torch.randint(0, len(self.cfg.dmd.generator_sigmas), (1,), generator=generator))
-
-    @staticmethod
-    def _take_gradients(pairs: tuple[list, list] | None) -> None:
-        """perf.master_weights: the bf16 copy's gradients, in fp32, become the fp32 weights' (the optimizer's);
-        the copy's are dropped. Nothing without a copy."""
-        if pairs is None:
-            return
-        for c, m in zip(*pairs):
-            m.grad = None if c.grad is None else c.grad.float()
-            c.grad = None
 
     @staticmethod
     @torch.no_grad()
@@ -485,9 +482,11 @@ class Trainer:
         idx = torch.randint(0, len(labels), (self.cfg.trainer.batch_size,), generator=rng, device=rng.device).cpu()
         return images[idx].to(self.world.device), labels[idx].to(self.world.device)
 
-    def _step_if_finite(self, role: str, loss: float, grad_norm: float, opt, step: int) -> bool:
+    def _step_if_finite(self, role: str, loss: float, grad_norm: float, opt, step: int,
+                        grad_scale: torch.Tensor | None = None, ema: EMA | None = None) -> bool:
         """Apply the update only when the loss and the gradient are finite on every rank; otherwise
-        drop the gradient (the optimizer state stays untouched) and say which phase produced it."""
+        drop the gradient (the optimizer state stays untouched) and say which phase produced it.
+        MasterAdamW also takes the clipping coefficient (grad_scale) and moves the EMA in its update."""
         bad = torch.tensor([0.0 if math.isfinite(loss) else 1.0, 0.0 if math.isfinite(grad_norm) else 1.0])
         if self.world.distributed:
             torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)
@@ -498,24 +497,36 @@ class Trainer:
                     "loss" if bad[0] else "gradient (backward)"
                 tqdm.write(f"step {step}: non-finite {role} {where}; update skipped")
             return True
-        opt.step()
+        if isinstance(opt, MasterAdamW):
+            opt.step(grad_scale=grad_scale, ema=None if ema is None else (ema.by_parameter, ema.decay))
+        else:
+            opt.step()
         opt.zero_grad(set_to_none=True)
         return False
 
     @staticmethod
     def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
         """The total gradient norm, on the device (under FSDP2 a DTensor, as clip_grads_with_norm_ wants it
-        for DTensor gradients)."""
-        return torch.nn.utils.get_total_norm([p.grad for p in module.parameters() if p.grad is not None])
+        for DTensor gradients). A bf16 copy's gradients (perf.master_weights) are summed in fp32: a norm in
+        bf16 would be off by up to 0.4%, and so would the clipping."""
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads and all(type(g) is torch.Tensor and g.dtype in (torch.bfloat16, torch.float16) for g in grads):
+            return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
+        return torch.nn.utils.get_total_norm(grads)
 
-    def _clip(self, module: torch.nn.Module, norm: torch.Tensor, norm_value: float) -> None:
+    def _clip(self, module: torch.nn.Module, norm: torch.Tensor, norm_value: float, opt) -> torch.Tensor | None:
         """Scale the gradients to trainer.grad_clip only when their norm (nearly) exceeds it, and then
         by clip_grad_norm_'s own code, so the numbers are the same: the scaling reads and writes every
         gradient, which most steps need not pay. The margin covers the fp32 rounding of
-        clip_grad_norm_'s coefficient (below it, the coefficient is clamped to 1)."""
+        clip_grad_norm_'s coefficient (below it, the coefficient is clamped to 1). MasterAdamW scales in its
+        update instead: the coefficient is returned for it (None: no clipping)."""
         limit = self.cfg.trainer.grad_clip
-        if limit > 0 and limit / (norm_value + 1e-6) < 1.0 + 1e-6:
-            torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
+        if not (limit > 0 and limit / (norm_value + 1e-6) < 1.0 + 1e-6):
+            return None
+        if isinstance(opt, MasterAdamW):
+            return torch.clamp(limit / (norm.float() + 1e-6), max=1.0)
+        torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
+        return None
 
     # ----- the run -----------------------------------------------------------------------------
     def fit(self) -> dict:

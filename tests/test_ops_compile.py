@@ -21,7 +21,7 @@ KERNELS = {
     "_p_real_abs_sum_kernel", "_dmd_elementwise_kernel", "_dmd_one_pass_kernel", "_dmd_finalize_kernel",
     "_dmd_backward_kernel",
     "_group_advantages_kernel", "_squared_deviation_sum_kernel", "_policy_loss_kernel",
-    "_policy_loss_backward_kernel",
+    "_policy_loss_backward_kernel", "_master_adamw_kernel",
 }
 
 

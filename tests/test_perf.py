@@ -287,12 +287,17 @@ def test_bf16_rollout_weights_follow_the_generator(tmp_path):
         parse_args(TINY + ["--perf.rollout_weights", "bf16"])
 
 
-def test_master_weights_need_bf16_and_serve_the_rollout_themselves():
+def test_master_weights_need_bf16_serve_the_rollout_themselves_and_step_with_master_adamw():
     with pytest.raises(ValueError, match=r"master_weights.*needs perf.mixed_precision bf16 \(got 'fp32'\)"):
         parse_args(TINY + ["--perf.master_weights", "true"])
     with pytest.raises(ValueError, match="master_weights already runs the rollout on the generator's bf16 copy"):
         parse_args(TINY + ["--perf.mixed_precision", "bf16", "--perf.master_weights", "true",
                            "--perf.rollout_weights", "bf16"])
+    for other, named in ((["--perf.optimizer", "apex"], "perf.optimizer = 'apex'"),
+                         (["--perf.fused_optimizer", "false"], "perf.fused_optimizer false")):
+        with pytest.raises(ValueError, match=f"master_weights steps with fastdmd's MasterAdamW.*; {named} asks for "
+                                             "another optimizer"):
+            parse_args(TINY + ["--perf.mixed_precision", "bf16", "--perf.master_weights", "true", *other])
 
 
 @pytest.mark.gpu
@@ -369,7 +374,7 @@ def test_gradient_clipping_gives_clip_grad_norm_numbers(tmp_path, norm):
         r.grad = p.grad.clone()
     want_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
     norm = trainer._grad_norm(module)
-    trainer._clip(module, norm, float(norm))
+    assert trainer._clip(module, norm, float(norm), trainer.opt_g) is None  # torch AdamW: scaled in place
     assert float(norm) == float(want_norm)
     assert all(torch.equal(p.grad, r.grad) for p, r in zip(module.parameters(), reference))
 

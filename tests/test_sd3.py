@@ -249,6 +249,42 @@ def test_master_weights_compute_on_bf16_copies_with_autocasts_numbers(sd3_dir, t
     assert not torch.equal(trained.detach(), initial.float())  # the updates (lr 5e-7) reached the fp32 weights
 
 
+def test_master_adamw_updates_as_torch_adamw_on_autocasts_gradients_with_clipping_and_ema(sd3_dir, tmp_path):
+    """MasterAdamW's one fused update (bf16 gradients in, clipping coefficient and EMA inside) gives the
+    fp32 weights, the EMA and the moments that torch's fused AdamW, clip_grads_with_norm_ and EMA.update give
+    on autocast's fp32 gradients; the generator's gradients are clipped here at every update."""
+    from fastdmd.distributed import World
+    from fastdmd.optim import MasterAdamW
+    from fastdmd.trainer import Trainer
+
+    def run(*extra):
+        cfg = parse_args(args_for(sd3_dir, tmp_path / "_".join(extra or ("autocast",)), "--model.dtype", "bfloat16",
+                                  "--perf.mixed_precision", "bf16", "--eval.at_end", "false", "--trainer.grad_clip",
+                                  "1e-3", "--trainer.lr_generator", "1e-3", "--trainer.lr_critic", "1e-3",
+                                  "--trainer.ema_decay", "0.9", *extra))
+        return Trainer(cfg, World())
+
+    autocast, master = run(), run("--perf.master_weights", "true")
+    assert isinstance(master.opt_g, MasterAdamW) and isinstance(master.opt_c, MasterAdamW)
+    assert master.optimizer_name.startswith("fastdmd MasterAdamW (reference")
+    for step in (1, 2, 3):
+        want, got = autocast.train_step(step), master.train_step(step)
+        assert got["grad_norm_generator"] > 1e-3  # clipped
+        for key in ("loss_dmd", "loss_critic", "grad_norm_generator"):
+            assert got[key] == pytest.approx(want[key], rel=1e-4), (step, key)
+    for a, b in ((autocast.generator, master.generator), (autocast.fake, master.fake)):
+        for (name, w), m in zip(a.named_parameters(), b.parameters()):
+            torch.testing.assert_close(m, w, rtol=1e-5, atol=1e-6, msg=name)
+    for w, m in zip(autocast.ema.shadow, master.ema.shadow):
+        torch.testing.assert_close(m, w, rtol=1e-5, atol=1e-6)
+    for opt_a, opt_b in ((autocast.opt_g, master.opt_g), (autocast.opt_c, master.opt_c)):
+        for p_a, p_b in zip(opt_a.param_groups[0]["params"], opt_b.param_groups[0]["params"]):
+            state_a, state_b = opt_a.state[p_a], opt_b.state[p_b]
+            assert float(state_b["step"]) == float(state_a["step"]) == 3.0
+            torch.testing.assert_close(state_b["exp_avg"], state_a["exp_avg"], rtol=1e-4, atol=1e-9)
+            torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-4, atol=1e-12)
+
+
 def test_master_weights_resume_to_the_uninterrupted_run(sd3_dir, tmp_path):
     """A resumed run refills the bf16 copies from the fp32 weights it loads."""
     def rows(run_dir, *extra):
@@ -446,8 +482,9 @@ def test_fsdp_bf16_policy_keeps_the_diffusion_time_in_fp32():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, tmp_path):
     """perf.master_weights with the rollout and score graphs: the graphs, captured before training,
-    read the bf16 copies in place; after steps that update the fp32 weights (and refill the copies)
-    they replay what the copies compute eagerly."""
+    read the bf16 copies in place; after steps that update the fp32 weights (MasterAdamW's Triton update
+    writes the copies in place) they replay what the copies compute eagerly, and each copy holds its
+    fp32 weight rounded to nearest."""
     from fastdmd.distributed import World
     from fastdmd.rollout import backward_simulation
     from fastdmd.trainer import Trainer, step_generator
@@ -459,6 +496,7 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
                               "--trainer.lr_critic", "1e-2"))
     trainer = Trainer(cfg, World(device=dev))
     assert trainer.rollout.active and trainer.scores_graphs == "CUDA graph"
+    assert trainer.optimizer_name.startswith("fastdmd MasterAdamW (triton")
     labels = torch.tensor([0, 2], device=dev)
     for step in range(1, 4):
         trainer.train_step(step)

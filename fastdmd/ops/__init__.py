@@ -70,5 +70,21 @@ def clipped_policy_loss(x_prev, mean, std, old_log_prob, advantages, clip_range)
     return impl(x_prev, mean, std, old_log_prob, advantages, clip_range)
 
 
+def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, beta2, eps, weight_decay, step,
+                  grad_scale=None, emas=None, ema_weight=0.0) -> None:
+    """See fastdmd.ops.reference.master_adamw_ for the math. Not a torch.library op: it runs in the
+    optimizer's step, outside any compiled or differentiated code."""
+    chosen = resolve_backend(masters[0].device if masters else None)
+    if chosen == "native":
+        raise ValueError("master_adamw_ has no native implementation; set fastdmd.ops.backend to 'triton', "
+                         "'reference' or 'auto' for it")
+    if chosen == "triton":
+        from fastdmd.ops.master_adamw_triton import master_adamw_ as impl
+    else:
+        impl = reference.master_adamw_
+    impl(masters, grads, exp_avgs, exp_avg_sqs, copies, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+         weight_decay=weight_decay, step=step, grad_scale=grad_scale, emas=emas, ema_weight=ema_weight)
+
+
 __all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "PolicyLoss", "backend",
-           "clipped_policy_loss", "dmd_target", "group_advantages", "reference", "resolve_backend"]
+           "clipped_policy_loss", "dmd_target", "group_advantages", "master_adamw_", "reference", "resolve_backend"]

@@ -119,6 +119,69 @@ def check_clipped_policy_loss_inputs(x_prev, mean, std, old_log_prob, advantages
     check_number("clip_range", clip_range, minimum=0)
 
 
+MASTER_DTYPE = torch.float32
+COPY_DTYPES = (torch.bfloat16, torch.float16)
+
+
+def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, *, lr, beta1, beta2, eps,
+                              weight_decay, step, grad_scale, ema_weight) -> None:
+    """Arguments of master_adamw_ (see fastdmd.ops.reference.master_adamw_): parallel lists of tensors,
+    one entry per parameter. The tensors updated in place (masters, moments, copies, EMA) must be
+    contiguous: the kernel walks their storage; a gradient may be strided (it is read through a
+    contiguous copy)."""
+    lists = {"masters": masters, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if copies is not None:
+        lists["copies"] = copies
+    if emas is not None:
+        lists["emas"] = emas
+    for name, value in lists.items():
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list of tensors (one per parameter), got {type(value).__name__}")
+    lengths = {name: len(value) for name, value in lists.items()}
+    if len(set(lengths.values())) != 1:
+        raise ValueError(f"the lists must have one entry per parameter, got lengths {lengths}")
+    if not masters:
+        return
+    device = masters[0].device
+    grad_dtype = None
+    for i, master in enumerate(masters):
+        check_tensor(f"masters[{i}]", master, dtypes=(MASTER_DTYPE,), device=device)
+        for name in ("grads", "exp_avgs", "exp_avg_sqs", "copies", "emas"):
+            if name not in lists:
+                continue
+            dtypes = KERNEL_DTYPES if name == "grads" else COPY_DTYPES if name == "copies" else (MASTER_DTYPE,)
+            value = lists[name][i]
+            check_tensor(f"{name}[{i}]", value, dtypes=dtypes, shape=master.shape, device=device)
+            if name != "grads" and not value.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got strides "
+                                 f"{tuple(value.stride())} for shape {tuple(value.shape)}")
+        grad_dtype = grad_dtype or grads[i].dtype
+        if grads[i].dtype != grad_dtype:
+            raise ValueError(f"all grads must share one dtype, got {grad_dtype} and {grads[i].dtype} (grads[{i}])")
+        if not master.is_contiguous():
+            raise ValueError(f"masters[{i}] must be contiguous (it is updated in place), got strides "
+                             f"{tuple(master.stride())} for shape {tuple(master.shape)}")
+    if copies is not None and len({c.dtype for c in copies}) > 1:
+        raise ValueError(f"all copies must share one dtype, got {sorted({str(c.dtype) for c in copies})}")
+    check_number("lr", lr, minimum=0)
+    for name, value in (("beta1", beta1), ("beta2", beta2)):
+        check_number(name, value, minimum=0)
+        if value >= 1:
+            raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    check_number("eps", eps, minimum=0)
+    check_number("weight_decay", weight_decay, minimum=0)
+    if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:
+        raise ValueError(f"step must be an int >= 1 (the update's number, for the bias corrections), got {step!r}")
+    if grad_scale is not None:
+        check_tensor("grad_scale", grad_scale, dtypes=(MASTER_DTYPE,), device=device)
+        if grad_scale.numel() != 1:
+            raise ValueError(f"grad_scale must hold one value (the clipping coefficient), got shape "
+                             f"{tuple(grad_scale.shape)}")
+    check_number("ema_weight", ema_weight, minimum=0)
+    if ema_weight > 1:
+        raise ValueError(f"ema_weight (1 - EMA decay) must be in [0, 1], got {ema_weight!r}")
+
+
 def interpreted(kernel) -> bool:
     """Whether triton was imported in interpreter mode (TRITON_INTERPRET=1): `kernel` runs in Python."""
     from triton.runtime.interpreter import InterpretedFunction

@@ -15,7 +15,8 @@ from typing import NamedTuple
 import torch
 
 from fastdmd.ops.checks import (REFERENCE_DTYPES, check_clipped_policy_loss_inputs,
-                                check_dmd_target_inputs, check_group_advantages_inputs)
+                                check_dmd_target_inputs, check_group_advantages_inputs,
+                                check_master_adamw_inputs)
 
 
 class DMDTarget(NamedTuple):
@@ -213,3 +214,54 @@ def clipped_policy_loss(
     loss = torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - clip_range, 1 + clip_range))
     clip_frac = ((ratio.detach() - 1).abs() > clip_range).float()
     return PolicyLoss(loss.float(), log_prob.float(), ratio.float(), clip_frac)
+
+
+@torch.no_grad()
+def master_adamw_(
+    masters: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    exp_avgs: list[torch.Tensor],
+    exp_avg_sqs: list[torch.Tensor],
+    copies: list[torch.Tensor] | None,
+    *,
+    lr: float,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    step: int,
+    grad_scale: torch.Tensor | None = None,
+    emas: list[torch.Tensor] | None = None,
+    ema_weight: float = 0.0,
+) -> None:
+    """One AdamW update of fp32 master weights from low-precision gradients, in place (perf.master_weights).
+
+    Per parameter, in fp32 (torch's fused AdamW, step number `step` >= 1):
+        g = grad * grad_scale                       (grad_scale: the clipping coefficient, or 1)
+        master *= 1 - lr * weight_decay
+        exp_avg = beta1 * exp_avg + (1 - beta1) * g
+        exp_avg_sq = beta2 * exp_avg_sq + (1 - beta2) * g^2
+        master -= lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
+        copy = master rounded to the copy's dtype   (the bf16 weights the next forward computes with)
+        ema += ema_weight * (master - ema)          (the generator's EMA, ema_weight = 1 - decay)
+    Non-finite gradients propagate into the weights, as in torch's AdamW: the trainer skips such steps.
+    """
+    check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, lr=lr, beta1=beta1, beta2=beta2,
+                              eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+                              ema_weight=ema_weight)
+    step_size = lr / (1 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1 - beta2**step)
+    for i, master in enumerate(masters):
+        g = grads[i].float()
+        if grad_scale is not None:
+            g = g * grad_scale.reshape(())
+        m, v = exp_avgs[i], exp_avg_sqs[i]
+        master.mul_(1 - lr * weight_decay)
+        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        master.addcdiv_(m, denom, value=-step_size)
+        if copies is not None:
+            copies[i].copy_(master)
+        if emas is not None:
+            emas[i].lerp_(master, ema_weight)

@@ -1,0 +1,92 @@
+"""MasterAdamW: the optimizer of perf.master_weights.
+
+The generator and the critic compute on bf16 copies of their fp32 weights (trainer.bf16_copy). This
+optimizer holds the fp32 weights ("masters") as its parameters, reads each copy's bf16 gradient, and
+in one fused update (fastdmd.ops.master_adamw_: Triton on CUDA, the PyTorch reference on CPU)
+applies AdamW to the masters, writes the new weights into the copies and, when given, moves the
+generator's EMA. The gradients are never cast to fp32 tensors, the copies never refilled by a
+separate pass: see fastdmd/ops/master_adamw_triton.py for the bytes.
+
+Its state is torch AdamW's (per parameter: step, exp_avg, exp_avg_sq), so checkpoints written with
+or without perf.master_weights resume either way.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdmd import ops
+
+
+class MasterAdamW(torch.optim.Optimizer):
+    """AdamW (torch's fused AdamW math) on fp32 `params`, whose gradients come from `copies` (same order
+    and shapes, bf16): a copy's gradient wins; a parameter's own .grad is used when its copy has none
+    (torch.distributed.checkpoint initializes optimizer state that way)."""
+
+    def __init__(self, params, copies, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        params = list(params)
+        copies = list(copies)
+        if len(params) != len(copies) or any(p.shape != c.shape for p, c in zip(params, copies)):
+            raise ValueError(f"MasterAdamW needs one bf16 copy per fp32 parameter, same shapes: got {len(params)} "
+                             f"parameters and {len(copies)} copies")
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+        self.copies = {p: c for p, c in zip(params, copies)}
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        super().zero_grad(set_to_none)
+        for copy in self.copies.values():
+            copy.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scale: torch.Tensor | None = None,
+             ema: tuple[dict[torch.Tensor, torch.Tensor], float] | None = None):
+        """One update. grad_scale: a one-element fp32 device tensor every gradient is multiplied by (the
+        clipping coefficient, applied inside the fused update instead of by a pass over the gradients).
+        ema: ({parameter: its EMA tensor}, decay), moved after the update as trainer.EMA.update does (every
+        weight, stepped or not), in the same pass for the stepped ones."""
+        if closure is not None:
+            raise ValueError("MasterAdamW.step takes no closure")
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            entries = []
+            for p in group["params"]:
+                copy = self.copies[p]
+                grad = copy.grad if copy.grad is not None else p.grad
+                if grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["step"] = torch.tensor(0.0)
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                if state["step"].device.type != "cpu":  # loaded from a fused torch AdamW's state: read on the host
+                    state["step"] = state["step"].cpu()
+                entries.append((p, grad, state, copy))
+            if ema is not None:
+                shadow, decay = ema
+                stepped = {id(entry[0]) for entry in entries}
+                still = [p for p in group["params"] if id(p) not in stepped]
+                if still:
+                    torch._foreach_lerp_([shadow[p] for p in still], still, 1.0 - decay)
+            if not entries:
+                continue
+            torch._foreach_add_([state["step"] for _, _, state, _ in entries], 1.0)
+            by_step: dict[int, list] = {}
+            for entry in entries:
+                by_step.setdefault(int(entry[2]["step"]), []).append(entry)
+            for step, same_step in by_step.items():  # one launch for all (every parameter steps together)
+                params, grads, states, copies = zip(*same_step)
+                emas, ema_weight = None, 0.0
+                if ema is not None:
+                    shadow, decay = ema
+                    emas, ema_weight = [shadow[p] for p in params], 1.0 - decay
+                # A parameter's own fp32 gradient (no copy gradient) goes with fp32 ones: one dtype per launch.
+                for dtype in {g.dtype for g in grads}:
+                    pick = [i for i, g in enumerate(grads) if g.dtype == dtype]
+                    ops.master_adamw_([params[i] for i in pick], [grads[i] for i in pick],
+                                      [states[i]["exp_avg"] for i in pick], [states[i]["exp_avg_sq"] for i in pick],
+                                      [copies[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                      eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+                                      grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
+                                      ema_weight=ema_weight)
+        return None

@@ -1,0 +1,225 @@
+"""MasterAdamW's fused update (fastdmd/ops/master_adamw_triton.py) against torch's AdamW and the
+reference (fastdmd/ops/reference.py), and the optimizer around it (fastdmd/optim.py).
+
+On a machine without a GPU the kernel runs in the Triton interpreter on CPU; with a GPU the same
+tests run the compiled kernel on CUDA, and the tests marked gpu run too.
+"""
+
+import copy
+import os
+
+if not os.path.exists("/dev/nvidia0"):
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
+
+import pytest
+import torch
+
+from fastdmd.ops import master_adamw_triton, reference
+from fastdmd.ops.master_adamw_triton import master_adamw_
+from fastdmd.ops.testing import default_device
+from fastdmd.optim import MasterAdamW
+
+DEVICE = default_device()
+IMPLS = pytest.mark.parametrize("impl", [reference.master_adamw_, master_adamw_], ids=["reference", "triton"])
+# one element, odd sizes, a strided 2-D weight, more than one block (the tests shrink the block to 64)
+SHAPES = [(1,), (7, 5), (129,), (3, 50), (64,)]
+HYPER = dict(lr=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1)
+# The bf16/fp16 copy is the fp32 weight rounded: to nearest on the GPU (as torch), by truncation in the
+# Triton interpreter, so there the copy may sit one unit in the last place below.
+COPY_RTOL = 0.0 if DEVICE.type == "cuda" else 2.0**-7
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(master_adamw_triton, "BLOCK", 64)
+
+
+def state(shapes, copy_dtype=torch.bfloat16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    masters = [torch.randn(s, generator=gen).to(DEVICE) for s in shapes]
+    return dict(masters=masters, exp_avgs=[torch.zeros_like(m) for m in masters],
+                exp_avg_sqs=[torch.zeros_like(m) for m in masters], copies=[m.to(copy_dtype) for m in masters],
+                emas=[m.clone() for m in masters])
+
+
+def grads_for(shapes, dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [(3 * torch.randn(s, generator=gen)).to(dtype).to(DEVICE) for s in shapes]
+
+
+def torch_adamw(masters, grads_per_step, scale, lr, beta1, beta2, eps, weight_decay):
+    params = [m.clone().requires_grad_() for m in masters]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, foreach=False)
+    for grads in grads_per_step:
+        for p, g in zip(params, grads):
+            p.grad = g.float() * scale
+        opt.step()
+    return [p.detach() for p in params], opt
+
+
+def assert_update_close(actual, expected, initial, name):
+    """The change from the initial weight, which is what the optimizer computes, to fp32 precision (atol: a
+    few units in the last place of weights of size 1 to 4, where the two formulas round differently)."""
+    for i, (a, e, w) in enumerate(zip(actual, expected, initial)):
+        torch.testing.assert_close(a - w, e - w, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{name}[{i}]")
+
+
+@IMPLS
+@pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_three_steps_match_torch_adamw_on_the_gradients_in_fp32(impl, grad_dtype):
+    s = state(SHAPES)
+    initial = [m.clone() for m in s["masters"]]
+    scale = torch.tensor(0.5, device=DEVICE)
+    grads_per_step = [grads_for(SHAPES, grad_dtype, seed) for seed in (1, 2, 3)]
+    for step, grads in enumerate(grads_per_step, start=1):
+        impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=step, grad_scale=scale, **HYPER)
+    want, opt = torch_adamw(initial, grads_per_step, 0.5, **HYPER)
+    assert_update_close(s["masters"], want, initial, "masters")
+    for i, p in enumerate(opt.param_groups[0]["params"]):
+        torch.testing.assert_close(s["exp_avgs"][i], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(s["exp_avg_sqs"][i], opt.state[p]["exp_avg_sq"], rtol=1e-5, atol=1e-7)
+    for copy, master in zip(s["copies"], s["masters"]):
+        torch.testing.assert_close(copy.float(), master.to(copy.dtype).float(), rtol=COPY_RTOL, atol=0)
+
+
+@IMPLS
+@pytest.mark.parametrize("decay", [0.99, 0.3])  # torch.lerp's two formulas: weight below and above 0.5
+def test_the_ema_moves_as_foreach_lerp_after_the_update(impl, decay):
+    s = state(SHAPES)
+    emas = [torch.randn(m.shape, generator=torch.Generator().manual_seed(9)).to(DEVICE) for m in s["masters"]]
+    want = [e.clone() for e in emas]
+    impl(s["masters"], grads_for(SHAPES, torch.bfloat16, 1), s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=1,
+         emas=emas, ema_weight=1 - decay, **HYPER)
+    torch._foreach_lerp_(want, s["masters"], 1 - decay)
+    for i, (e, w) in enumerate(zip(emas, want)):
+        torch.testing.assert_close(e, w, rtol=1e-6, atol=1e-7, msg=f"emas[{i}]")
+
+
+@IMPLS
+def test_zero_gradients_leave_only_the_weight_decay(impl):
+    s = state(SHAPES)
+    initial = [m.clone() for m in s["masters"]]
+    zeros = [torch.zeros(sh, dtype=torch.bfloat16, device=DEVICE) for sh in SHAPES]
+    impl(s["masters"], zeros, s["exp_avgs"], s["exp_avg_sqs"], None, step=1, **HYPER)
+    for m, w in zip(s["masters"], initial):
+        torch.testing.assert_close(m, w * (1 - HYPER["lr"] * HYPER["weight_decay"]), rtol=1e-6, atol=0)
+    assert all(not v.any() for v in s["exp_avgs"] + s["exp_avg_sqs"])
+
+
+@IMPLS
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf / inf
+def test_non_finite_gradients_spoil_their_own_elements_as_in_torch_adamw(impl):
+    s = state(SHAPES)
+    initial = [m.clone() for m in s["masters"]]
+    grads = grads_for(SHAPES, torch.bfloat16, 1)
+    grads[1][2, 3], grads[2][0], grads[2][100] = float("nan"), float("inf"), float("-inf")
+    impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=1, **HYPER)
+    want, _ = torch_adamw(initial, [grads], 1.0, **HYPER)
+    for got, expected in zip(s["masters"], want):
+        assert torch.equal(got.isnan(), expected.isnan()) and torch.equal(got.isinf(), expected.isinf())
+    assert s["masters"][1].isnan().sum() == 1 and s["masters"][2].isnan().sum() == 2
+    assert_update_close(s["masters"], want, initial, "masters")
+
+
+@IMPLS
+def test_a_strided_gradient_is_read_in_its_logical_order(impl):
+    s = state([(6, 10)])
+    initial = [m.clone() for m in s["masters"]]
+    grad = grads_for([(10, 6)], torch.bfloat16, 1)[0].t()  # the layout of a weight gradient computed transposed
+    assert not grad.is_contiguous()
+    impl(s["masters"], [grad], s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=1, **HYPER)
+    want, _ = torch_adamw(initial, [[grad]], 1.0, **HYPER)
+    assert_update_close(s["masters"], want, initial, "masters")
+
+
+@IMPLS
+def test_nothing_to_update_is_no_error(impl):
+    impl([], [], [], [], [], step=1, **HYPER)
+
+
+@IMPLS
+@pytest.mark.parametrize("change, message", [
+    (lambda a: a.update(grads=a["grads"][:-1]), r"one entry per parameter, got lengths"),
+    (lambda a: a["masters"].__setitem__(0, a["masters"][0].half()), r"masters\[0\] must have dtype float32, got torch.float16"),
+    (lambda a: a["copies"].__setitem__(1, a["copies"][1][:, :2].contiguous()), r"copies\[1\] must have shape \(7, 5\), got \(7, 2\)"),
+    (lambda a: a["exp_avgs"].__setitem__(1, a["exp_avgs"][1].t().contiguous().t()), r"exp_avgs\[1\] must be contiguous"),
+    (lambda a: a["grads"].__setitem__(0, a["grads"][0].float()), r"all grads must share one dtype"),
+    (lambda a: a["grads"].__setitem__(1, a["grads"][1].to(torch.int32)), r"grads\[1\] must have dtype"),
+    (lambda a: a.update(step=0), r"step must be an int >= 1"),
+    (lambda a: a.update(beta1=1.0), r"beta1 must be in \[0, 1\), got 1.0"),
+    (lambda a: a.update(lr=float("nan")), r"lr must be a finite number, got nan"),
+    (lambda a: a.update(grad_scale=torch.ones(2, device=DEVICE)), r"grad_scale must hold one value"),
+    (lambda a: a.update(grad_scale=torch.ones((), dtype=torch.float64, device=DEVICE)), r"grad_scale must have dtype float32"),
+    (lambda a: a.update(emas=[m.clone() for m in a["masters"]], ema_weight=1.5),
+     r"ema_weight \(1 - EMA decay\) must be in \[0, 1\], got 1.5"),
+    (lambda a: a.update(masters=3), r"masters must be a list of tensors \(one per parameter\), got int"),
+])
+def test_bad_inputs_raise_a_value_error_that_names_them(impl, change, message):
+    s = state(SHAPES[:2])
+    args = dict(masters=s["masters"], grads=grads_for(SHAPES[:2], torch.bfloat16, 1), exp_avgs=s["exp_avgs"],
+                exp_avg_sqs=s["exp_avg_sqs"], copies=s["copies"], step=1, **HYPER)
+    change(args)
+    with pytest.raises(ValueError, match=message):
+        impl(**args)
+
+
+def test_master_adamw_continues_a_torch_adamw_state_and_writes_the_copies():
+    """The optimizer's state is torch AdamW's: a checkpoint of either resumes in the other. Gradients come
+    from the copies; a parameter whose copy has none uses its own (DCP initializes state that way)."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen) for s in SHAPES]
+    grads = [[(torch.randn(s, generator=gen)).to(torch.bfloat16) for s in SHAPES] for _ in range(3)]
+    plain = [w.clone().requires_grad_() for w in weights]
+    torch_opt = torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False)
+    masters = [w.clone().requires_grad_() for w in weights]
+    copies = [w.to(torch.bfloat16).requires_grad_() for w in weights]
+    master_opt = MasterAdamW(masters, copies, lr=1e-2, weight_decay=0.1)
+    for step, g in enumerate(grads):
+        for p, x in zip(plain, g):
+            p.grad = x.float()
+        torch_opt.step()
+        if step == 0:  # the first step by torch, then its state is loaded
+            with torch.no_grad():
+                for m, p in zip(masters, plain):
+                    m.copy_(p)
+            master_opt.load_state_dict(copy.deepcopy(torch_opt.state_dict()))  # as if read from disk: not shared
+            continue
+        for c, x in zip(copies, g):
+            c.grad = x
+        master_opt.step()
+        master_opt.zero_grad()
+        assert all(c.grad is None for c in copies)
+    assert_update_close([m.detach() for m in masters], [p.detach() for p in plain], weights, "masters")
+    for c, m in zip(copies, masters):
+        torch.testing.assert_close(c.detach().float(), m.detach().to(torch.bfloat16).float(), rtol=0, atol=0)
+    assert {float(s["step"]) for s in master_opt.state.values()} == {3.0}
+    fresh = torch.optim.AdamW([w.clone().requires_grad_() for w in weights], lr=1e-2)
+    fresh.load_state_dict(master_opt.state_dict())  # and back
+
+
+def test_master_adamw_refuses_copies_that_do_not_match():
+    with pytest.raises(ValueError, match="one bf16 copy per fp32 parameter, same shapes: got 2 parameters and 1 copies"):
+        MasterAdamW([torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)],
+                    [torch.zeros(3, dtype=torch.bfloat16)], lr=1e-3)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_compiled_kernel_on_many_large_tensors_matches_the_reference(monkeypatch):
+    """The GPU's block (1024) over tensors larger than 2^21 elements and many small ones, with EMA and clipping."""
+    monkeypatch.setattr(master_adamw_triton, "BLOCK", 1024)
+    shapes = [(1536, 1536), (3 * 1024 * 1024 + 5,)] + [(1536,)] * 40 + [(1,)]
+    a, b = state(shapes), state(shapes)
+    scale = torch.tensor(0.25, device=DEVICE)
+    for step in (1, 2):
+        grads = grads_for(shapes, torch.bfloat16, step)
+        for impl, s in ((reference.master_adamw_, a), (master_adamw_, b)):
+            impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=step, grad_scale=scale,
+                 emas=s["emas"], ema_weight=0.01, **HYPER)
+    initial = state(shapes)["masters"]
+    assert_update_close(b["masters"], a["masters"], initial, "masters")
+    for name in ("exp_avgs", "exp_avg_sqs", "emas"):
+        for x, y in zip(b[name], a[name]):
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
+    for x, y in zip(b["copies"], b["masters"]):
+        assert torch.equal(x, y.to(torch.bfloat16))
