@@ -149,7 +149,8 @@ def matmul_peak(device: torch.device) -> tuple[float, str]:
 def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: str | None) -> dict:
     """One step under torch.profiler: the device's busy time (the sum of its kernels' times; below
     s/step by what the GPU waits for the host), the top kernels (CPU: ops by self time), the work of
-    each phase by kind, and the Chrome trace (gzipped) when trace_path is given."""
+    each phase by kind, on CUDA the copy / cast kernels by the ops that launched them, and the Chrome
+    trace (gzipped) when trace_path is given."""
     from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
@@ -165,7 +166,8 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         events = [e for e in prof.key_averages() if e.device_type == DeviceType.CPU]
         self_time = lambda e: e.self_cpu_time_total  # noqa: E731
     top = sorted(events, key=self_time, reverse=True)[:25]
-    work = phase_work_ms(prof.events(), cuda)
+    all_events = prof.events()
+    work = phase_work_ms(all_events, cuda)
     result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
               "profile_phase_busy_ms": {phase: sum(names.values()) for phase, names in work.items()},
@@ -173,6 +175,7 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
               "profile_phase_top": top_by_phase(work)}
     if cuda:
         result["profile_phase_kind_ms"] = kinds_by_phase(work)
+        result["profile_copy_origins"] = copy_origins(all_events)
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -217,13 +220,7 @@ def phase_work_ms(events, cuda: bool) -> dict[str, dict[str, float]]:
     profiler's own host overhead included)."""
     from torch.autograd import DeviceType
 
-    ranges = sorted((e.time_range.start, -e.time_range.end, e.name) for e in events  # the outer first on a tie
-                    if e.name in PHASES and e.device_type == DeviceType.CPU)
-    outer = []
-    for start, neg_end, name in ranges:
-        if not outer or start >= outer[-1][1]:
-            outer.append((start, -neg_end, name))
-    starts = [start for start, _, _ in outer]
+    phase_of = phase_locator(events, cuda)
     work = collections.defaultdict(lambda: collections.defaultdict(float))
     for e in events:
         if cuda:
@@ -234,10 +231,55 @@ def phase_work_ms(events, cuda: bool) -> dict[str, dict[str, float]]:
             if e.device_type != DeviceType.CPU or not e.self_cpu_time_total:
                 continue
             ms = e.self_cpu_time_total / 1e3
+        work[phase_of(e)][e.name] += ms
+    return {phase: dict(names) for phase, names in work.items()}
+
+
+def phase_locator(events, cuda: bool):
+    """event -> the phase phase_work_ms gives it (OUTSIDE when none)."""
+    from torch.autograd import DeviceType
+
+    ranges = sorted((e.time_range.start, -e.time_range.end, e.name) for e in events  # the outer first on a tie
+                    if e.name in PHASES and e.device_type == DeviceType.CPU)
+    outer = []
+    for start, neg_end, name in ranges:
+        if not outer or start >= outer[-1][1]:
+            outer.append((start, -neg_end, name))
+    starts = [start for start, _, _ in outer]
+
+    def phase_of(e) -> str:
         i = bisect.bisect_right(starts, e.time_range.start) - 1
         inside = i >= 0 and (cuda or e.time_range.start < outer[i][1])
-        work[outer[i][2] if inside else OUTSIDE][e.name] += ms
-    return {phase: dict(names) for phase, names in work.items()}
+        return outer[i][2] if inside else OUTSIDE
+    return phase_of
+
+
+GRAPH_REPLAY = "(no launching op: a CUDA graph replay)"
+
+
+def copy_origins(events, n: int = 15) -> list[dict]:
+    """The copy / cast kernels of a profiled CUDA step by what launched them: per phase, the launching op
+    and the ops around it, innermost first (e.g. `aten::copy_ < aten::_to_copy < aten::to <
+    autograd::engine::evaluate_function: ToCopyBackward0`), with their calls and device ms; the n
+    heaviest. Kernels no op launched (CUDA graph replays) are grouped as GRAPH_REPLAY."""
+    from torch.autograd import DeviceType
+
+    phase_of = phase_locator(events, cuda=True)
+    launchers = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    totals = collections.defaultdict(lambda: [0, 0.0])
+    for e in events:
+        if not is_device_work(e) or kernel_kind(e.name) != "copy / cast":
+            continue
+        op, chain = launchers.get(getattr(e, "linked_correlation_id", 0)), []
+        while op is not None and len(chain) < 4 and op.name not in PHASES:
+            chain.append(op.name[:70])
+            op = op.cpu_parent
+        total = totals[(phase_of(e), " < ".join(chain) or GRAPH_REPLAY)]
+        total[0] += 1
+        total[1] += e.time_range.elapsed_us() / 1e3
+    rows = [{"phase": phase, "launched_by": chain, "calls": calls, "ms": round(ms, 3)}
+            for (phase, chain), (calls, ms) in totals.items()]
+    return sorted(rows, key=lambda row: -row["ms"])[:n]
 
 
 def kinds_by_phase(work: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -586,6 +628,11 @@ def report(r: dict) -> str:
                           "each phase (ms)", ""]
                 lines += [f"- {name}: " + "; ".join(f"`{kernel}` {ms:.2f}" for kernel, ms in tops[name])
                           for name in [*PHASES, OUTSIDE] if tops.get(name)]
+        origins = v.get("profile_copy_origins") or []
+        if origins:
+            lines += ["", f"Profiled step, {v['variant']}: the copy / cast kernels by the ops that launched them "
+                      "(innermost first)", "", "| phase | launched by | calls | ms |", "|---|---|---:|---:|"]
+            lines += [f"| {o['phase']} | `{o['launched_by']}` | {o['calls']} | {o['ms']:.2f} |" for o in origins]
     return "\n".join(lines) + "\n"
 
 

@@ -59,8 +59,6 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["step"] = torch.tensor(0.0)
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                     state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if state["step"].device.type != "cpu":  # loaded from a fused torch AdamW's state: read on the host
-                    state["step"] = state["step"].cpu()
                 entries.append((p, grad, state, copy))
             if ema is not None:
                 shadow, decay = ema
@@ -70,10 +68,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     torch._foreach_lerp_([shadow[p] for p in still], still, 1.0 - decay)
             if not entries:
                 continue
-            torch._foreach_add_([state["step"] for _, _, state, _ in entries], 1.0)
-            by_step: dict[int, list] = {}
-            for entry in entries:
-                by_step.setdefault(int(entry[2]["step"]), []).append(entry)
+            by_step = self._count_step(entries, every_parameter=len(entries) == len(group["params"]))
             for step, same_step in by_step.items():  # one launch for all (every parameter steps together)
                 params, grads, states, copies = zip(*same_step)
                 emas, ema_weight = None, 0.0
@@ -90,3 +85,26 @@ class MasterAdamW(torch.optim.Optimizer):
                                       grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
                                       ema_weight=ema_weight)
         return None
+
+    @staticmethod
+    def _count_step(entries: list, every_parameter: bool) -> dict[int, list]:
+        """Add one to the stepped parameters' step counts; {step number: their entries}. When every
+        parameter steps, their states share one step tensor (torch AdamW's per-parameter 'step'; one host
+        add instead of hundreds right after the step's synchronization); states holding separate equal
+        counts (new, or loaded from a checkpoint) are joined first. Otherwise each count is its own."""
+        states = [state for _, _, state, _ in entries]
+        first = states[0]["step"]
+        if every_parameter and not all(state["step"] is first for state in states):
+            counts = torch.stack([state["step"].cpu() for state in states])  # fused torch AdamW keeps them on the GPU
+            if bool((counts == counts[0]).all()):
+                first = counts[0].clone()
+                for state in states:
+                    state["step"] = first
+        if every_parameter and all(state["step"] is first for state in states):
+            first += 1
+            return {int(first): entries}
+        by_step: dict[int, list] = {}
+        for state, entry in zip(states, entries):
+            state["step"] = state["step"].cpu() + 1  # a new tensor: apart from the shared count of the others
+            by_step.setdefault(int(state["step"]), []).append(entry)
+        return by_step

@@ -67,27 +67,31 @@ def _poison_loss(monkeypatch, bad_steps):
     monkeypatch.setattr(ops, "dmd_target", op)
 
 
-def test_nan_loss_skips_the_update_without_touching_optimizer_state(tmp_path, monkeypatch):
+@pytest.mark.parametrize("precision", [[], ["--perf.mixed_precision", "bf16", "--perf.master_weights", "true"]],
+                         ids=["fp32", "master_weights"])
+def test_nan_loss_skips_the_update_without_touching_optimizer_state(tmp_path, monkeypatch, precision):
+    """Also with perf.master_weights, whose MasterAdamW takes the bf16 copies' gradients: a skipped update
+    leaves the fp32 weights, the optimizer state and the copies' next gradients alone."""
     from fastdmd import trainer as trainer_mod
 
     seen = {}
     real_step = trainer_mod.Trainer._step_if_finite
 
-    def spy(self, role, loss, grad_norm, opt, step):
+    def spy(self, role, loss, grad_norm, opt, step, *scale_and_ema):
         if role == "generator":
             before = [p.detach().clone() for p in self.generator.parameters()]
             state = {k: v.clone() for k, v in opt.state[next(iter(self.generator.parameters()))].items()} \
                 if opt.state else {}
-            skipped = real_step(self, role, loss, grad_norm, opt, step)
+            skipped = real_step(self, role, loss, grad_norm, opt, step, *scale_and_ema)
             after = list(self.generator.parameters())
             seen[step] = (skipped, all(torch.equal(a, b) for a, b in zip(before, after)), state,
                           {k: v.clone() for k, v in opt.state[after[0]].items()} if opt.state else {})
             return skipped
-        return real_step(self, role, loss, grad_norm, opt, step)
+        return real_step(self, role, loss, grad_norm, opt, step, *scale_and_ema)
 
     monkeypatch.setattr(trainer_mod.Trainer, "_step_if_finite", spy)
     _poison_loss(monkeypatch, bad_steps={2})
-    main(TINY + ["--trainer.steps", "3", "--run_dir", str(tmp_path)])
+    main(TINY + ["--trainer.steps", "3", "--run_dir", str(tmp_path), *precision])
     skipped, unchanged, state_before, state_after = seen[2]
     assert skipped and unchanged
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)

@@ -223,3 +223,25 @@ def test_compiled_kernel_on_many_large_tensors_matches_the_reference(monkeypatch
             torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-7)
     for x, y in zip(b["copies"], b["masters"]):
         assert torch.equal(x, y.to(torch.bfloat16))
+
+
+def test_parameters_step_together_on_one_count_and_apart_when_one_has_no_gradient():
+    """The states of parameters stepped together share one step count (one host add per update); a
+    parameter left without a gradient keeps its count, as in torch AdamW, and the state dict has one
+    count per parameter either way."""
+    params = [torch.zeros(3, requires_grad=True) for _ in range(3)]
+    copies = [torch.zeros(3, dtype=torch.bfloat16, requires_grad=True) for _ in range(3)]
+    opt = MasterAdamW(params, copies, lr=1e-2)
+
+    def update(*stepped):
+        for i in stepped:
+            copies[i].grad = torch.ones(3, dtype=torch.bfloat16)
+        opt.step()
+        opt.zero_grad()
+        return [float(opt.state[p]["step"]) if p in opt.state else 0.0 for p in params]
+
+    assert update(0, 1, 2) == [1.0, 1.0, 1.0]
+    assert len({id(opt.state[p]["step"]) for p in params}) == 1
+    assert update(0, 1) == [2.0, 2.0, 1.0]
+    assert update(0, 1, 2) == [3.0, 3.0, 2.0]
+    assert [float(s["step"]) for s in opt.state_dict()["state"].values()] == [3.0, 3.0, 2.0]

@@ -180,6 +180,45 @@ def test_gpu_kernels_go_to_the_phase_that_queued_them_graph_replays_included(mon
     assert [(name[:21], ms) for name, ms in top] == [("cudnn_generated_fort_", 3.0), ("triton_poi_fused__to_", 1.0)]
 
 
+def test_copy_kernels_are_traced_to_the_ops_that_launched_them(monkeypatch):
+    """Each copy / cast kernel of a profiled CUDA step is grouped by its phase and the chain of host ops
+    around its launching op (found by the kernel's correlation id), innermost first and stopping at the
+    phase; a kernel no op launched is a CUDA graph replay; other kernels are left out."""
+    import types
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    def op(name, start, end, id=0, parent=None):
+        return types.SimpleNamespace(name=name, time_range=Interval(start, end), device_type=DeviceType.CPU, id=id,
+                                     cpu_parent=parent, is_user_annotation=False, linked_correlation_id=0)
+
+    def kernel(name, start, end, launched_by=0):
+        return types.SimpleNamespace(name=name, time_range=Interval(start, end), device_type=DeviceType.CUDA, id=0,
+                                     cpu_parent=None, is_user_annotation=False, linked_correlation_id=launched_by)
+
+    bwd = op("generator_bwd", 0, 100, id=1)
+    accumulate = op("autograd::engine::evaluate_function: torch::autograd::AccumulateGrad", 1, 50, id=2, parent=bwd)
+    clone = op("aten::clone", 2, 40, id=3, parent=accumulate)
+    copy = op("aten::copy_", 3, 30, id=4, parent=clone)
+    opt = op("optimizer", 100, 200, id=5)
+    refill = op("aten::copy_", 101, 150, id=6, parent=op("aten::_foreach_copy_", 101, 160, id=7, parent=opt))
+    copy_kernel = "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda"
+    events = [bwd, accumulate, clone, copy, opt, refill, refill.cpu_parent,
+              kernel(copy_kernel, 10, 1010, launched_by=4), kernel(copy_kernel, 20, 2020, launched_by=4),
+              kernel("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kern", 110, 610, 6),
+              kernel("void at::native::vectorized_elementwise_kernel<8, at::native::bfloat16_copy_kern", 120, 370),
+              kernel("nvjet_sm90_tst_192x128_64x5_1x2_h_bz_coopB_bias_TNT", 12, 5012, launched_by=4)]
+    assert step_throughput.copy_origins(events) == [
+        {"phase": "generator_bwd", "launched_by": "aten::copy_ < aten::clone < autograd::engine::evaluate_function: "
+         "torch::autograd::AccumulateGrad", "calls": 2, "ms": 3.0},
+        {"phase": "optimizer", "launched_by": "aten::copy_ < aten::_foreach_copy_", "calls": 1, "ms": 0.5},
+        {"phase": "optimizer", "launched_by": step_throughput.GRAPH_REPLAY, "calls": 1, "ms": 0.25}]
+
+
 def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
     """--profile gives each phase the work of the ops that started inside it (on CPU their self time,
     on CUDA their kernels' device time), beside that phase's wall time in the same step."""

@@ -143,26 +143,8 @@ def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, ema
     if not masters:
         return
     device = masters[0].device
-    grad_dtype = None
-    for i, master in enumerate(masters):
-        check_tensor(f"masters[{i}]", master, dtypes=(MASTER_DTYPE,), device=device)
-        for name in ("grads", "exp_avgs", "exp_avg_sqs", "copies", "emas"):
-            if name not in lists:
-                continue
-            dtypes = KERNEL_DTYPES if name == "grads" else COPY_DTYPES if name == "copies" else (MASTER_DTYPE,)
-            value = lists[name][i]
-            check_tensor(f"{name}[{i}]", value, dtypes=dtypes, shape=master.shape, device=device)
-            if name != "grads" and not value.is_contiguous():
-                raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got strides "
-                                 f"{tuple(value.stride())} for shape {tuple(value.shape)}")
-        grad_dtype = grad_dtype or grads[i].dtype
-        if grads[i].dtype != grad_dtype:
-            raise ValueError(f"all grads must share one dtype, got {grad_dtype} and {grads[i].dtype} (grads[{i}])")
-        if not master.is_contiguous():
-            raise ValueError(f"masters[{i}] must be contiguous (it is updated in place), got strides "
-                             f"{tuple(master.stride())} for shape {tuple(master.shape)}")
-    if copies is not None and len({c.dtype for c in copies}) > 1:
-        raise ValueError(f"all copies must share one dtype, got {sorted({str(c.dtype) for c in copies})}")
+    if not _tensor_lists_fit(lists, device):  # then find the first bad tensor and name it
+        _check_each_tensor(lists, device)
     check_number("lr", lr, minimum=0)
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         check_number(name, value, minimum=0)
@@ -180,6 +162,45 @@ def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, ema
     check_number("ema_weight", ema_weight, minimum=0)
     if ema_weight > 1:
         raise ValueError(f"ema_weight (1 - EMA decay) must be in [0, 1], got {ema_weight!r}")
+
+
+def _master_adamw_dtypes(name: str) -> tuple:
+    return KERNEL_DTYPES if name == "grads" else COPY_DTYPES if name == "copies" else (MASTER_DTYPE,)
+
+
+def _tensor_lists_fit(lists: dict, device) -> bool:
+    """The common case, checked list by list at little host cost (an optimizer step passes hundreds of
+    tensors, after the step's only device synchronization): same shapes as the masters, one allowed
+    dtype per list, one device, contiguous where updated in place."""
+    try:
+        shapes = [m.shape for m in lists["masters"]]
+        for name, tensors in lists.items():
+            dtypes = {t.dtype for t in tensors}
+            if ([t.shape for t in tensors] != shapes or len(dtypes) != 1 or not dtypes <= set(_master_adamw_dtypes(name))
+                    or {t.device for t in tensors} != {device}
+                    or (name != "grads" and not all(t.is_contiguous() for t in tensors))):
+                return False
+    except AttributeError:  # not a tensor
+        return False
+    return True
+
+
+def _check_each_tensor(lists: dict, device) -> None:
+    masters, grads = lists["masters"], lists["grads"]
+    grad_dtype = None
+    for i, master in enumerate(masters):
+        for name, tensors in lists.items():
+            value = tensors[i]
+            check_tensor(f"{name}[{i}]", value, dtypes=_master_adamw_dtypes(name),
+                         shape=None if name == "masters" else master.shape, device=device)
+            if name != "grads" and not value.is_contiguous():
+                raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got strides "
+                                 f"{tuple(value.stride())} for shape {tuple(value.shape)}")
+        grad_dtype = grad_dtype or grads[i].dtype
+        if grads[i].dtype != grad_dtype:
+            raise ValueError(f"all grads must share one dtype, got {grad_dtype} and {grads[i].dtype} (grads[{i}])")
+    if "copies" in lists and len({c.dtype for c in lists["copies"]}) > 1:
+        raise ValueError(f"all copies must share one dtype, got {sorted({str(c.dtype) for c in lists['copies']})}")
 
 
 def interpreted(kernel) -> bool:
