@@ -52,15 +52,16 @@ def cases(args):
                 yield fields, call, nbytes, ALL_GRAPHABLE | set(KERNEL_VARIANTS)
 
 
-def forced_passes(one_pass: bool, max_chunks: int | None = None):
+def forced_passes(one_pass: bool, max_chunks: int | None = None, registers: bool = False):
     """The kernel with passes 1 and 2 in one launch, or in two, whatever the launcher would choose
     (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run.
     max_chunks: at most this many programs per sample (sample_chunks.MAX_CHUNKS; fewer, longer chunks
-    change the order of a sample's sums, hence its last bits)."""
+    change the order of a sample's sums, hence its last bits). registers: one pass keeps one-block
+    chunks in registers across its wait (dmd_target_triton.ONE_PASS_REGISTERS)."""
     def variant(kernel):
         def run(**inputs):
-            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS
-            dmd_target_triton.ONE_PASS = one_pass
+            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS
+            dmd_target_triton.ONE_PASS, dmd_target_triton.ONE_PASS_REGISTERS = one_pass, registers
             sample_chunks.MAX_CHUNKS = max_chunks or sample_chunks.MAX_CHUNKS
             try:
                 chunks = sample_chunks.sample_chunks(inputs["x0"][0].numel()).num_chunks
@@ -69,7 +70,7 @@ def forced_passes(one_pass: bool, max_chunks: int | None = None):
                                        "GPU's SMs")
                 return kernel(**inputs)
             finally:
-                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS = saved
+                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS = saved
         return run
     return variant
 
@@ -80,6 +81,7 @@ def forced_passes(one_pass: bool, max_chunks: int | None = None):
 # pass fits the SMs with them.
 KERNEL_VARIANTS = {
     "triton_one_pass": forced_passes(True),
+    "triton_one_pass_registers": forced_passes(True, registers=True),
     "triton_two_pass": forced_passes(False),
     "triton_one_pass_64_chunks": forced_passes(True, max_chunks=64),
     "triton_one_pass_32_chunks": forced_passes(True, max_chunks=32),

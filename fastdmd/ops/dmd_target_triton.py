@@ -21,7 +21,9 @@ in L2 (so that pass 2 re-reads from L2) was measured slower on an H100: 142 us a
 bf16 64x16x128x128, 42 against 33 us on the video shape (benchmarks/results/gpu_h100_2026-11-26.md).
 _dmd_one_pass_kernel fuses passes 1 and 2: each program publishes its chunk's partial sum, waits
 on its sample's arrival counter, then runs pass 2 on the chunk it has just read (L2 hits whatever
-the batch size): 6E per element from DRAM in forward. The same helpers compute both, so its results
+the batch size): 6E per element from DRAM in forward. With ONE_PASS_REGISTERS, a one-block chunk
+(an image latent's 128 chunks) is loaded once, the fake prediction too, before the wait, and pass 2
+computes from registers: no L2 re-read (48-58 registers per thread for sm_90 against 39-48). The same helpers compute both, so its results
 are the two-pass results bit for bit (tested on an H100). The launcher takes it where pass 2 of two
 passes would miss L2 (one_pass_enabled); where the batch fits in L2 anyway its waits only cost. On an
 H100 (benchmarks/results/gpu_h100_2026-11-26_second.md), from CUDA graphs, one pass against two:
@@ -71,6 +73,10 @@ ONE_PASS: Optional[bool] = None
 # a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
 # a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
 _MAX_POLLS = 1 << 20
+# The one-pass kernel keeps a one-block chunk's inputs in registers across its wait instead of re-reading
+# them from L2 in pass 2 (IN_REGISTERS): fewer bytes through L2, more registers per thread. Off until an
+# H100 measures it faster (bench_dmd_target's triton_one_pass_registers row).
+ONE_PASS_REGISTERS = False
 
 
 @triton.jit
@@ -105,6 +111,36 @@ def _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b
 
 
 @triton.jit
+def _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
+               SAVE_RESIDUAL: tl.constexpr):
+    """Pass 2 of one block, from its loaded (fp32) x0, base, x0_real and raw fake prediction: target (and
+    residual) stores; the block's terms of grad^2, grad * p_real, p_real^2, residual^2."""
+    x0_fake = base + b * fake
+    p_real = x0 - x0_real
+    grad = (x0_fake - x0_real) / normalizer
+    grad = tl.where(tl.abs(grad) < float("inf"), grad, 0.0)
+    target = x0 - grad
+    # The loss is 0.5 * w * (x0 - target)^2 as in the reference: equal to grad^2 up to rounding,
+    # but NaN where x0 is not finite, so a diverged generator shows in the loss.
+    residual = x0 - target
+    tl.store(target_ptr + offset, target.to(target_ptr.dtype.element_ty), mask=mask)
+    if SAVE_RESIDUAL:
+        tl.store(residual_ptr + offset, residual, mask=mask)
+    p_finite = tl.where(mask & (tl.abs(p_real) < float("inf")), p_real, 0.0)
+    grad = tl.where(mask, grad, 0.0)
+    return grad * grad, grad * p_finite, p_finite * p_finite, tl.where(mask, residual * residual, 0.0)
+
+
+@triton.jit
+def _store_stat_partials(stat_partials_ptr, pid, grad_sq, grad_dot_p, p_sq, residual_sq):
+    stride = tl.num_programs(0)
+    tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
+    tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
+    tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
+    tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
+
+
+@triton.jit
 def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
                stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
                guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -122,28 +158,14 @@ def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, targe
         x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
         base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
                                              a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
-        x0_fake = base + b * tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        p_real = x0 - x0_real
-        grad = (x0_fake - x0_real) / normalizer
-        grad = tl.where(tl.abs(grad) < float("inf"), grad, 0.0)
-        target = x0 - grad
-        # The loss is 0.5 * w * (x0 - target)^2 as in the reference: equal to grad^2 up to rounding,
-        # but NaN where x0 is not finite, so a diverged generator shows in the loss.
-        residual = x0 - target
-        tl.store(target_ptr + offset, target.to(target_ptr.dtype.element_ty), mask=mask)
-        if SAVE_RESIDUAL:
-            tl.store(residual_ptr + offset, residual, mask=mask)
-        p_finite = tl.where(mask & (tl.abs(p_real) < float("inf")), p_real, 0.0)
-        grad = tl.where(mask, grad, 0.0)
-        grad_sq += grad * grad
-        grad_dot_p += grad * p_finite
-        p_sq += p_finite * p_finite
-        residual_sq += tl.where(mask, residual * residual, 0.0)
-    stride = tl.num_programs(0)
-    tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
-    tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
-    tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
-    tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
+        fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        terms = _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
+                           SAVE_RESIDUAL)
+        grad_sq += terms[0]
+        grad_dot_p += terms[1]
+        p_sq += terms[2]
+        residual_sq += terms[3]
+    _store_stat_partials(stat_partials_ptr, pid, grad_sq, grad_dot_p, p_sq, residual_sq)
 
 
 @triton.jit
@@ -207,7 +229,7 @@ def _dmd_one_pass_kernel(
     numel_per_sample, num_chunks, guidance_scale, eps,
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-    MAX_POLLS: tl.constexpr,
+    MAX_POLLS: tl.constexpr, IN_REGISTERS: tl.constexpr,
 ):
     """Passes 1 and 2 in one launch: after its pass 1 a program waits until every chunk of its
     sample has published its partial sum (a per-sample arrival counter), then runs pass 2 on the
@@ -219,7 +241,10 @@ def _dmd_one_pass_kernel(
     order programs start, so every sample but the one holding the newest tickets has all its
     programs started, and only that sample's programs (fewer than one_pass_enabled's bound) can be
     waiting. The wait cannot then block the programs it waits for, whatever order the GPU starts
-    programs in."""
+    programs in.
+
+    IN_REGISTERS (a chunk of one block): the block's inputs, the fake prediction too, are loaded once,
+    before the wait, and pass 2 computes from registers instead of re-reading them from L2."""
     pid = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
     sample = pid // num_chunks
     chunk = pid % num_chunks
@@ -229,9 +254,21 @@ def _dmd_one_pass_kernel(
     if HAS_NOISE:
         c = tl.load(c_ptr + sample)
     sample_start = sample.to(tl.int64) * numel_per_sample
-    partial = _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start,
-                                    chunk, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK,
-                                    BLOCKS_PER_CHUNK)
+    if IN_REGISTERS:
+        tl.static_assert(BLOCKS_PER_CHUNK == 1)
+        index = chunk * BLOCK + tl.arange(0, BLOCK)
+        mask = index < numel_per_sample
+        offset = sample_start + index
+        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
+                                             a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
+        fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        # as _abs_p_real_chunk_sum adds it (from zero), so the normalizer keeps its bits
+        partial = tl.sum(tl.zeros([BLOCK], dtype=tl.float32) + tl.where(mask, tl.abs(x0 - x0_real), 0.0), axis=0)
+    else:
+        partial = _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start,
+                                        chunk, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK,
+                                        BLOCKS_PER_CHUNK)
     tl.store(abs_partials_ptr + pid, partial)
     # Publish (CUTLASS's semaphore pattern): every thread's store done, then one release increment;
     # wait: acquire reads of the counter, then a barrier before any thread reads the partials.
@@ -250,9 +287,16 @@ def _dmd_one_pass_kernel(
                                     PARTIALS_BLOCK, True)
     if chunk == 0:
         tl.store(normalizer_ptr + sample, normalizer)
-    _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
-               stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
-               guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
+    if IN_REGISTERS:
+        terms = _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
+                           SAVE_RESIDUAL)
+        zero = tl.zeros([BLOCK], dtype=tl.float32)  # as _dmd_chunk's accumulators, for the same bits
+        _store_stat_partials(stat_partials_ptr, pid, zero + terms[0], zero + terms[1], zero + terms[2],
+                             zero + terms[3])
+    else:
+        _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
+                   stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
+                   guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
     if arrived < num_chunks:  # gave up waiting: the normalizer may lack chunks, so poison what it fed
         tl.debug_barrier()  # after _dmd_chunk's own stores of these slots
         for k in tl.static_range(4):  # grad^2, grad.p, p^2, residual^2: the statistics and the loss
@@ -367,7 +411,7 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
             x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, counters[:batch],
             counters[batch:], target, residual, normalizer, stat_partials, numel_per_sample, chunks.num_chunks,
             guidance_scale, eps, **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block,
-            MAX_POLLS=_MAX_POLLS, **layout)
+            MAX_POLLS=_MAX_POLLS, IN_REGISTERS=ONE_PASS_REGISTERS and chunks.blocks_per_chunk == 1, **layout)
     else:
         _p_real_abs_sum_kernel[(num_programs,)](
             x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
