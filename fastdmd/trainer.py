@@ -132,7 +132,7 @@ def make_optimizer(module: torch.nn.Module, compute: torch.nn.Module, lr: float,
         opt = MasterAdamW(trainable_parameters(module), trainable_parameters(compute), lr, betas,
                           weight_decay=cfg.weight_decay)
         params = opt.param_groups[0]["params"]
-        backend = ops.resolve_backend(params[0].device if params else None)
+        backend = ops.master_adamw_backend(params[0].device if params else None)
         return opt, f"fastdmd MasterAdamW ({backend}: bf16 gradients in, bf16 copy out, fused EMA)"
     return make_adamw(trainable_parameters(module), lr, betas, cfg.weight_decay, perf)
 
@@ -634,8 +634,8 @@ class Trainer:
               + f" scores={self.scores_graphs} fused_qkv={self.fused_qkv}")
         if p.master_weights:
             trained = "generator and critic" if self.fake is not None else "generator"
-            print(f"  weights: the {trained} compute on bf16 copies; their fp32 weights take the gradients and "
-                  "the updates (perf.master_weights)")
+            print(f"  weights: the {trained} compute on bf16 copies; MasterAdamW updates their fp32 weights from "
+                  "the copies' bf16 gradients and writes the copies in the same pass (perf.master_weights)")
         if c.method != "dmd2":
             print(f"  reward={self.reward.name} critic={'yes' if self.fake is not None else 'no'}"
                   + (f" init_generator={c.model.init_generator}" if c.model.init_generator else ""))

@@ -245,3 +245,17 @@ def test_parameters_step_together_on_one_count_and_apart_when_one_has_no_gradien
     assert update(0, 1) == [2.0, 2.0, 1.0]
     assert update(0, 1, 2) == [3.0, 3.0, 2.0]
     assert [float(s["step"]) for s in opt.state_dict()["state"].values()] == [3.0, 3.0, 2.0]
+
+
+def test_the_ops_switch_picks_the_update_and_native_takes_autos_choice(monkeypatch):
+    from fastdmd import ops
+
+    for backend, want in (("auto", "reference"), ("reference", "reference"), ("native", "reference"),
+                          ("triton", "triton")):
+        monkeypatch.setattr(ops, "backend", backend)
+        assert ops.master_adamw_backend(torch.device("cpu")) == want
+    monkeypatch.setattr(ops, "backend", "native")  # no native build of the update: never a failed step
+    assert ops.master_adamw_backend(torch.device("cuda")) == "triton"
+    s = state([(3,)])
+    ops.master_adamw_([m.cpu() for m in s["masters"]], [torch.ones(3, dtype=torch.bfloat16)],
+                      [torch.zeros(3)], [torch.zeros(3)], None, step=1, **HYPER)

@@ -215,8 +215,8 @@ def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir
 
 def test_master_weights_compute_on_bf16_copies_with_autocasts_numbers(sd3_dir, tmp_path):
     """perf.master_weights: the generator and the critic run on bf16 copies (the objective's roles, the
-    rollout), their fp32 weights take the gradients and the updates, and the copies follow them after
-    every update. With a bf16 teacher this is what autocast computes from the fp32 weights, without a
+    rollout), MasterAdamW updates their fp32 weights from the copies' gradients, and the copies follow
+    them after every update. With a bf16 teacher this is what autocast computes from the fp32 weights, without a
     weight cast per forward: the same losses; and the critic's copy starts as the teacher itself."""
     from fastdmd.distributed import World
     from fastdmd.trainer import Trainer

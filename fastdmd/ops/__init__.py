@@ -7,7 +7,8 @@
 CUDA, the PyTorch references on CPU (where Triton only runs in its slow interpreter). Both
 backends check their arguments with the same code (ops/checks.py) and raise the same ValueErrors.
 "native" runs the optional C++/CUDA build of kernels/ (ops/native.py says how to build it) for
-dmd_target and group_advantages; "auto" never picks it.
+dmd_target and group_advantages; "auto" never picks it. MasterAdamW's update (master_adamw_) has no
+native build: under "native" it takes auto's choice.
 The Triton implementation of op X lives in ops/X_triton.py, imported on first use (importing
 fastdmd.ops never needs a GPU); not in ops/X.py, because importing a submodule of that name would
 replace the function ops.X with the module.
@@ -70,15 +71,20 @@ def clipped_policy_loss(x_prev, mean, std, old_log_prob, advantages, clip_range)
     return impl(x_prev, mean, std, old_log_prob, advantages, clip_range)
 
 
+def master_adamw_backend(device) -> str:
+    """The backend master_adamw_ runs on tensors of `device`: resolve_backend's, except that "native" (which
+    has no build of this op) takes auto's choice, so that an optimizer step never fails on it."""
+    chosen = resolve_backend(device)
+    if chosen == "native":
+        return "triton" if getattr(device, "type", str(device)) == "cuda" else "reference"
+    return chosen
+
+
 def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, beta2, eps, weight_decay, step,
                   grad_scale=None, emas=None, ema_weight=0.0) -> None:
     """See fastdmd.ops.reference.master_adamw_ for the math. Not a torch.library op: it runs in the
     optimizer's step, outside any compiled or differentiated code."""
-    chosen = resolve_backend(masters[0].device if masters else None)
-    if chosen == "native":
-        raise ValueError("master_adamw_ has no native implementation; set fastdmd.ops.backend to 'triton', "
-                         "'reference' or 'auto' for it")
-    if chosen == "triton":
+    if master_adamw_backend(masters[0].device if masters else None) == "triton":
         from fastdmd.ops.master_adamw_triton import master_adamw_ as impl
     else:
         impl = reference.master_adamw_
@@ -87,4 +93,4 @@ def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, b
 
 
 __all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "PolicyLoss", "backend",
-           "clipped_policy_loss", "dmd_target", "group_advantages", "master_adamw_", "reference", "resolve_backend"]
+           "clipped_policy_loss", "dmd_target", "group_advantages", "master_adamw_", "master_adamw_backend", "reference", "resolve_backend"]
