@@ -14,7 +14,8 @@ and device:
     optimized-master  optimized with the generator and the critic computing on bf16 copies of their
                       fp32 weights (perf.master_weights, bf16 on CPU too), stepped by MasterAdamW:
                       bf16 gradients in, one fused update writing the fp32 weights, the copies and
-                      the EMA (Triton on CUDA); the rollout on the generator's copy
+                      the EMA (Triton on CUDA); q/k/v fused in the copies too, forward and
+                      backward; the rollout on the generator's copy
 
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
@@ -86,8 +87,8 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
     and backward; the rollout and the scores then need no graphs of their own. optimized-master: the
     optimized step with the generator and the critic computing on bf16 copies of their fp32 weights
-    (perf.master_weights; bf16 on CPU too) that MasterAdamW's fused update writes, the rollout on the
-    generator's copy (not fused)."""
+    (perf.master_weights; bf16 on CPU too) that MasterAdamW's fused update writes, their q/k/v
+    projections fused as well (perf.fuse_qkv), the rollout on the generator's copy."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
     precision = ["--perf.mixed_precision", "bf16"] if cuda or name == "optimized-master" else []

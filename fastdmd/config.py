@@ -243,8 +243,10 @@ class PerfConfig:
                                "fused pass (FSDP2's bf16 policy does the like under torchrun). Autocast then casts no "
                                "weight at each forward; the rollout runs on the generator's copy; 2 B/param more per "
                                "trained network")
-    fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks that "
-                         "only run forward (the teacher, the rollout's bf16 copy): one matmul for three (SD3, FLUX)")
+    fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks "
+                         "whose parameter names nothing keeps (the teacher, the rollout's bf16 copy and, with "
+                         "master_weights, the trained networks' bf16 copies, forward and backward): one matmul for "
+                         "three (SD3, FLUX)")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
     load_on_rank0: bool = opt(True, "under torchrun, rank 0 alone reads the networks' weights; the other ranks "
                               "build them on the meta device and receive their shards from rank 0 as each network "

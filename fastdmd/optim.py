@@ -20,8 +20,9 @@ from fastdmd import ops
 
 class MasterAdamW(torch.optim.Optimizer):
     """AdamW (torch's fused AdamW math) on fp32 `params`, whose gradients come from `copies` (same order
-    and shapes, bf16): a copy's gradient wins; a parameter's own .grad is used when its copy has none
-    (torch.distributed.checkpoint initializes optimizer state that way)."""
+    and shapes, bf16; a copy may be rows of a fused weight, see copy_grad): a copy's gradient wins; a
+    parameter's own .grad is used when its copy has none (torch.distributed.checkpoint initializes
+    optimizer state that way)."""
 
     def __init__(self, params, copies, lr: float, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
         params = list(params)
@@ -35,7 +36,19 @@ class MasterAdamW(torch.optim.Optimizer):
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
         for copy in self.copies.values():
-            copy.grad = None
+            (copy if copy._base is None else copy._base).grad = None
+
+    @staticmethod
+    def copy_grad(copy: torch.Tensor) -> torch.Tensor | None:
+        """A copy's gradient; for rows of a fused weight (perf.fuse_qkv on the copy: the copy is a view of
+        the fused parameter), the same rows of the fused weight's gradient."""
+        base = copy._base
+        if base is None:
+            return copy.grad
+        if base.grad is None:
+            return None
+        offset = copy.storage_offset() - base.storage_offset()
+        return base.grad.reshape(-1)[offset:offset + copy.numel()].view(copy.shape)
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None,
@@ -51,7 +64,8 @@ class MasterAdamW(torch.optim.Optimizer):
             entries = []
             for p in group["params"]:
                 copy = self.copies[p]
-                grad = copy.grad if copy.grad is not None else p.grad
+                grad = self.copy_grad(copy)
+                grad = grad if grad is not None else p.grad
                 if grad is None:
                     continue
                 state = self.state[p]

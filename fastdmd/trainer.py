@@ -124,15 +124,15 @@ def trainable_parameters(module: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad]  # a LoRA critic trains its adapters only
 
 
-def make_optimizer(module: torch.nn.Module, compute: torch.nn.Module, lr: float, cfg, perf) -> tuple[torch.optim.Optimizer, str]:
-    """AdamW on the role's trainable weights: MasterAdamW when the step computes on a bf16 copy (perf.master_weights),
-    else torch's or apex's (accel.make_adamw)."""
+def make_optimizer(module: torch.nn.Module, pairs: tuple[list, list] | None, lr: float, cfg,
+                   perf) -> tuple[torch.optim.Optimizer, str]:
+    """AdamW on the role's trainable weights: MasterAdamW when the step computes on a bf16 copy (perf.master_weights;
+    `pairs` from weight_pairs), else torch's or apex's (accel.make_adamw)."""
     betas = (cfg.adam_beta1, cfg.adam_beta2)
-    if compute is not module:
-        opt = MasterAdamW(trainable_parameters(module), trainable_parameters(compute), lr, betas,
-                          weight_decay=cfg.weight_decay)
-        params = opt.param_groups[0]["params"]
-        backend = ops.master_adamw_backend(params[0].device if params else None)
+    if pairs is not None:
+        copies, masters = pairs
+        opt = MasterAdamW(masters, copies, lr, betas, weight_decay=cfg.weight_decay)
+        backend = ops.master_adamw_backend(masters[0].device if masters else None)
         return opt, f"fastdmd MasterAdamW ({backend}: bf16 gradients in, bf16 copy out, fused EMA)"
     return make_adamw(trainable_parameters(module), lr, betas, cfg.weight_decay, perf)
 
@@ -143,10 +143,17 @@ def bf16_copy(role: torch.nn.Module, adapter) -> torch.nn.Module:
     return copy.deepcopy(role, memo={id(adapter): adapter}).to(torch.bfloat16)
 
 
-def weight_pairs(compute: torch.nn.Module | None, master: torch.nn.Module | None) -> tuple[list, list] | None:
-    """(a bf16 copy's trainable weights, the fp32 ones), in the same order; None when the role computes with
-    its own weights (no copy)."""
-    return None if compute is master else (trainable_parameters(compute), trainable_parameters(master))
+def weight_pairs(compute: torch.nn.Module | None, master: torch.nn.Module | None,
+                 fused_views: dict[str, torch.Tensor] | None = None) -> tuple[list, list] | None:
+    """(a bf16 copy's trainable weights, the fp32 ones), paired by parameter name; None when the role computes
+    with its own weights (no copy). `fused_views`: the copy's weights that perf.fuse_qkv merged, by their
+    names in the fp32 role, as rows of the fused ones (fuse_qkv's views)."""
+    if compute is master:
+        return None
+    copies = dict(compute.named_parameters()) | (fused_views or {})
+    names = [name for name, p in master.named_parameters() if p.requires_grad]  # a LoRA critic: its adapters
+    masters = dict(master.named_parameters())
+    return [copies[name] for name in names], [masters[name] for name in names]
 
 
 def lr_factor(updates_done: int, t) -> float:
@@ -252,7 +259,7 @@ class Trainer:
             self.rollout_generator = Generator(copy.deepcopy(self.generator.net).to(torch.bfloat16)
                                                .requires_grad_(False), self.adapter)
         # perf.fuse_qkv: after build_roles copied the teacher's separate projections into the trained roles.
-        self.fused_qkv, rollout_views = self._fuse_qkv(teacher, perf.fuse_qkv)
+        self.fused_qkv, fused_views = self._fuse_qkv(teacher, perf.fuse_qkv)
         self.attention = set_attention(teacher, perf.attention)
         if not perf.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -265,11 +272,11 @@ class Trainer:
             parallelize(self.rollout_generator.net, world, perf, trainable=False)
         # (a bf16 copy's weights, the fp32 ones they are refilled from) per copy, None without it: the compute
         # copies of perf.master_weights; the rollout's copy, paired by the generator's parameter names.
-        self._generator_copy = weight_pairs(self.generator_compute, self.generator)
-        self._fake_copy = weight_pairs(self.fake_compute, self.fake)
+        self._generator_copy = weight_pairs(self.generator_compute, self.generator, fused_views.get("generator"))
+        self._fake_copy = weight_pairs(self.fake_compute, self.fake, fused_views.get("fake"))
         self._rollout_copy = None
         if self.rollout_generator is not self.generator_compute:
-            copy_params = dict(self.rollout_generator.net.named_parameters()) | rollout_views
+            copy_params = dict(self.rollout_generator.net.named_parameters()) | fused_views.get("rollout", {})
             self._rollout_copy = ([copy_params[name] for name, _ in self.generator.net.named_parameters()],
                                   list(self.generator.net.parameters()))
         if self.fake is not None:
@@ -301,11 +308,11 @@ class Trainer:
         self.objective = build_objective(cfg, Roles(self.generator_compute, self.real, self.fake_compute, self.reward,
                                                     self.classifier, base, self._real_batch, self.rollout))
         self.ema = EMA(self.generator, t.ema_decay) if t.ema_decay > 0 else None
-        self.opt_g, self.optimizer_name = make_optimizer(self.generator, self.generator_compute, t.lr_generator, t, cfg.perf)
+        self.opt_g, self.optimizer_name = make_optimizer(self.generator, self._generator_copy, t.lr_generator, t, cfg.perf)
         self.sched_g = torch.optim.lr_scheduler.LambdaLR(self.opt_g, lambda i: lr_factor(i, t))
         self.opt_c = self.sched_c = None
         if self.fake is not None:
-            self.opt_c, _ = make_optimizer(self.fake, self.fake_compute, t.lr_critic, t, cfg.perf)
+            self.opt_c, _ = make_optimizer(self.fake, self._fake_copy, t.lr_critic, t, cfg.perf)
             self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
         self.step = 0
         self.bad_steps = 0
@@ -436,17 +443,26 @@ class Trainer:
             with phase("optimizer"):
                 torch._foreach_copy_(*pairs)
 
-    def _fuse_qkv(self, teacher: torch.nn.Module, enabled: bool) -> tuple[str, dict[str, torch.Tensor]]:
-        """perf.fuse_qkv on the teacher and the rollout's bf16 copy: (what the run header says, the copy's
-        removed parameters as views of its fused ones, for the per-step sync)."""
+    def _fuse_qkv(self, teacher: torch.nn.Module, enabled: bool) -> tuple[str, dict[str, dict[str, torch.Tensor]]]:
+        """perf.fuse_qkv on the networks whose parameter names nothing keeps: the teacher, the rollout's bf16
+        copy and, with perf.master_weights, the trained roles' bf16 copies (their gradients go to the fused
+        weights; MasterAdamW steps each fp32 weight from its rows). Returns what the run header says and, per
+        fused copy ("rollout", "generator", "fake"), its removed parameters as views of the fused ones, by
+        their names in the fp32 role. A LoRA critic's copy is left as it is (its adapters wrap the projections)."""
         if not enabled:
             return "off", {}
         fuse_qkv(teacher)
         fused = {"teacher": fused_attentions(teacher)}
         views = {}
         if self.rollout_generator is not self.generator_compute:
-            views = fuse_qkv(self.rollout_generator.net)
+            views["rollout"] = fuse_qkv(self.rollout_generator.net)
             fused["rollout copy"] = fused_attentions(self.rollout_generator.net)
+        for key, compute, master in (("generator", self.generator_compute, self.generator),
+                                     ("fake", self.fake_compute, self.fake)):
+            if compute is None or compute is master or any("lora_" in n for n, _ in compute.net.named_parameters()):
+                continue
+            views[key] = {f"net.{name}": view for name, view in fuse_qkv(compute.net).items()}
+            fused[f"{'generator' if key == 'generator' else 'critic'} copy"] = fused_attentions(compute.net)
         if not any(fused.values()):
             return "nothing to fuse (no SD3 / FLUX attention)", {}
         return ", ".join(name for name, n in fused.items() if n), views

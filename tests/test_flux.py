@@ -87,6 +87,33 @@ def test_trains_two_steps_through_the_cli(flux_dir, tmp_path):
     assert (tmp_path / "samples_final.png").exists()
 
 
+def test_master_weights_train_fused_qkv_copies(flux_dir, tmp_path):
+    """perf.master_weights with perf.fuse_qkv on FLUX: the generator's and critic's bf16 copies run fused
+    q/k/v projections (double- and single-stream blocks), the fp32 weights keep diffusers' names and
+    are stepped from the fused gradients' rows; the copies hold them, rounded, after each update."""
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    cfg = parse_args(args_for(flux_dir, tmp_path, "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
+                              "--perf.master_weights", "true", "--perf.fuse_qkv", "true", "--eval.at_end", "false",
+                              "--trainer.lr_generator", "1e-3", "--trainer.lr_critic", "1e-3"))
+    trainer = Trainer(cfg, World())
+    assert trainer.fused_qkv == "teacher, generator copy, critic copy"
+    copy_names = {n for n, _ in trainer.generator_compute.net.named_parameters()}
+    assert any(n.endswith("attn.to_qkv.weight") for n in copy_names)
+    assert not any(n.endswith("attn.to_q.weight") for n in copy_names)
+    before = [w.detach().clone() for w in trainer._generator_copy[1]]
+    for step in (1, 2):
+        row = trainer.train_step(step)
+        assert all(torch.isfinite(torch.tensor(row[k])) for k in ("loss_dmd", "loss_critic"))
+    for pairs in (trainer._generator_copy, trainer._fake_copy):
+        for c, w in zip(*pairs):
+            assert torch.equal(c, w.detach().to(torch.bfloat16))
+    moved = {name for (name, _), w, b in zip([(n, p) for n, p in trainer.generator.named_parameters() if p.requires_grad],
+                                             trainer._generator_copy[1], before) if not torch.equal(w, b)}
+    assert any(name.endswith("attn.to_k.weight") for name in moved)
+
+
 def test_export_runs_in_flux_pipeline_at_four_steps_and_generates(flux_dir, tmp_path):
     """The exported directory in diffusers' FluxPipeline: num_inference_steps=4 gives the trained sigmas
     (its default sigmas pass through the exported scheduler unshifted). FluxPipeline re-noises packed

@@ -285,6 +285,56 @@ def test_master_adamw_updates_as_torch_adamw_on_autocasts_gradients_with_clippin
             torch.testing.assert_close(state_b["exp_avg_sq"], state_a["exp_avg_sq"], rtol=1e-4, atol=1e-12)
 
 
+@pytest.mark.filterwarnings("ignore:Seems like `optimizer.step\\(\\)` has been overridden")  # the test's gradient spy
+def test_master_weights_with_fused_qkv_train_the_fused_copies_like_separate_ones(sd3_dir, tmp_path):
+    """perf.fuse_qkv with perf.master_weights fuses the trained roles' bf16 copies too (one q/k/v matmul,
+    forward and backward; the rollout runs on the generator's fused copy): each fp32 q, k or v weight is
+    stepped from its rows of the fused weight's gradient, and the fused weight holds the fp32 weights,
+    rounded, after every update. The numbers are the separate projections' up to matmul rounding."""
+    from fastdmd.distributed import World
+    from fastdmd.optim import MasterAdamW
+    from fastdmd.trainer import Trainer
+
+    def run(*extra):
+        cfg = parse_args(args_for(sd3_dir, tmp_path / "_".join(extra or ("separate",)), "--model.dtype", "bfloat16",
+                                  "--perf.mixed_precision", "bf16", "--perf.master_weights", "true",
+                                  "--eval.at_end", "false", "--trainer.lr_generator", "1e-3",
+                                  "--trainer.lr_critic", "1e-3", *extra))
+        return Trainer(cfg, World())
+
+    separate, fused = run(), run("--perf.fuse_qkv", "true")
+    assert fused.fused_qkv == "teacher, generator copy, critic copy"
+    assert fused.rollout_generator is fused.generator_compute
+    names = {n for n, _ in fused.generator_compute.net.named_parameters()}
+    assert "transformer_blocks.0.attn.to_qkv.weight" in names and "transformer_blocks.0.attn.to_q.weight" not in names
+    assert "transformer_blocks.0.attn.to_q.weight" in {n for n, _ in fused.generator.net.named_parameters()}
+    grads = {}
+    for trainer in (separate, fused):  # the gradient each fp32 weight is stepped from, at every generator update
+        opt, real_step = trainer.opt_g, trainer.opt_g.step
+
+        def step(*args, opt=opt, real_step=real_step, trainer=trainer, **kwargs):
+            grads.setdefault(id(trainer), []).append(
+                [MasterAdamW.copy_grad(opt.copies[p]).float().clone() for p in opt.param_groups[0]["params"]])
+            return real_step(*args, **kwargs)
+        opt.step = step
+    for step in (1, 2, 3):
+        want, got = separate.train_step(step), fused.train_step(step)
+        for key in ("loss_dmd", "loss_critic", "grad_norm_generator"):
+            assert got[key] == pytest.approx(want[key], rel=2e-2, abs=1e-6), (step, key)
+    # Same gradients, up to the bf16 rounding of differently blocked matmuls (the weights, stepped by Adam from
+    # them, drift apart further where a gradient is near zero: Adam's step has the size lr whatever its sign).
+    names = [n for n, p in fused.generator.named_parameters() if p.requires_grad]
+    for name, g, w in zip(names, grads[id(fused)][0], grads[id(separate)][0]):
+        torch.testing.assert_close(g, w, rtol=0, atol=5e-2 * float(w.abs().max()) + 1e-12, msg=name)
+    for pairs in (fused._generator_copy, fused._fake_copy):
+        for c, w in zip(*pairs):
+            assert torch.equal(c, w.detach().to(torch.bfloat16))
+    qkv = dict(fused.generator_compute.net.named_parameters())["transformer_blocks.0.attn.to_qkv.weight"]
+    k = dict(fused.generator.net.named_parameters())["transformer_blocks.0.attn.to_k.weight"]
+    assert torch.equal(qkv[k.shape[0]:2 * k.shape[0]], k.detach().to(torch.bfloat16))
+    assert all(p.grad is None for p in fused.generator_compute.parameters())
+
+
 def test_master_weights_resume_to_the_uninterrupted_run(sd3_dir, tmp_path):
     """A resumed run refills the bf16 copies from the fp32 weights it loads."""
     def rows(run_dir, *extra):

@@ -1,11 +1,14 @@
-"""Fused QKV projections (`perf.fuse_qkv`) for the networks that only run forward: the frozen teacher
-and the rollout's bf16 copy of the generator.
+"""Fused QKV projections (`perf.fuse_qkv`) for the networks whose parameter names nothing keeps: the
+frozen teacher, the rollout's bf16 copy of the generator and, with perf.master_weights, the trained
+roles' bf16 compute copies (their gradients go to the fused weights; MasterAdamW steps each fp32
+q, k or v weight from its rows).
 
 Each attention's query, key and value projections become one linear layer of three times the width,
 and so do the text stream's (`add_q_proj`, `add_k_proj`, `add_v_proj`): one matmul instead of three.
 At the few-step sampler's batch 1 (1024 image rows, 333 text rows for SD3 at 512 px) three narrow
-matmuls leave most of an H100's SMs idle; one wide matmul fills them. The trained networks keep
-their separate projections: their parameter names are the checkpoint's and the exported model's.
+matmuls leave most of an H100's SMs idle; one wide matmul fills them. The trained networks' fp32
+weights keep their separate projections: their parameter names are the checkpoint's and the exported
+model's.
 
 SD3's attention (diffusers' `Attention` with `JointAttnProcessor2_0`) gets `FusedJointAttnProcessor`
 below, the same computation with the fused projections; diffusers' own `FusedJointAttnProcessor2_0`
