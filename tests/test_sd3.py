@@ -530,7 +530,8 @@ def test_fsdp_bf16_policy_keeps_the_diffusion_time_in_fp32():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, tmp_path):
+@pytest.mark.parametrize("fuse_qkv", ["false", "true"], ids=["separate_qkv", "fused_qkv"])
+def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, tmp_path, fuse_qkv):
     """perf.master_weights with the rollout and score graphs: the graphs, captured before training,
     read the bf16 copies in place; after steps that update the fp32 weights (MasterAdamW's Triton update
     writes the copies in place) they replay what the copies compute eagerly, and each copy holds its
@@ -543,7 +544,7 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
     cfg = parse_args(args_for(sd3_dir, tmp_path / "run", "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
                               "--perf.master_weights", "true", "--perf.cuda_graph_rollout", "true",
                               "--perf.cuda_graph_scores", "true", "--trainer.lr_generator", "1e-2",
-                              "--trainer.lr_critic", "1e-2"))
+                              "--trainer.lr_critic", "1e-2", "--perf.fuse_qkv", fuse_qkv))
     trainer = Trainer(cfg, World(device=dev))
     assert trainer.rollout.active and trainer.scores_graphs == "CUDA graph"
     assert trainer.optimizer_name.startswith("fastdmd MasterAdamW (triton")
@@ -559,6 +560,6 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
             torch.testing.assert_close(got[0], want[0], rtol=3e-2, atol=3e-2)
             torch.testing.assert_close(trainer.fake_compute.predict(x_t, sigma, labels),
                                        trainer.fake_compute.eager_predict(x_t, sigma, labels), rtol=3e-2, atol=3e-2)
-    for copy, weights in ((trainer.generator_compute, trainer.generator), (trainer.fake_compute, trainer.fake)):
-        for c, w in zip(copy.parameters(), weights.parameters()):
+    for pairs in (trainer._generator_copy, trainer._fake_copy):  # by name: q/k/v are rows of fused weights
+        for c, w in zip(*pairs):
             assert torch.equal(c, w.detach().to(torch.bfloat16))
