@@ -141,6 +141,21 @@ def _store_stat_partials(stat_partials_ptr, pid, grad_sq, grad_dot_p, p_sq, resi
 
 
 @triton.jit
+def _load_block(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start, block,
+                numel_per_sample, guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    """Block `block` of a sample, as pass 2 reads it: (offset, mask, x0, base, x0_real, fake) in fp32."""
+    index = block * BLOCK + tl.arange(0, BLOCK)
+    mask = index < numel_per_sample
+    offset = sample_start + index
+    x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
+                                         a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
+    fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+    return offset, mask, x0, base, x0_real, fake
+
+
+@triton.jit
 def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
                stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
                guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -152,13 +167,9 @@ def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, targe
     p_sq = tl.zeros([BLOCK], dtype=tl.float32)
     residual_sq = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(BLOCKS_PER_CHUNK):
-        index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
-        mask = index < numel_per_sample
-        offset = sample_start + index
-        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
-                                             a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
-        fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        offset, mask, x0, base, x0_real, fake = _load_block(
+            x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start,
+            chunk * BLOCKS_PER_CHUNK + i, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK)
         terms = _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
                            SAVE_RESIDUAL)
         grad_sq += terms[0]
@@ -256,13 +267,9 @@ def _dmd_one_pass_kernel(
     sample_start = sample.to(tl.int64) * numel_per_sample
     if IN_REGISTERS:
         tl.static_assert(BLOCKS_PER_CHUNK == 1)
-        index = chunk * BLOCK + tl.arange(0, BLOCK)
-        mask = index < numel_per_sample
-        offset = sample_start + index
-        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-        base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
-                                             a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
-        fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        offset, mask, x0, base, x0_real, fake = _load_block(
+            x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start, chunk,
+            numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK)
         # as _abs_p_real_chunk_sum adds it (from zero), so the normalizer keeps its bits
         partial = tl.sum(tl.zeros([BLOCK], dtype=tl.float32) + tl.where(mask, tl.abs(x0 - x0_real), 0.0), axis=0)
     else:
