@@ -25,7 +25,7 @@
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px): naive + optimized + optimized-master (~170 s), then naive + optimized-graphs in a
+#            512 px): naive + optimized-master + optimized (~200 s), then naive + optimized-graphs in a
 #            second process (~110 s); results in OUTDIR/step_throughput_*.{json,md}
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
@@ -162,7 +162,7 @@ step_throughput() {
     # process of its own, beside its own naive run: a CUDA error leaves a process's context unusable.
     local status=0
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized optimized-master --profile --out "$outdir/step_throughput_sd3-medium-d12" \
+        --variants naive optimized-master optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" \
         || status=1
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12_graphs" \
