@@ -47,10 +47,13 @@
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests &
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
-#   FASTDMD_STEP_TIMEOUT=80 bash $S $O/o onepass; wait
+#   FASTDMD_STEP_TIMEOUT=100 bash $S $O/o onepass; wait
 #   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw
 #   FASTDMD_STEP_TIMEOUT=120 bash $S $O/b bench_dmd_target
-#   FASTDMD_STEP_TIMEOUT=290 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=270 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+# (onepass: 3 settings per shape since session 11, the one pass in registers included; bench_dmd_target
+# writes its rows after every case, the issue's shape first; throughput's second process, naive +
+# optimized-graphs, is the one a short budget cuts.)
 # with timeout_s 590. The tool brings back files of at most 16 MiB, so the profiler's Chrome traces
 # stay out of the archive: the step_throughput files hold their summaries, device time per phase by
 # kind of kernel included. If time is left, a second call: env install tests throughput_other. The tests
