@@ -16,6 +16,12 @@ Many tensors, one launch: the launcher writes a table with one row per parameter
 its master, gradient, moments, copy and EMA, and its size) and a map from program to (row, block);
 each program loads its row and casts the addresses to pointers. The map depends on the sizes only
 and is cached; the table is rebuilt each call (gradients are new tensors every backward).
+Addresses read from memory tell the compiler nothing about alignment, and a mask from a size read
+from memory nothing about uniformity: without help every load would be a scalar one. So when every
+address is 16-byte aligned (the launcher checks; torch's allocations are) the kernel says so
+(tl.multiple_of), and a program whose block lies wholly inside its tensor runs without a mask: its
+fp32 loads and stores are 16-byte vectors (ld.global.v4 in the sm_90 PTX). Only a tensor's last block
+runs masked.
 """
 
 from __future__ import annotations
@@ -38,50 +44,84 @@ _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.floa
 
 
 @triton.jit
-def _master_adamw_kernel(
-    table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
-    decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
-    GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    row = tl.load(block_rows_ptr + pid).to(tl.int64)
-    start = tl.load(block_starts_ptr + pid)
-    numel = tl.load(numels_ptr + row)
-    offsets = start + tl.arange(0, BLOCK)
-    mask = offsets < numel
-    entry = table_ptr + row * 6
-    master_ptr = tl.load(entry).to(tl.pointer_type(tl.float32))
-    grad_ptr = tl.load(entry + 1).to(tl.pointer_type(GRAD_DTYPE))
-    exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+def _load(ptr, offsets, mask, MASKED: tl.constexpr):
+    if MASKED:
+        return tl.load(ptr + offsets, mask=mask, other=0.0)
+    return tl.load(ptr + offsets)
 
-    g = tl.load(grad_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+
+@triton.jit
+def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offsets, value, mask=mask)
+    else:
+        tl.store(ptr + offsets, value)
+
+
+@triton.jit
+def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets, mask,
+                  decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
+                  COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  MASKED: tl.constexpr):
+    g = _load(grad_ptr, offsets, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(grad_scale_ptr)
-    p = tl.load(master_ptr + offsets, mask=mask, other=0.0)
-    m = tl.load(exp_avg_ptr + offsets, mask=mask, other=0.0)
-    v = tl.load(exp_avg_sq_ptr + offsets, mask=mask, other=0.0)
+    p = _load(master_ptr, offsets, mask, MASKED)
+    m = _load(exp_avg_ptr, offsets, mask, MASKED)
+    v = _load(exp_avg_sq_ptr, offsets, mask, MASKED)
     p = p * decay_factor
     m = beta1 * m + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
     p = p - step_size * m / denom
-    tl.store(master_ptr + offsets, p, mask=mask)
-    tl.store(exp_avg_ptr + offsets, m, mask=mask)
-    tl.store(exp_avg_sq_ptr + offsets, v, mask=mask)
+    _store(master_ptr, offsets, p, mask, MASKED)
+    _store(exp_avg_ptr, offsets, m, mask, MASKED)
+    _store(exp_avg_sq_ptr, offsets, v, mask, MASKED)
     if HAS_COPY:
-        copy_ptr = tl.load(entry + 4).to(tl.pointer_type(COPY_DTYPE))
-        tl.store(copy_ptr + offsets, p.to(COPY_DTYPE), mask=mask)
+        _store(copy_ptr, offsets, p.to(COPY_DTYPE), mask, MASKED)
     if HAS_EMA:
-        ema_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
-        ema = tl.load(ema_ptr + offsets, mask=mask, other=0.0)
+        ema = _load(ema_ptr, offsets, mask, MASKED)
         # torch.lerp's two forms (which it picks by the weight), so the EMA matches _foreach_lerp_'s bits
         if ema_weight < 0.5:
             ema = ema + ema_weight * (p - ema)
         else:
             ema = p - (p - ema) * (1.0 - ema_weight)
-        tl.store(ema_ptr + offsets, ema, mask=mask)
+        _store(ema_ptr, offsets, ema, mask, MASKED)
+
+
+@triton.jit
+def _master_adamw_kernel(
+    table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
+    decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
+    GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
+    HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    row = tl.load(block_rows_ptr + pid).to(tl.int64)
+    start = tl.load(block_starts_ptr + pid)
+    numel = tl.load(numels_ptr + row)
+    entry = table_ptr + row * 6
+    master_ptr = tl.load(entry).to(tl.pointer_type(tl.float32))
+    grad_ptr = tl.load(entry + 1).to(tl.pointer_type(GRAD_DTYPE))
+    exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
+    copy_ptr = tl.load(entry + 4).to(tl.pointer_type(COPY_DTYPE))
+    ema_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
+    if ALIGNED:  # addresses read from the table say nothing to the compiler: without these, no vector loads
+        master_ptr = tl.multiple_of(master_ptr, 16)
+        grad_ptr = tl.multiple_of(grad_ptr, 16)
+        exp_avg_ptr = tl.multiple_of(exp_avg_ptr, 16)
+        exp_avg_sq_ptr = tl.multiple_of(exp_avg_sq_ptr, 16)
+        copy_ptr = tl.multiple_of(copy_ptr, 16)
+        ema_ptr = tl.multiple_of(ema_ptr, 16)
+        start = tl.multiple_of(start, BLOCK)
+    offsets = start + tl.arange(0, BLOCK)
+    args = (master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets)
+    scalars = (decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight)
+    if start + BLOCK <= numel:  # a whole block: no mask, so the loads and stores can be 16-byte vectors
+        _update_block(*args, None, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, False)
+    else:
+        _update_block(*args, offsets < numel, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, True)
 
 
 _block_maps: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -124,6 +164,7 @@ def _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta
     for i, master in enumerate(masters):
         rows.extend((master.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                      0 if copies is None else copies[i].data_ptr(), 0 if emas is None else emas[i].data_ptr()))
+    aligned = all(address % 16 == 0 for address in rows)  # absent ones are 0
     table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
     numels, block_rows, block_starts = _block_map(tuple(m.numel() for m in masters), BLOCK, device)
     _master_adamw_kernel[(block_rows.numel(),)](
@@ -132,4 +173,4 @@ def _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta
         float(ema_weight),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], COPY_DTYPE=_TL_DTYPES[copies[0].dtype if copies else torch.bfloat16],
         HAS_COPY=copies is not None, HAS_EMA=emas is not None, HAS_SCALE=grad_scale is not None,
-        BLOCK=BLOCK, num_warps=NUM_WARPS)
+        ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
