@@ -34,11 +34,10 @@ import triton.language as tl
 
 from fastdmd.ops.checks import check_kernel_device, check_master_adamw_inputs
 
-# Elements per program: 4 per thread at 8 warps (16-byte loads of the fp32 streams). Compiled for sm_90 this
-# takes 40 registers per thread; 8 per thread took 142 (every load hoisted), one program of 256 threads per SM.
+# Elements per program: 4 per thread at 8 warps (one 16-byte load per fp32 stream). Compiled for sm_90 this
+# takes 40 registers per thread, 6 programs per SM; 8 per thread takes 78 (benchmarks/results/triton_compile_sm90.md).
 BLOCK = 1024
 NUM_WARPS = 8
-COLUMNS = 6   # master, grad, exp_avg, exp_avg_sq, copy, ema addresses (the absent ones 0)
 
 _TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
@@ -100,7 +99,7 @@ def _master_adamw_kernel(
     row = tl.load(block_rows_ptr + pid).to(tl.int64)
     start = tl.load(block_starts_ptr + pid)
     numel = tl.load(numels_ptr + row)
-    entry = table_ptr + row * 6
+    entry = table_ptr + row * 6  # master, grad, exp_avg, exp_avg_sq, copy, EMA addresses (absent ones 0)
     master_ptr = tl.load(entry).to(tl.pointer_type(tl.float32))
     grad_ptr = tl.load(entry + 1).to(tl.pointer_type(GRAD_DTYPE))
     exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
