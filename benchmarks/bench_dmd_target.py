@@ -94,6 +94,7 @@ if __name__ == "__main__":
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
-                   "barrier between them; triton_two_pass: two launches; _64_chunks, _32_chunks: at most 64 or 32 "
-                   "programs per sample, not 256"],
+                   "barrier between them; triton_one_pass_registers: the same with one-block chunks kept in "
+                   "registers across the barrier; triton_two_pass: two launches; _64_chunks, _32_chunks: at most "
+                   "64 or 32 programs per sample, not 256"],
                   kernel_variants=KERNEL_VARIANTS)

@@ -457,12 +457,12 @@ class Trainer:
         if self.rollout_generator is not self.generator_compute:
             views["rollout"] = fuse_qkv(self.rollout_generator.net)
             fused["rollout copy"] = fused_attentions(self.rollout_generator.net)
-        for key, compute, master in (("generator", self.generator_compute, self.generator),
-                                     ("fake", self.fake_compute, self.fake)):
+        for key, label, compute, master in (("generator", "generator copy", self.generator_compute, self.generator),
+                                            ("fake", "critic copy", self.fake_compute, self.fake)):
             if compute is None or compute is master or any("lora_" in n for n, _ in compute.net.named_parameters()):
                 continue
             views[key] = {f"net.{name}": view for name, view in fuse_qkv(compute.net).items()}
-            fused[f"{'generator' if key == 'generator' else 'critic'} copy"] = fused_attentions(compute.net)
+            fused[label] = fused_attentions(compute.net)
         if not any(fused.values()):
             return "nothing to fuse (no SD3 / FLUX attention)", {}
         return ", ".join(name for name, n in fused.items() if n), views
