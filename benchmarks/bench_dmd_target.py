@@ -52,16 +52,15 @@ def cases(args):
                 yield fields, call, nbytes, ALL_GRAPHABLE | set(KERNEL_VARIANTS)
 
 
-def forced_passes(one_pass: bool, max_chunks: int | None = None, registers: bool = False):
+def forced_passes(one_pass: bool, max_chunks: int | None = None):
     """The kernel with passes 1 and 2 in one launch, or in two, whatever the launcher would choose
     (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run.
     max_chunks: at most this many programs per sample (sample_chunks.MAX_CHUNKS; fewer, longer chunks
-    change the order of a sample's sums, hence its last bits). registers: one pass keeps one-block
-    chunks in registers across its wait (dmd_target_triton.ONE_PASS_REGISTERS)."""
+    change the order of a sample's sums, hence its last bits)."""
     def variant(kernel):
         def run(**inputs):
-            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS
-            dmd_target_triton.ONE_PASS, dmd_target_triton.ONE_PASS_REGISTERS = one_pass, registers
+            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS
+            dmd_target_triton.ONE_PASS = one_pass
             sample_chunks.MAX_CHUNKS = max_chunks or sample_chunks.MAX_CHUNKS
             try:
                 chunks = sample_chunks.sample_chunks(inputs["x0"][0].numel()).num_chunks
@@ -70,7 +69,7 @@ def forced_passes(one_pass: bool, max_chunks: int | None = None, registers: bool
                                        "GPU's SMs")
                 return kernel(**inputs)
             finally:
-                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS = saved
+                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS = saved
         return run
     return variant
 
@@ -81,7 +80,6 @@ def forced_passes(one_pass: bool, max_chunks: int | None = None, registers: bool
 # pass fits the SMs with them.
 KERNEL_VARIANTS = {
     "triton_one_pass": forced_passes(True),
-    "triton_one_pass_registers": forced_passes(True, registers=True),
     "triton_two_pass": forced_passes(False),
     "triton_one_pass_64_chunks": forced_passes(True, max_chunks=64),
     "triton_one_pass_32_chunks": forced_passes(True, max_chunks=32),
@@ -94,7 +92,6 @@ if __name__ == "__main__":
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
-                   "barrier between them; triton_one_pass_registers: the same with one-block chunks kept in "
-                   "registers across the barrier; triton_two_pass: two launches; _64_chunks, _32_chunks: at most "
+                   "barrier between them; triton_two_pass: two launches; _64_chunks, _32_chunks: at most "
                    "64 or 32 programs per sample, not 256"],
                   kernel_variants=KERNEL_VARIANTS)

@@ -25,43 +25,32 @@
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px): naive + optimized-master + optimized (~200 s), then naive + optimized-graphs in a
-#            second process (~110 s); results in OUTDIR/step_throughput_*.{json,md}
+#            512 px): naive + optimized (~200 s), then naive + optimized-graphs in a second process
+#            (~200 s); results in OUTDIR/step_throughput_*.{json,md}. (optimized-autocast, the step before
+#            master weights, was 0.249 against optimized's 0.227 s/step in one process on 2026-11-26.)
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26, two sessions): env + install 27-29 s, native 55-67 s, onepass 24 s (twice its cases
-# since: 32 chunks too), tests 32-41 s (-n 6), gputests 26-33 s (-n 3), bench_dmd_target 51 s (the
-# launcher's choice alone; 5 forced variants since: allow ~130 s), bench_group_advantages 18 s,
-# bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~220 s (before optimized-master; allow
-# ~290 s now), throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine
-# started in ~30 s.
-# The steps that time nothing can share the machine; the timed ones run alone. Session 9's two calls
-# left 183 s, too little to start a third machine: plan for one call of ~590 s, e.g. (the native
-# build, most op tests and throughput_other passed or were measured on 2026-11-26 and are left out;
-# MasterAdamW's tests and bench are new since):
-#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 565 bash -c "
+# (2026-11-26, three sessions): env + install 27-35 s, native 55-67 s, onepass 24-36 s, tests 32-41 s
+# (-n 6), gputests 26-39 s (-n 3), bench_dmd_target 89 s, bench_master_adamw 29 s, bench_group_advantages
+# 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~400 s (its two processes; the
+# batch-1 sample compiles its own graphs since session 12), throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine started
+# in ~30 s and is given back after 30 s idle.
+# The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
+# ~590 s; the op tests and benchmarks were all run on 2026-11-26 (session 12), so the next call is
+# throughput's, with the GPU tests beside its start:
+#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 575 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
-#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests &
-#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
-#   FASTDMD_STEP_TIMEOUT=100 bash $S $O/o onepass; wait
-#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw
-#   FASTDMD_STEP_TIMEOUT=120 bash $S $O/b bench_dmd_target
-#   FASTDMD_STEP_TIMEOUT=270 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
-# (onepass: 3 settings per shape since session 11, the one pass in registers included; bench_dmd_target
-# writes its rows after every case, the issue's shape first; throughput's second process, naive +
-# optimized-graphs, is the one a short budget cuts.)
-# with timeout_s 590. The tool brings back files of at most 16 MiB, so the profiler's Chrome traces
-# stay out of the archive: the step_throughput files hold their summaries, device time per phase by
-# kind of kernel included. If time is left, a second call: env install tests throughput_other. The tests
-# include the GPU-only checks (MasterAdamW's compiled update against its reference and, in gputests,
-# its bf16 copies read by the CUDA graphs; the one-pass dmd_target kernel against two passes, the rollout and
-# score graphs against eager, the bf16 copy in a graph, SD3's fused bf16 rollout copy in graphs, FLUX's
-# rollout and score graphs, a DMD2 step waiting for the GPU once per update and once for its logs):
-# read their results before trusting the timings.
+#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests
+#   FASTDMD_STEP_TIMEOUT=470 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
+# with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB, so the
+# profiler's Chrome traces stay out of the archive: the step_throughput files hold their summaries
+# (device time per phase by kind of kernel, the calls into compiled code per phase, the copy kernels by
+# the ops that launched them). Write everything under $OUT in the same call: a later call finds the
+# machine given back after 30 s idle. Read the GPU tests' results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
@@ -165,7 +154,7 @@ step_throughput() {
     # process of its own, beside its own naive run: a CUDA error leaves a process's context unusable.
     local status=0
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized-master optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" \
+        --variants naive optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" \
         || status=1
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12_graphs" \

@@ -4,18 +4,20 @@ and device:
     naive             eager blocks, unfused PyTorch reference ops, torch's default AdamW, eager
                       rollout, the teacher's CFG as two forwards (issue 6's anchor), fp32 master
                       weights (bf16 autocast on CUDA)
-    optimized         per-block torch.compile, the fused ops (Triton on CUDA), fused AdamW, CFG as one
-                      forward of twice the batch, fused q/k/v projections in the teacher and the
-                      rollout copy, CUDA-graph rollout on a bf16 copy of the generator and CUDA-graph
-                      DMD scores (CUDA only), fp32 master weights (bf16 autocast on CUDA)
+    optimized         per-block torch.compile, the fused ops (Triton on CUDA), CFG as one forward of
+                      twice the batch, CUDA-graph rollout and DMD scores (CUDA only); on CUDA the
+                      generator and the critic compute on bf16 copies of their fp32 weights
+                      (perf.master_weights), stepped by MasterAdamW: bf16 gradients in, one fused
+                      update writing the fp32 weights, the copies and the EMA; q/k/v projections fused
+                      in the teacher and the copies, forward and backward; the rollout on the
+                      generator's copy. On CPU, where bf16 gains nothing: fp32 weights, fused AdamW
     optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
                       forward and backward, replayed from CUDA graphs (CUDA only); the skips that
                       torch reports (count and reasons) are recorded
-    optimized-master  optimized with the generator and the critic computing on bf16 copies of their
-                      fp32 weights (perf.master_weights, bf16 on CPU too), stepped by MasterAdamW:
-                      bf16 gradients in, one fused update writing the fp32 weights, the copies and
-                      the EMA (Triton on CUDA); q/k/v fused in the copies too, forward and
-                      backward; the rollout on the generator's copy
+    optimized-autocast  optimized as it was before master weights beat it (H100, 2026-11-26: 0.249
+                      against 0.227 s/step, same process): the fp32 weights under bf16 autocast (CUDA),
+                      torch's fused AdamW, the rollout on a bf16 copy of the generator; the path that
+                      FSDP2 runs (master weights are one process only). On CPU the same as optimized
 
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
@@ -23,10 +25,11 @@ same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated over the 
 steps, and max reserved, which holds the CUDA graphs' private pools; CPU: process peak RSS,
 cumulative), the per-phase breakdown by the phase names of DESIGN.md (fastdmd.profiling; separate
 steps, synchronized at each phase boundary, with the peak memory allocated in each phase on CUDA),
-the full few-step sample at batch 1 (every generator step, no
-grad), called eagerly and, on CUDA, replayed from one CUDA graph, and with --profile one profiled
-step (device busy time, in all and per phase against the phase's wall time, top kernels, Chrome
-trace). Writes
+the full few-step sample at batch 1 (every generator step, no grad), called as the variant calls
+its generator (compiled blocks where it compiles them) and, on CUDA, replayed from one CUDA graph,
+and with --profile one profiled step (device busy time, in all and per phase against the phase's
+wall time and with the calls into compiled code, top kernels, copy kernels by their launching ops,
+Chrome trace). Writes
 benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
 fails is recorded with its error and the others still run.
 
@@ -76,31 +79,29 @@ from fastdmd.trainer import Trainer
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-VARIANTS = ("naive", "optimized", "optimized-graphs", "optimized-master")
+VARIANTS = ("naive", "optimized", "optimized-graphs", "optimized-autocast")
 
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
-    """naive: eager, reference ops, torch's default AdamW (foreach on CUDA), CFG as two forwards. optimized:
-    per-block torch.compile, fused ops and AdamW, fused q/k/v projections in the networks that only
-    run forward (teacher, rollout copy), the rollout on a bf16 copy of the generator and the DMD
-    scores (teacher and critic, no grad) replayed from CUDA graphs (CUDA). optimized-graphs: the same with torch.compile's
-    reduce-overhead mode, every compiled block replayed from CUDA graphs (cudagraph trees), forward
-    and backward; the rollout and the scores then need no graphs of their own. optimized-master: the
-    optimized step with the generator and the critic computing on bf16 copies of their fp32 weights
-    (perf.master_weights; bf16 on CPU too) that MasterAdamW's fused update writes, their q/k/v
-    projections fused as well (perf.fuse_qkv), the rollout on the generator's copy."""
+    """naive: eager, reference ops, torch's default AdamW (foreach on CUDA), CFG as two forwards. The
+    others (see the module docstring): per-block torch.compile, fused ops, fused q/k/v projections, the
+    DMD scores and the rollout replayed from CUDA graphs (CUDA); on CUDA bf16 copies of the trained
+    weights (perf.master_weights) except in optimized-autocast, whose rollout runs on a bf16 copy of the
+    generator; optimized-graphs with torch.compile's reduce-overhead mode, every compiled block replayed
+    from CUDA graphs (cudagraph trees), forward and backward, the rollout and the scores then needing no
+    graphs of their own."""
     if name not in VARIANTS:
         raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
-    precision = ["--perf.mixed_precision", "bf16"] if cuda or name == "optimized-master" else []
+    precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", "--perf.batched_cfg", "false",
                 *precision]
-    rollout_copy = ["--perf.master_weights", "true"] if name == "optimized-master" else \
-        ["--perf.rollout_weights", "bf16"] if cuda else []
+    weights = [] if not cuda else ["--perf.rollout_weights", "bf16"] if name == "optimized-autocast" else \
+        ["--perf.master_weights", "true"]
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",
-            *rollout_copy, *mode, *precision]
+            *weights, *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -173,7 +174,8 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
               "profile_phase_busy_ms": {phase: sum(names.values()) for phase, names in work.items()},
               "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()},
-              "profile_phase_top": top_by_phase(work)}
+              "profile_phase_top": top_by_phase(work),
+              "profile_compiled_calls": compiled_calls_by_phase(all_events, cuda)}
     if cuda:
         result["profile_phase_kind_ms"] = kinds_by_phase(work)
         result["profile_copy_origins"] = copy_origins(all_events)
@@ -184,6 +186,22 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         os.remove(trace_path)
         result["profile_trace"] = trace_path + ".gz"
     return result
+
+
+COMPILED_REGION = "Torch-Compiled Region"
+
+
+def compiled_calls_by_phase(events, cuda: bool) -> dict[str, int]:
+    """How many times each phase entered torch.compile'd code (dynamo's host range around each call
+    of a compiled frame). A phase with compiled blocks but no calls here ran them eagerly: dynamo
+    skipped them (a recompile limit, a dispatch mode) or they were replayed from a CUDA graph, whose
+    replay runs no host code."""
+    from torch.autograd import DeviceType
+
+    phase_of = phase_locator(events, cuda)
+    calls = collections.Counter(phase_of(e) for e in events
+                                if e.device_type == DeviceType.CPU and e.name.startswith(COMPILED_REGION))
+    return dict(calls)
 
 
 def is_device_work(event) -> bool:
@@ -255,27 +273,41 @@ def phase_locator(events, cuda: bool):
     return phase_of
 
 
-GRAPH_REPLAY = "(no launching op: a CUDA graph replay)"
+NO_LAUNCHER = "(no launching call found)"
 
 
 def copy_origins(events, n: int = 15) -> list[dict]:
     """The copy / cast kernels of a profiled CUDA step by what launched them: per phase, the launching op
     and the ops around it, innermost first (e.g. `aten::copy_ < aten::_to_copy < aten::to <
     autograd::engine::evaluate_function: ToCopyBackward0`), with their calls and device ms; the n
-    heaviest. Kernels no op launched (CUDA graph replays) are grouped as GRAPH_REPLAY."""
+    heaviest. The launching op is the one the kernel's linked correlation id names or else the host
+    op around the CUDA runtime call that queued it (the call and the kernel share CUPTI's correlation
+    id): on torch 2.11 + CUDA 13 the kernels' linked ids were 0, which had every copy grouped under a
+    profiler overhead event (`Activity Buffer Request`). Kernels replayed from a CUDA graph name the
+    graph launch (`cudaGraphLaunch < ...`)."""
     from torch.autograd import DeviceType
 
     phase_of = phase_locator(events, cuda=True)
-    launchers = {e.id: e for e in events if e.device_type == DeviceType.CPU}
+    host = [e for e in events if e.device_type == DeviceType.CPU and e.id]
+    ops = {e.id: e for e in host if not getattr(e, "linked_correlation_id", 0)}
+    runtime_calls = {}
+    for e in host:  # cudaLaunchKernel, cuLaunchKernel, cudaMemcpyAsync, cudaGraphLaunch, ...
+        if e.name.startswith("cu"):
+            runtime_calls.setdefault(e.id, e)
     totals = collections.defaultdict(lambda: [0, 0.0])
     for e in events:
         if not is_device_work(e) or kernel_kind(e.name) != "copy / cast":
             continue
-        op, chain = launchers.get(getattr(e, "linked_correlation_id", 0)), []
+        chain, linked = [], getattr(e, "linked_correlation_id", 0)
+        op = ops.get(linked) if linked else None
+        if op is None and (call := runtime_calls.get(e.id)) is not None:
+            if "Graph" in call.name:
+                chain.append(call.name)
+            op = call.cpu_parent
         while op is not None and len(chain) < 4 and op.name not in PHASES:
             chain.append(op.name[:70])
             op = op.cpu_parent
-        total = totals[(phase_of(e), " < ".join(chain) or GRAPH_REPLAY)]
+        total = totals[(phase_of(e), " < ".join(chain) or NO_LAUNCHER)]
         total[0] += 1
         total[1] += e.time_range.elapsed_us() / 1e3
     rows = [{"phase": phase, "launched_by": chain, "calls": calls, "ms": round(ms, 3)}
@@ -363,9 +395,13 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
                 trainer.train_step(timed)
         return {"flop_per_step_counted": counter.get_total_flops() / steps}
 
-    extras = [("flop_count", count_flops), ("sample_batch1", lambda: sample_batch1_ms(trainer, device))]
+    # The FLOP count last: FlopCounterMode is a dispatch mode, under which dynamo skips every frame it
+    # meets and marks its code to be skipped from then on, so after it the compiled blocks run eagerly
+    # (a profiled step after it profiled an eager step: the GPU sessions of 2026-11-26 before this order).
+    extras = [("sample_batch1", lambda: sample_batch1_ms(trainer, device))]
     if profile:
         extras.append(("profile", lambda: profile_step(trainer, step + 1, device, profile_trace)))
+    extras.append(("flop_count", count_flops))
     for extra, run in extras:
         try:
             row |= run()
@@ -418,8 +454,10 @@ def compile_events():
 
 def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
     """Milliseconds of the full few-step sample (len(generator_sigmas) generator calls, no grad) at
-    batch 1 with the rollout's generator and the trainer's precision: eager, and on CUDA replayed from one CUDA
-    graph (the error instead of a time where capture fails)."""
+    batch 1 with the rollout's generator and the trainer's precision: called directly, through the variant's
+    compiled blocks where it compiles them (torch.compile builds their batch-1 graphs in the warm-up calls), and
+    on CUDA replayed from one CUDA graph (the error instead of a time where capture fails): with compiled blocks,
+    the rollout as the optimized step runs it."""
     sigmas = trainer.cfg.dmd.generator_sigmas
     noise = torch.randn((1, *trainer.family.sample_shape), device=device)
     labels = torch.zeros(1, dtype=torch.long, device=device)
@@ -434,10 +472,10 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
         with trainer._autocast():
             return sample_with_draws(generator, noise, labels, sigmas, draws)
 
-    result = {"sample_steps": len(sigmas), "sample_batch1_eager_ms": 1e3 * median_seconds(sample, device, 20)}
+    result = {"sample_steps": len(sigmas), "sample_batch1_ms": 1e3 * median_seconds(sample, device, 20)}
     if trainer.cfg.perf.blocks_in_cuda_graphs:
         result["sample_batch1_graph_ms"] = None
-        result["sample_batch1_graph_error"] = "n/a: the compiled blocks replay CUDA graphs already (eager column)"
+        result["sample_batch1_graph_error"] = "n/a: the compiled blocks replay CUDA graphs already (previous column)"
     elif device.type == "cuda":
         try:
             result["sample_batch1_graph_ms"] = 1e3 * median_seconds(cuda_graphed(sample), device, 20)
@@ -495,7 +533,7 @@ def main() -> None:
         if "error" not in row:
             print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
                   f"MFU {_percent(row['mfu'])}, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
-                  f"batch-1 sample: {_ms(row.get('sample_batch1_eager_ms'))} eager, "
+                  f"batch-1 sample: {_ms(row.get('sample_batch1_ms'))} called, "
                   f"{_ms(row.get('sample_batch1_graph_ms'))} CUDA graph", flush=True)
         with open(out + ".json", "w") as f:  # after every variant: a run cut short keeps what it measured
             json.dump(record, f, indent=2)
@@ -553,9 +591,11 @@ def report(r: dict) -> str:
              f"command: `{r['command']}`", "",
              f"batch {r['batch']}, depth {r['depth']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s "
              f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
-             "eager step's FLOP count over each variant's s/step and the peak.", "",
+             "eager step's FLOP count over each variant's s/step and the peak. The batch-1 sample: the few-step sample "
+             "with the rollout's generator, called as the variant calls it (compiled blocks where it compiles) and "
+             "replayed from one CUDA graph.", "",
              "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) | peak reserved (MB) "
-             "| optimizer | rollout | DMD scores | fused q/k/v | batch-1 sample, eager (ms) | batch-1 sample, CUDA graph (ms) |",
+             "| optimizer | rollout | DMD scores | fused q/k/v | batch-1 sample, called (ms) | batch-1 sample, CUDA graph (ms) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---|---|---|---|---:|---:|"]
     for v in r["variants"]:
         if "error" in v:
@@ -563,15 +603,15 @@ def report(r: dict) -> str:
             continue
         graph_ms = v.get("sample_batch1_graph_ms")
         graph = f"{graph_ms:.2f}" if graph_ms is not None else v.get("sample_batch1_graph_error", "n/a (CPU)")
-        eager = v.get("sample_batch1_eager_ms")
-        eager = f"{eager:.2f}" if eager is not None else v.get("sample_batch1_error", "n/a")
+        called = v.get("sample_batch1_ms")
+        called = f"{called:.2f}" if called is not None else v.get("sample_batch1_error", "n/a")
         speedup = f"{v['speedup_vs_naive']:.2f}x" if v.get("speedup_vs_naive") else "n/a"
         counted = v.get("flop_per_step_counted")
         counted = f"{counted / 1e9:.1f}" if counted is not None else v.get("flop_count_error", "n/a")
         lines.append(f"| {v['variant']} | {v['s_per_step']:.4f} | {speedup} | {v['samples_per_s']:.1f} "
                      f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} | {_mb(v.get('peak_reserved_bytes'))} "
                      f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {v.get('fused_qkv', 'n/a')} "
-                     f"| {eager} | {graph} |")
+                     f"| {called} | {graph} |")
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]
@@ -611,18 +651,21 @@ def report(r: dict) -> str:
                      if any(kind in phase_kinds for phase_kinds in kinds_by_phase.values())]
             lines += ["", f"Profiled step, {v['variant']}, by phase: {what} (ms) against the phase's wall time in "
                       "the same step (synchronized at the phase boundaries, profiler overhead included); a low share "
-                      "is a phase where the GPU waits for the host" + ("; then the device time by kind of kernel"
-                                                                       if kinds else ""), "",
-                      "| phase | busy (ms) | wall (ms) | busy / wall |" + "".join(f" {kind} |" for kind in kinds),
-                      "|---|---:|---:|---:|" + "---:|" * len(kinds)]
+                      "is a phase where the GPU waits for the host; compiled calls: the phase's calls into "
+                      "torch.compile'd code (none where compiled blocks ran eagerly, or from a CUDA graph)"
+                      + ("; then the device time by kind of kernel" if kinds else ""), "",
+                      "| phase | busy (ms) | wall (ms) | busy / wall | compiled calls |"
+                      + "".join(f" {kind} |" for kind in kinds),
+                      "|---|---:|---:|---:|---:|" + "---:|" * len(kinds)]
             walls = v.get("profile_phase_wall_ms", {})
+            compiled = v.get("profile_compiled_calls") or {}
             for name in [*PHASES, OUTSIDE]:
                 if name not in busy_by_phase:
                     continue
                 wall = walls.get(name, 0.0)
                 share = f"{busy_by_phase[name] / wall:.0%}" if wall else "-"
-                lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} |" + "".join(
-                    f" {kinds_by_phase.get(name, {}).get(kind, 0.0):.2f} |" for kind in kinds))
+                lines.append(f"| {name} | {busy_by_phase[name]:.2f} | {wall:.2f} | {share} | {compiled.get(name, 0)} |"
+                             + "".join(f" {kinds_by_phase.get(name, {}).get(kind, 0.0):.2f} |" for kind in kinds))
             tops = v.get("profile_phase_top") or {}
             if tops:
                 lines += ["", f"Profiled step, {v['variant']}: the heaviest {'kernels' if kinds else 'ops'} of "

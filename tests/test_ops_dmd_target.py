@@ -272,16 +272,14 @@ def test_full_size_latents_bf16(shape):
 @pytest.mark.timeout(120, method="thread")
 @pytest.mark.parametrize("shape", [(3, 5, 7), (4, 16, 64, 64), (64, 16, 128, 128), (2, 336, 60, 104)],
                          ids=["odd", "training", "image_64", "video"])
-@pytest.mark.parametrize("max_chunks, registers", [(None, False), (32, False), (None, True)],
-                         ids=["default_chunks", "32_chunks", "in_registers"])
-def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, registers, monkeypatch):
+@pytest.mark.parametrize("max_chunks", [None, 32], ids=["default_chunks", "32_chunks"])
+def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, monkeypatch):
     """Each one-pass call gets, from the caching allocator, a block just filled with NaN for its
     partial sums: a program that read its sample's partial sums before they were all published would
     mix a NaN in and change the bits. Fewer, longer chunks per sample too (the video latent's then
-    fit the GPU's SMs), and one-block chunks kept in registers across the wait (ONE_PASS_REGISTERS)."""
+    fit the GPU's SMs)."""
     if max_chunks is not None:
         monkeypatch.setattr(sample_chunks_module, "MAX_CHUNKS", max_chunks)
-    monkeypatch.setattr(dmd_target_triton, "ONE_PASS_REGISTERS", registers)
 
     def run(inputs, poison: bool = False):
         x0 = inputs["x0"].detach().clone().requires_grad_()
@@ -346,17 +344,16 @@ def test_benchmark_variants_set_the_kernels_knobs_for_their_call_only(monkeypatc
     import bench_dmd_target
 
     def knobs(**inputs):
-        return (dmd_target_triton.ONE_PASS, dmd_target_triton.sample_chunks(inputs["x0"][0].numel()).num_chunks,
-                dmd_target_triton.ONE_PASS_REGISTERS)
+        return dmd_target_triton.ONE_PASS, dmd_target_triton.sample_chunks(inputs["x0"][0].numel()).num_chunks
 
-    before = dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS
+    before = dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS
     x0 = torch.zeros(2, 16, 128, 128)  # 128 blocks of 2048 per sample
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass"](knobs)(x0=x0) == (False, 128, False)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass_32_chunks"](knobs)(x0=x0) == (False, 32, False)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass"](knobs)(x0=x0) == (False, 128)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass_32_chunks"](knobs)(x0=x0) == (False, 32)
     monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: chunks <= 132)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass_32_chunks"](knobs)(x0=x0) == (True, 32, False)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass_registers"](knobs)(x0=x0) == (True, 128, True)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass_32_chunks"](knobs)(x0=x0) == (True, 32)
+    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass"](knobs)(x0=x0) == (True, 128)
     monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: False)
     with pytest.raises(RuntimeError, match="one pass does not apply: 128 programs per sample"):
         bench_dmd_target.KERNEL_VARIANTS["triton_one_pass"](knobs)(x0=x0)
-    assert (dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS, dmd_target_triton.ONE_PASS_REGISTERS) == before
+    assert (dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS) == before

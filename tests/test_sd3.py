@@ -2,6 +2,7 @@
 scheduler saved with save_pretrained to a temp dir, a prompt file and a prompt-embedding cache."""
 
 import json
+import math
 import os
 
 import pytest
@@ -563,3 +564,36 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
     for pairs in (trainer._generator_copy, trainer._fake_copy):  # by name: q/k/v are rows of fused weights
         for c, w in zip(*pairs):
             assert torch.equal(c, w.detach().to(torch.bfloat16))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode(sd3_dir, tmp_path):
+    """step_throughput's optimized-graphs: torch.compile's reduce-overhead mode with perf.master_weights.
+    The bf16 copies' gradients come out of the cudagraph trees' memory, and MasterAdamW reads them after
+    the backward and writes the copies in place between replays: three steps give the losses and fp32
+    weights of the default mode (the same compiled kernels, without CUDA graphs)."""
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    def run(mode: str):
+        cfg = parse_args(args_for(sd3_dir, tmp_path / mode, "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
+                                  "--perf.master_weights", "true", "--perf.fuse_qkv", "true", "--perf.compile", "true",
+                                  "--perf.compile_mode", mode, "--trainer.lr_generator", "1e-2",
+                                  "--trainer.lr_critic", "1e-2"))
+        trainer = Trainer(cfg, World(device=torch.device("cuda")))
+        logs = [trainer.train_step(step) for step in range(1, 4)]
+        return trainer, logs, [p.detach().clone() for p in trainer.generator.net.parameters()]
+
+    from torch._dynamo.utils import counters
+
+    default, default_logs, default_weights = run("default")
+    skips = counters["inductor"]["cudagraph_skips"]
+    graphs, graphs_logs, graphs_weights = run("reduce-overhead")
+    assert counters["inductor"]["cudagraph_skips"] == skips  # every compiled block replayed from CUDA graphs
+    assert graphs.optimizer_name.startswith("fastdmd MasterAdamW (triton")
+    for want, got in zip(default_logs, graphs_logs):
+        for key in ("loss_generator", "loss_critic", "grad_norm_generator"):
+            assert math.isfinite(got[key]) and got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), key
+    for want, got in zip(default_weights, graphs_weights):
+        torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)

@@ -135,21 +135,14 @@ def _variants():
     from fastdmd.ops import group_advantages_triton as ga
     from fastdmd.ops import master_adamw_triton as adamw
 
-    def dmd_forward(dtype, shape, uncond, noise, weights, save_residual, one_pass=False, registers=False):
+    def dmd_forward(dtype, shape, uncond, noise, weights, save_residual, one_pass=False):
         x = [torch.randn(shape).to(dtype) for _ in range(6)]
         batch = shape[0]
         coef = torch.rand(batch)
 
-        def launch():
-            saved, dmd.ONE_PASS_REGISTERS = dmd.ONE_PASS_REGISTERS, registers
-            try:
-                dmd._launch_dmd_target(
-                    x[0], x[1], x[2], x[3] if uncond else None, x[4], coef, coef, 3.0,
-                    coef if weights else None, x[5] if noise else None, coef if noise else None, 1e-8,
-                    save_residual, one_pass=one_pass)
-            finally:
-                dmd.ONE_PASS_REGISTERS = saved
-        return launch
+        return lambda: dmd._launch_dmd_target(
+            x[0], x[1], x[2], x[3] if uncond else None, x[4], coef, coef, 3.0, coef if weights else None,
+            x[5] if noise else None, coef if noise else None, 1e-8, save_residual, one_pass=one_pass)
 
     def dmd_backward(dtype, shape, weights):
         residual = torch.randn(shape)
@@ -197,8 +190,6 @@ def _variants():
                 yield ("dmd_target", f"{name} {shape_name} {label}", dmd_forward(dtype, shape, *flags))
                 yield ("dmd_target", f"{name} {shape_name} {label} one_pass",
                        dmd_forward(dtype, shape, *flags, one_pass=True))
-                yield ("dmd_target", f"{name} {shape_name} {label} one_pass registers",
-                       dmd_forward(dtype, shape, *flags, one_pass=True, registers=True))
             for weights in (False, True):
                 yield ("dmd_target_backward", f"{name} {shape_name} weights={weights}",
                        dmd_backward(dtype, shape, weights))

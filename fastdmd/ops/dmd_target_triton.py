@@ -21,9 +21,10 @@ in L2 (so that pass 2 re-reads from L2) was measured slower on an H100: 142 us a
 bf16 64x16x128x128, 42 against 33 us on the video shape (benchmarks/results/gpu_h100_2026-11-26.md).
 _dmd_one_pass_kernel fuses passes 1 and 2: each program publishes its chunk's partial sum, waits
 on its sample's arrival counter, then runs pass 2 on the chunk it has just read (L2 hits whatever
-the batch size): 6E per element from DRAM in forward. With ONE_PASS_REGISTERS, a one-block chunk
-(an image latent's 128 chunks) is loaded once, the fake prediction too, before the wait, and pass 2
-computes from registers: no L2 re-read (48-58 registers per thread for sm_90 against 39-48). The same helpers compute both, so its results
+the batch size): 6E per element from DRAM in forward. Keeping a one-block chunk's inputs in
+registers across the wait instead (no L2 re-read; 48-58 registers per thread against 39-48) was
+measured slower on an H100 (bf16 64x16x128x128 forward 125.0 against 117.7 us, forward+backward
+225.1 against 209.3; 2026-11-26, session 12) and removed. The same helpers compute both, so its results
 are the two-pass results bit for bit (tested on an H100). The launcher takes it where pass 2 of two
 passes would miss L2 (one_pass_enabled); where the batch fits in L2 anyway its waits only cost. On an
 H100 (benchmarks/results/gpu_h100_2026-11-26_second.md), from CUDA graphs, one pass against two:
@@ -73,10 +74,6 @@ ONE_PASS: Optional[bool] = None
 # a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
 # a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
 _MAX_POLLS = 1 << 20
-# The one-pass kernel keeps a one-block chunk's inputs in registers across its wait instead of re-reading
-# them from L2 in pass 2 (IN_REGISTERS): fewer bytes through L2, more registers per thread. Off until an
-# H100 measures it faster (bench_dmd_target's triton_one_pass_registers row).
-ONE_PASS_REGISTERS = False
 
 
 @triton.jit
@@ -240,7 +237,7 @@ def _dmd_one_pass_kernel(
     numel_per_sample, num_chunks, guidance_scale, eps,
     HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr, SAVE_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr, BLOCKS_PER_CHUNK: tl.constexpr, PARTIALS_BLOCK: tl.constexpr,
-    MAX_POLLS: tl.constexpr, IN_REGISTERS: tl.constexpr,
+    MAX_POLLS: tl.constexpr,
 ):
     """Passes 1 and 2 in one launch: after its pass 1 a program waits until every chunk of its
     sample has published its partial sum (a per-sample arrival counter), then runs pass 2 on the
@@ -252,10 +249,7 @@ def _dmd_one_pass_kernel(
     order programs start, so every sample but the one holding the newest tickets has all its
     programs started, and only that sample's programs (fewer than one_pass_enabled's bound) can be
     waiting. The wait cannot then block the programs it waits for, whatever order the GPU starts
-    programs in.
-
-    IN_REGISTERS (a chunk of one block): the block's inputs, the fake prediction too, are loaded once,
-    before the wait, and pass 2 computes from registers instead of re-reading them from L2."""
+    programs in."""
     pid = tl.atomic_add(ticket_ptr, 1, sem="relaxed", scope="gpu")
     sample = pid // num_chunks
     chunk = pid % num_chunks
@@ -265,17 +259,9 @@ def _dmd_one_pass_kernel(
     if HAS_NOISE:
         c = tl.load(c_ptr + sample)
     sample_start = sample.to(tl.int64) * numel_per_sample
-    if IN_REGISTERS:
-        tl.static_assert(BLOCKS_PER_CHUNK == 1)
-        offset, mask, x0, base, x0_real, fake = _load_block(
-            x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start, chunk,
-            numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK)
-        # as _abs_p_real_chunk_sum adds it (from zero), so the normalizer keeps its bits
-        partial = tl.sum(tl.zeros([BLOCK], dtype=tl.float32) + tl.where(mask, tl.abs(x0 - x0_real), 0.0), axis=0)
-    else:
-        partial = _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start,
-                                        chunk, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK,
-                                        BLOCKS_PER_CHUNK)
+    partial = _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b, c, sample_start,
+                                    chunk, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK,
+                                    BLOCKS_PER_CHUNK)
     tl.store(abs_partials_ptr + pid, partial)
     # Publish (CUTLASS's semaphore pattern): every thread's store done, then one release increment;
     # wait: acquire reads of the counter, then a barrier before any thread reads the partials.
@@ -294,16 +280,9 @@ def _dmd_one_pass_kernel(
                                     PARTIALS_BLOCK, True)
     if chunk == 0:
         tl.store(normalizer_ptr + sample, normalizer)
-    if IN_REGISTERS:
-        terms = _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
-                           SAVE_RESIDUAL)
-        zero = tl.zeros([BLOCK], dtype=tl.float32)  # as _dmd_chunk's accumulators, for the same bits
-        _store_stat_partials(stat_partials_ptr, pid, zero + terms[0], zero + terms[1], zero + terms[2],
-                             zero + terms[3])
-    else:
-        _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
-                   stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
-                   guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
+    _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
+               stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
+               guidance_scale, HAS_UNCOND, HAS_NOISE, SAVE_RESIDUAL, BLOCK, BLOCKS_PER_CHUNK)
     if arrived < num_chunks:  # gave up waiting: the normalizer may lack chunks, so poison what it fed
         tl.debug_barrier()  # after _dmd_chunk's own stores of these slots
         for k in tl.static_range(4):  # grad^2, grad.p, p^2, residual^2: the statistics and the loss
@@ -418,7 +397,7 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
             x0, x_t, real_cond, real_uncond, fake, noise, a, b, c, abs_partials, counters[:batch],
             counters[batch:], target, residual, normalizer, stat_partials, numel_per_sample, chunks.num_chunks,
             guidance_scale, eps, **flags, SAVE_RESIDUAL=save_residual, PARTIALS_BLOCK=chunks.partials_block,
-            MAX_POLLS=_MAX_POLLS, IN_REGISTERS=ONE_PASS_REGISTERS and chunks.blocks_per_chunk == 1, **layout)
+            MAX_POLLS=_MAX_POLLS, **layout)
     else:
         _p_real_abs_sum_kernel[(num_programs,)](
             x0, x_t, real_cond, real_uncond, noise, a, b, c, abs_partials,
