@@ -45,12 +45,15 @@
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 575 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests
-#   FASTDMD_STEP_TIMEOUT=470 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace.json*' -C /tmp r
-# with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB, so the
-# profiler's Chrome traces stay out of the archive: the step_throughput files hold their summaries
-# (device time per phase by kind of kernel, the calls into compiled code per phase, the copy kernels by
-# the ops that launched them). Write everything under $OUT in the same call: a later call finds the
-# machine given back after 30 s idle. Read the GPU tests' results before trusting the timings.
+#   FASTDMD_STEP_TIMEOUT=470 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
+# with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
+# Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
+# kind of kernel, the calls into compiled code per phase, the copy kernels by the ops that launched
+# them), and each profiled variant's trimmed trace (*_trace_kernels.json.gz: kernels, launches, phase
+# ranges, host ops of 50 us or more) comes back on its own, outside the archive, for Perfetto or
+# json here. Write everything under $OUT in the same call: a later call finds the machine given back
+# after 30 s idle. Read the GPU tests' results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.

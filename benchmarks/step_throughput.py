@@ -183,9 +183,32 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
+        kernels_path = trace_path.removesuffix(".json") + "_kernels.json.gz"
+        trim_trace(trace_path, kernels_path)
         os.remove(trace_path)
         result["profile_trace"] = trace_path + ".gz"
+        result["profile_trace_kernels"] = kernels_path
     return result
+
+
+# What trim_trace keeps of a Chrome trace besides the host ops that ran long: the device's work, the
+# host's calls that queued it, the phase ranges and the links between launch and kernel.
+TRACE_KEPT_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "cuda_driver", "user_annotation",
+                         "gpu_user_annotation", "ac2g"}
+
+
+def trim_trace(path: str, out: str, min_host_op_us: float = 50.0) -> None:
+    """A gzipped copy of the Chrome trace at `path` small enough to bring back from a lent GPU machine
+    (the full one of an SD3 step exceeds what the device tool returns): every kernel, copy and memset,
+    the CUDA runtime / driver calls and flow links, the phase ranges, the metadata, and the host ops of
+    at least min_host_op_us (the short ones are most of the events and show only as gaps)."""
+    with open(path) as f:
+        trace = json.load(f)
+    trace["traceEvents"] = [e for e in trace.get("traceEvents", [])
+                            if e.get("ph") == "M" or e.get("cat") in TRACE_KEPT_CATEGORIES
+                            or (e.get("cat") == "cpu_op" and e.get("dur", 0) >= min_host_op_us)]
+    with gzip.open(out, "wt") as f:
+        json.dump(trace, f)
 
 
 COMPILED_REGION = "Torch-Compiled Region"

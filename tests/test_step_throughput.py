@@ -275,3 +275,30 @@ def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_com
     compiled = row["profile_compiled_calls"]
     for phase in ("generator_fwd", "real_score", "fake_score", "critic_update"):
         assert compiled.get(phase, 0) > 0, (phase, compiled)
+
+
+def test_the_trimmed_trace_keeps_the_device_work_the_launches_and_the_long_host_ops(tmp_path, monkeypatch):
+    """The trace brought back from a lent GPU: kernels, copies, runtime calls, their flow links, the phase
+    ranges and metadata are all kept; of the host ops only those of at least min_host_op_us."""
+    import gzip
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    events = [{"ph": "M", "name": "process_name", "args": {"name": "python"}},
+              {"ph": "X", "cat": "user_annotation", "name": "generator_fwd", "ts": 0, "dur": 900},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::linear", "ts": 1, "dur": 80},
+              {"ph": "X", "cat": "cpu_op", "name": "aten::view", "ts": 2, "dur": 3},
+              {"ph": "X", "cat": "cuda_runtime", "name": "cudaLaunchKernel", "ts": 3, "dur": 5},
+              {"ph": "s", "cat": "ac2g", "id": 7, "ts": 3}, {"ph": "f", "cat": "ac2g", "id": 7, "ts": 10},
+              {"ph": "X", "cat": "kernel", "name": "nvjet_sm90_tst", "ts": 10, "dur": 40},
+              {"ph": "X", "cat": "gpu_memcpy", "name": "Memcpy DtoD", "ts": 60, "dur": 2},
+              {"ph": "X", "cat": "python_function", "name": "torch/nn/modules/module.py", "ts": 0, "dur": 500}]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps({"traceEvents": events, "deviceProperties": [{"name": "H100"}]}))
+    step_throughput.trim_trace(str(path), str(tmp_path / "k.json.gz"), min_host_op_us=50)
+    with gzip.open(tmp_path / "k.json.gz", "rt") as f:
+        trimmed = json.load(f)
+    assert trimmed["deviceProperties"] == [{"name": "H100"}]
+    assert [e.get("name", e["ph"]) for e in trimmed["traceEvents"]] == [
+        "process_name", "generator_fwd", "aten::linear", "cudaLaunchKernel", "s", "f", "nvjet_sm90_tst", "Memcpy DtoD"]
