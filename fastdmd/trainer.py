@@ -314,6 +314,10 @@ class Trainer:
         if self.fake is not None:
             self.opt_c, _ = make_optimizer(self.fake, self._fake_copy, t.lr_critic, t, cfg.perf)
             self.sched_c = torch.optim.lr_scheduler.LambdaLR(self.opt_c, lambda i: lr_factor(i, t))
+        # The parameters whose gradients each update reads (the bf16 copies' with perf.master_weights), listed
+        # once: a walk of the module tree for them at every update is host time in a host-bound step.
+        self._generator_params = list(self.generator_compute.parameters())
+        self._fake_params = list(self.fake_compute.parameters()) if self.fake is not None else []
         self.step = 0
         self.bad_steps = 0
         self.stop_requested = False
@@ -385,9 +389,9 @@ class Trainer:
             with phase("generator_bwd"):
                 update.loss.backward()
             with phase("optimizer"):
-                norm = self._grad_norm(self.generator_compute)
+                norm = self._grad_norm(self._generator_params)
                 loss_value, norm_value = read_scalars(update.loss, norm)
-                grad_scale = self._clip(self.generator_compute, norm, norm_value, self.opt_g)
+                grad_scale = self._clip(self._generator_params, norm, norm_value, self.opt_g)
                 skipped = self._step_if_finite("generator", loss_value, norm_value, self.opt_g, step, grad_scale,
                                                self.ema)
                 skipped_g += skipped
@@ -401,16 +405,17 @@ class Trainer:
             with phase("critic_update"):
                 # the generator's GAN term back-propagated through the critic (into the bf16 copy's gradients
                 # with perf.master_weights; the fp32 weights' are replaced by each update's)
-                self.fake_compute.zero_grad(set_to_none=True)
+                for p in self._fake_params:
+                    p.grad = None
                 for i in range(t.critic_updates):
                     with self._autocast():
                         if t.critic_samples != "step":
                             self._fresh_critic_samples(step, i)
                         loss_c, c_logs = self.objective.critic_loss(step, rng)
                     loss_c.backward()
-                    norm = self._grad_norm(self.fake_compute)
+                    norm = self._grad_norm(self._fake_params)
                     loss_value, norm_value = read_scalars(loss_c, norm)
-                    grad_scale = self._clip(self.fake_compute, norm, norm_value, self.opt_c)
+                    grad_scale = self._clip(self._fake_params, norm, norm_value, self.opt_c)
                     skipped = self._step_if_finite("critic", loss_value, norm_value, self.opt_c, step, grad_scale)
                     skipped_c += skipped
                     critic_logs.append(detached(c_logs))
@@ -521,16 +526,16 @@ class Trainer:
         return False
 
     @staticmethod
-    def _grad_norm(module: torch.nn.Module) -> torch.Tensor:
+    def _grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
         """The total gradient norm, on the device (under FSDP2 a DTensor, as clip_grads_with_norm_ wants it
         for DTensor gradients). A bf16 copy's gradients (perf.master_weights) are summed in fp32: a norm in
         bf16 would be off by up to 0.4%, and so would the clipping."""
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        grads = [p.grad for p in params if p.grad is not None]
         if grads and all(type(g) is torch.Tensor and g.dtype in (torch.bfloat16, torch.float16) for g in grads):
             return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32)))
         return torch.nn.utils.get_total_norm(grads)
 
-    def _clip(self, module: torch.nn.Module, norm: torch.Tensor, norm_value: float, opt) -> torch.Tensor | None:
+    def _clip(self, params: list[torch.nn.Parameter], norm: torch.Tensor, norm_value: float, opt) -> torch.Tensor | None:
         """Scale the gradients to trainer.grad_clip only when their norm (nearly) exceeds it, and then
         by clip_grad_norm_'s own code, so the numbers are the same: the scaling reads and writes every
         gradient, which most steps need not pay. The margin covers the fp32 rounding of
@@ -541,7 +546,7 @@ class Trainer:
             return None
         if isinstance(opt, MasterAdamW):
             return torch.clamp(limit / (norm.float() + 1e-6), max=1.0)
-        torch.nn.utils.clip_grads_with_norm_(module.parameters(), limit, norm)
+        torch.nn.utils.clip_grads_with_norm_(params, limit, norm)
         return None
 
     # ----- the run -----------------------------------------------------------------------------

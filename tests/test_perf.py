@@ -373,8 +373,8 @@ def test_gradient_clipping_gives_clip_grad_norm_numbers(tmp_path, norm):
     for r, p in zip(reference, module.parameters()):
         r.grad = p.grad.clone()
     want_norm = torch.nn.utils.clip_grad_norm_(reference, 1.0)
-    norm = trainer._grad_norm(module)
-    assert trainer._clip(module, norm, float(norm), trainer.opt_g) is None  # torch AdamW: scaled in place
+    norm = trainer._grad_norm(list(module.parameters()))
+    assert trainer._clip(list(module.parameters()), norm, float(norm), trainer.opt_g) is None  # torch AdamW: in place
     assert float(norm) == float(want_norm)
     assert all(torch.equal(p.grad, r.grad) for p, r in zip(module.parameters(), reference))
 
