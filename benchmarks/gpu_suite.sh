@@ -35,17 +35,19 @@
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
 # (2026-11-26, three sessions): env + install 27-35 s, native 55-67 s, onepass 24-36 s, tests 32-41 s
-# (-n 6), gputests 26-39 s (-n 3), bench_dmd_target 89 s, bench_master_adamw 29 s, bench_group_advantages
-# 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~400 s (its two processes; the
-# batch-1 sample compiles its own graphs since session 12), throughput_other ~170 s, memplan 12 s (CPU only: run it here instead); a machine started
-# in ~30 s and is given back after 30 s idle.
+# (-n 6), gputests 26-39 s (-n 3), bench_dmd_target 89 s, bench_master_adamw 29 s,
+# bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~400 s
+# (its two processes; the batch-1 sample compiles its own graphs since session 12), throughput_other
+# ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s and is given back
+# after 30 s idle.
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
 # ~590 s; the op tests and benchmarks were all run on 2026-11-26 (session 12), so the next call is
 # throughput's, with the GPU tests beside its start:
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 575 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
-#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests
-#   FASTDMD_STEP_TIMEOUT=470 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
+#   FASTDMD_STEP_TIMEOUT=90 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests; wait
+#   FASTDMD_STEP_TIMEOUT=440 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
 # with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by

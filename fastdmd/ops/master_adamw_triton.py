@@ -164,7 +164,9 @@ def _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta
         rows.extend((master.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
                      0 if copies is None else copies[i].data_ptr(), 0 if emas is None else emas[i].data_ptr()))
     aligned = all(address % 16 == 0 for address in rows)  # absent ones are 0
-    table = torch.tensor(rows, dtype=torch.int64).to(device, non_blocking=True)
+    # From pinned memory: a copy from pageable memory first waits for all the work queued on the stream
+    # (CUDA's rule for pageable host-to-device copies), which would hold the host here until the backward ends.
+    table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
     numels, block_rows, block_starts = _block_map(tuple(m.numel() for m in masters), BLOCK, device)
     _master_adamw_kernel[(block_rows.numel(),)](
         table, numels, block_rows, block_starts, table if grad_scale is None else grad_scale,
