@@ -359,10 +359,12 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
     own syncs only), then the phase breakdown from as many more steps with phase timing on (which
     synchronizes at every phase boundary, so its phases add up to more than s/step), and peak memory
     over all of them. Then the extras, each of which records its error instead of failing the
-    variant: the FLOPs of the timed steps, the batch-1 sample, the profiled step."""
+    variant: the batch-1 sample, the profiled step, the FLOPs of the timed steps. Also the variant's own
+    wall time, all of it (compilation included), to plan runs on machines lent for a fixed time."""
+    start = time.perf_counter()
     with compile_events() as events:
         row = _measure(name, args, family, device, warmup, steps, profile_trace, profile)
-    return row | events
+    return row | events | {"measure_seconds": time.perf_counter() - start}
 
 
 def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
@@ -555,6 +557,7 @@ def main() -> None:
         add_ratios(record)
         if "error" not in row:
             print(f"{name}: {row['s_per_step']:.4f} s/step, {row['samples_per_s']:.1f} samples/s, "
+                  f"measured in {row['measure_seconds']:.0f} s, "
                   f"MFU {_percent(row['mfu'])}, peak {row['peak_memory_bytes'] / 2**30:.2f} GiB, "
                   f"batch-1 sample: {_ms(row.get('sample_batch1_ms'))} called, "
                   f"{_ms(row.get('sample_batch1_graph_ms'))} CUDA graph", flush=True)

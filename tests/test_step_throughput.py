@@ -25,6 +25,7 @@ def test_digits_preset_side_by_side(tmp_path):
     assert "--perf.compile" in optimized["args"] and "--perf.compile" not in naive["args"]
     for v in (naive, optimized):
         assert v["flop_per_step_counted"] > 1e9 and v["s_per_step"] > 0 and v["peak_memory_bytes"] > 0
+        assert v["measure_seconds"] > (1 + 2 + 2) * v["s_per_step"]  # warm-up, timed and phase-timed steps at least
         phases = sum(v["phase_s"].values())
         # separate steps with a sync at every phase boundary: they cover the step, a little more on a busy CPU
         assert 0.6 * v["s_per_step"] < phases <= 1.5 * v["s_per_step"]
