@@ -43,11 +43,11 @@
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
 # ~590 s; the op tests and benchmarks were all run on 2026-11-26 (session 12), so the next call is
 # throughput's, with the GPU tests beside its start:
-#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 575 bash -c "
+#   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
-#   FASTDMD_STEP_TIMEOUT=90 FASTDMD_PYTEST_ARGS='-n 3' bash $S $O/g gputests; wait
-#   FASTDMD_STEP_TIMEOUT=440 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=120 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
+#   FASTDMD_STEP_TIMEOUT=420 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
 # with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
