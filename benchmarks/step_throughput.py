@@ -199,7 +199,7 @@ TRACE_KEPT_CATEGORIES = {"kernel", "gpu_memcpy", "gpu_memset", "cuda_runtime", "
 
 def trim_trace(path: str, out: str, min_host_op_us: float = 50.0) -> None:
     """A gzipped copy of the Chrome trace at `path` small enough to bring back from a lent GPU machine
-    (the full one of an SD3 step exceeds what the device tool returns): every kernel, copy and memset,
+    (the full one of an SD3 step may exceed what the device tool returns): every kernel, copy and memset,
     the CUDA runtime / driver calls and flow links, the phase ranges, the metadata, and the host ops of
     at least min_host_op_us (the short ones are most of the events and show only as gaps)."""
     with open(path) as f:
@@ -211,19 +211,20 @@ def trim_trace(path: str, out: str, min_host_op_us: float = 50.0) -> None:
         json.dump(trace, f)
 
 
-COMPILED_REGION = "Torch-Compiled Region"
+# The host ranges of compiled code: dynamo's around each call of a compiled frame (forward), AOTAutograd's
+# around each compiled backward.
+COMPILED_FORWARD, COMPILED_BACKWARD = "Torch-Compiled Region", "CompiledFunctionBackward"
 
 
 def compiled_calls_by_phase(events, cuda: bool) -> dict[str, int]:
-    """How many times each phase entered torch.compile'd code (dynamo's host range around each call
-    of a compiled frame). A phase with compiled blocks but no calls here ran them eagerly: dynamo
-    skipped them (a recompile limit, a dispatch mode) or they were replayed from a CUDA graph, whose
-    replay runs no host code."""
+    """How many times each phase entered torch.compile'd code, forward or backward. A phase with
+    compiled blocks but no calls here ran them eagerly: dynamo skipped them (a recompile limit, a
+    dispatch mode) or they were replayed from a CUDA graph, whose replay runs no host code."""
     from torch.autograd import DeviceType
 
     phase_of = phase_locator(events, cuda)
-    calls = collections.Counter(phase_of(e) for e in events
-                                if e.device_type == DeviceType.CPU and e.name.startswith(COMPILED_REGION))
+    calls = collections.Counter(phase_of(e) for e in events if e.device_type == DeviceType.CPU and (
+        e.name.startswith(COMPILED_FORWARD) or e.name == COMPILED_BACKWARD))
     return dict(calls)
 
 

@@ -274,7 +274,7 @@ def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_com
     assert row["s_per_step"] > 0 and row["compiled_graphs"] > 0 and row["flop_per_step_counted"] > 0
     assert "MasterAdamW" in row["optimizer"]
     compiled = row["profile_compiled_calls"]
-    for phase in ("generator_fwd", "real_score", "fake_score", "critic_update"):
+    for phase in ("generator_fwd", "real_score", "fake_score", "generator_bwd", "critic_update"):
         assert compiled.get(phase, 0) > 0, (phase, compiled)
 
 
