@@ -66,14 +66,16 @@ def assert_update_close(actual, expected, initial, name):
 
 @IMPLS
 @pytest.mark.parametrize("grad_dtype", [torch.bfloat16, torch.float16, torch.float32])
-def test_three_steps_match_torch_adamw_on_the_gradients_in_fp32(impl, grad_dtype):
+@pytest.mark.parametrize("beta1", [0.9, 0.0], ids=["beta1", "beta1_zero"])  # 0: DMD2's, exp_avg not read
+def test_three_steps_match_torch_adamw_on_the_gradients_in_fp32(impl, grad_dtype, beta1):
     s = state(SHAPES)
     initial = [m.clone() for m in s["masters"]]
     scale = torch.tensor(0.5, device=DEVICE)
     grads_per_step = [grads_for(SHAPES, grad_dtype, seed) for seed in (1, 2, 3)]
+    hyper = HYPER | dict(beta1=beta1)
     for step, grads in enumerate(grads_per_step, start=1):
-        impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=step, grad_scale=scale, **HYPER)
-    want, opt = torch_adamw(initial, grads_per_step, 0.5, **HYPER)
+        impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=step, grad_scale=scale, **hyper)
+    want, opt = torch_adamw(initial, grads_per_step, 0.5, **hyper)
     assert_update_close(s["masters"], want, initial, "masters")
     for i, p in enumerate(opt.param_groups[0]["params"]):
         torch.testing.assert_close(s["exp_avgs"][i], opt.state[p]["exp_avg"], rtol=1e-5, atol=1e-7)
@@ -93,6 +95,25 @@ def test_the_ema_moves_as_foreach_lerp_after_the_update(impl, decay):
     torch._foreach_lerp_(want, s["masters"], 1 - decay)
     for i, (e, w) in enumerate(zip(emas, want)):
         torch.testing.assert_close(e, w, rtol=1e-6, atol=1e-7, msg=f"emas[{i}]")
+
+
+@IMPLS
+def test_with_beta1_zero_the_first_moment_is_written_not_read(impl):
+    """beta1 = 0 (DMD2's): exp_avg becomes the (scaled) gradient, as in torch's AdamW, without being read:
+    NaN left in it changes nothing."""
+    clean, poisoned = state(SHAPES), state(SHAPES)
+    for m in poisoned["exp_avgs"]:
+        m.fill_(float("nan"))
+    grads = grads_for(SHAPES, torch.bfloat16, 1)
+    scale = torch.tensor(0.5, device=DEVICE)
+    for s in (clean, poisoned):
+        impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=2, grad_scale=scale,
+             **HYPER | dict(beta1=0.0))
+    for name in ("masters", "exp_avg_sqs", "copies"):
+        for a, b in zip(clean[name], poisoned[name]):
+            assert torch.equal(a, b), name
+    for m, g in zip(poisoned["exp_avgs"], grads):
+        assert torch.equal(m, g.float() * scale)
 
 
 @IMPLS

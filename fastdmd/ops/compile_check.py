@@ -171,13 +171,13 @@ def _variants():
         return lambda: ga._launch_group_advantages(rewards, None if by_ids else group_size, ids, w,
                                                    1e-6, 5.0 if clip else None)
 
-    def master_adamw(grad_dtype, copy_dtype, ema, scale):
+    def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1):
         shapes = [(3, 5), (4097,)]
         masters = [torch.randn(s) for s in shapes]
         moments = [torch.zeros(s) for s in shapes]
         return lambda: adamw._launch_master_adamw(
             masters, [torch.randn(s).to(grad_dtype) for s in shapes], moments, moments,
-            None if copy_dtype is None else [m.to(copy_dtype) for m in masters], 1e-3, 0.9, 0.999, 1e-8, 0.01, 1,
+            None if copy_dtype is None else [m.to(copy_dtype) for m in masters], 1e-3, beta1, 0.999, 1e-8, 0.01, 1,
             torch.ones(()) if scale else None, [m.clone() for m in masters] if ema else None, 0.01 if ema else 0.0)
 
     # Small samples give one-block chunks; an image latent (16x128x128) the largest layout.
@@ -199,11 +199,12 @@ def _variants():
         for by_ids, weights, clip in ((False, False, False), (False, True, True), (True, True, True)):
             yield ("group_advantages", f"{name} N=1024 K=4 ids={by_ids} weights={weights} clip={clip}",
                    group(dtype, 1024, 4, 16, by_ids, weights, clip))
-        for copy_dtype, ema, scale in ((torch.bfloat16, True, True), (torch.bfloat16, False, False),
-                                       (torch.float16, False, True), (None, False, False)):
+        # beta1 0 (DMD2's: exp_avg written, not read) and 0.9
+        for copy_dtype, ema, scale, beta1 in ((torch.bfloat16, True, True, 0.0), (torch.bfloat16, False, False, 0.9),
+                                              (torch.float16, False, True, 0.9), (None, False, False, 0.0)):
             copy_name = "none" if copy_dtype is None else str(copy_dtype).removeprefix("torch.")
-            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale}",
-                   master_adamw(dtype, copy_dtype, ema, scale))
+            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale} beta1={beta1}",
+                   master_adamw(dtype, copy_dtype, ema, scale, beta1))
 
 
 def check(arch: int = 90) -> list[CompiledVariant]:

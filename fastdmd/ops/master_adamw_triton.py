@@ -9,7 +9,8 @@ fastdmd.ops.reference.master_adamw_.
 Bytes per parameter: read master 4 + grad 2 + exp_avg 4 + exp_avg_sq 4, write master 4 + exp_avg 4 +
 exp_avg_sq 4 + copy 2 = 28, the same as torch's fused AdamW on fp32 gradients; with the EMA 8 more.
 Done as separate torch ops the same update moves 28 + 6 (gradient cast to fp32) + 6 (copy refill) +
-12 (EMA lerp) = 52. The gradient clipping coefficient is read from the device (grad_scale), so
+12 (EMA lerp) = 52. With beta1 = 0 (DMD2's, and fastdmd's default) the first moment is the gradient
+itself: exp_avg is written (so the state stays torch AdamW's, bit for bit) but not read, 24 B. The gradient clipping coefficient is read from the device (grad_scale), so
 clipping costs no pass over the gradients either.
 
 Many tensors, one launch: the launcher writes a table with one row per parameter (the addresses of
@@ -61,15 +62,17 @@ def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
 def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets, mask,
                   decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
                   COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  MASKED: tl.constexpr):
+                  MOMENT_IS_GRAD: tl.constexpr, MASKED: tl.constexpr):
     g = _load(grad_ptr, offsets, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(grad_scale_ptr)
     p = _load(master_ptr, offsets, mask, MASKED)
-    m = _load(exp_avg_ptr, offsets, mask, MASKED)
     v = _load(exp_avg_sq_ptr, offsets, mask, MASKED)
     p = p * decay_factor
-    m = beta1 * m + (1.0 - beta1) * g
+    if MOMENT_IS_GRAD:  # beta1 = 0: 0 * m + 1 * g is g exactly (m is finite: non-finite steps are skipped)
+        m = g
+    else:
+        m = beta1 * _load(exp_avg_ptr, offsets, mask, MASKED) + (1.0 - beta1) * g
     v = beta2 * v + (1.0 - beta2) * g * g
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
     p = p - step_size * m / denom
@@ -93,7 +96,7 @@ def _master_adamw_kernel(
     table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
     decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = tl.load(block_rows_ptr + pid).to(tl.int64)
@@ -118,9 +121,10 @@ def _master_adamw_kernel(
     args = (master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets)
     scalars = (decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight)
     if start + BLOCK <= numel:  # a whole block: no mask, so the loads and stores can be 16-byte vectors
-        _update_block(*args, None, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, False)
+        _update_block(*args, None, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, MOMENT_IS_GRAD, False)
     else:
-        _update_block(*args, offsets < numel, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, True)
+        _update_block(*args, offsets < numel, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, MOMENT_IS_GRAD,
+                      True)
 
 
 _block_maps: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -174,4 +178,5 @@ def _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta
         float(ema_weight),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], COPY_DTYPE=_TL_DTYPES[copies[0].dtype if copies else torch.bfloat16],
         HAS_COPY=copies is not None, HAS_EMA=emas is not None, HAS_SCALE=grad_scale is not None,
+        MOMENT_IS_GRAD=beta1 == 0,
         ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)

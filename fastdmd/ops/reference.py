@@ -245,6 +245,8 @@ def master_adamw_(
         copy = master rounded to the copy's dtype   (the bf16 weights the next forward computes with)
         ema += ema_weight * (master - ema)          (the generator's EMA, ema_weight = 1 - decay)
     Non-finite gradients propagate into the weights, as in torch's AdamW: the trainer skips such steps.
+    With beta1 = 0, exp_avg = g (it is written, not read: a non-finite exp_avg, which torch's AdamW would
+    carry into the weights through 0 * exp_avg, is not read at all).
     """
     check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, lr=lr, beta1=beta1, beta2=beta2,
                               eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
@@ -257,7 +259,10 @@ def master_adamw_(
             g = g * grad_scale.reshape(())
         m, v = exp_avgs[i], exp_avg_sqs[i]
         master.mul_(1 - lr * weight_decay)
-        m.mul_(beta1).add_(g, alpha=1 - beta1)
+        if beta1 == 0:  # the first moment is the gradient: as the kernel, which does not read exp_avg then
+            m.copy_(g)
+        else:
+            m.mul_(beta1).add_(g, alpha=1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
         denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
         master.addcdiv_(m, denom, value=-step_size)
