@@ -55,7 +55,9 @@
 # them), and each profiled variant's trimmed trace (*_trace_kernels.json.gz: kernels, launches, phase
 # ranges, host ops of 50 us or more) comes back on its own, outside the archive, for Perfetto or
 # json here. Write everything under $OUT in the same call: a later call finds the machine given back
-# after 30 s idle. Read the GPU tests' results before trusting the timings.
+# after 30 s idle. Read the GPU tests' results before trusting the timings. Then, at once (a warm
+# machine needs no start): `FASTDMD_STEP_TIMEOUT=45 bash $S /tmp/m bench_master_adamw` and its files to
+# $OUT (the update at beta1 = 0 no longer reads exp_avg since session 12: not yet timed).
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
