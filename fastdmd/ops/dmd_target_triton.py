@@ -108,51 +108,6 @@ def _abs_p_real_chunk_sum(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr, a, b
 
 
 @triton.jit
-def _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
-               SAVE_RESIDUAL: tl.constexpr):
-    """Pass 2 of one block, from its loaded (fp32) x0, base, x0_real and raw fake prediction: target (and
-    residual) stores; the block's terms of grad^2, grad * p_real, p_real^2, residual^2."""
-    x0_fake = base + b * fake
-    p_real = x0 - x0_real
-    grad = (x0_fake - x0_real) / normalizer
-    grad = tl.where(tl.abs(grad) < float("inf"), grad, 0.0)
-    target = x0 - grad
-    # The loss is 0.5 * w * (x0 - target)^2 as in the reference: equal to grad^2 up to rounding,
-    # but NaN where x0 is not finite, so a diverged generator shows in the loss.
-    residual = x0 - target
-    tl.store(target_ptr + offset, target.to(target_ptr.dtype.element_ty), mask=mask)
-    if SAVE_RESIDUAL:
-        tl.store(residual_ptr + offset, residual, mask=mask)
-    p_finite = tl.where(mask & (tl.abs(p_real) < float("inf")), p_real, 0.0)
-    grad = tl.where(mask, grad, 0.0)
-    return grad * grad, grad * p_finite, p_finite * p_finite, tl.where(mask, residual * residual, 0.0)
-
-
-@triton.jit
-def _store_stat_partials(stat_partials_ptr, pid, grad_sq, grad_dot_p, p_sq, residual_sq):
-    stride = tl.num_programs(0)
-    tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
-    tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
-    tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
-    tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
-
-
-@triton.jit
-def _load_block(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start, block,
-                numel_per_sample, guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
-                BLOCK: tl.constexpr):
-    """Block `block` of a sample, as pass 2 reads it: (offset, mask, x0, base, x0_real, fake) in fp32."""
-    index = block * BLOCK + tl.arange(0, BLOCK)
-    mask = index < numel_per_sample
-    offset = sample_start + index
-    x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-    base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
-                                         a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
-    fake = tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
-    return offset, mask, x0, base, x0_real, fake
-
-
-@triton.jit
 def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, target_ptr, residual_ptr,
                stat_partials_ptr, normalizer, a, b, c, sample_start, chunk, pid, numel_per_sample,
                guidance_scale, HAS_UNCOND: tl.constexpr, HAS_NOISE: tl.constexpr,
@@ -164,16 +119,34 @@ def _dmd_chunk(x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, targe
     p_sq = tl.zeros([BLOCK], dtype=tl.float32)
     residual_sq = tl.zeros([BLOCK], dtype=tl.float32)
     for i in range(BLOCKS_PER_CHUNK):
-        offset, mask, x0, base, x0_real, fake = _load_block(
-            x0_ptr, x_t_ptr, cond_ptr, uncond_ptr, fake_ptr, noise_ptr, a, b, c, sample_start,
-            chunk * BLOCKS_PER_CHUNK + i, numel_per_sample, guidance_scale, HAS_UNCOND, HAS_NOISE, BLOCK)
-        terms = _dmd_block(x0, base, x0_real, fake, b, normalizer, offset, mask, target_ptr, residual_ptr,
-                           SAVE_RESIDUAL)
-        grad_sq += terms[0]
-        grad_dot_p += terms[1]
-        p_sq += terms[2]
-        residual_sq += terms[3]
-    _store_stat_partials(stat_partials_ptr, pid, grad_sq, grad_dot_p, p_sq, residual_sq)
+        index = (chunk * BLOCKS_PER_CHUNK + i) * BLOCK + tl.arange(0, BLOCK)
+        mask = index < numel_per_sample
+        offset = sample_start + index
+        x0 = tl.load(x0_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        base, x0_real = _real_clean_estimate(offset, mask, x_t_ptr, cond_ptr, uncond_ptr, noise_ptr,
+                                             a, b, c, guidance_scale, HAS_UNCOND, HAS_NOISE)
+        x0_fake = base + b * tl.load(fake_ptr + offset, mask=mask, other=0.0).to(tl.float32)
+        p_real = x0 - x0_real
+        grad = (x0_fake - x0_real) / normalizer
+        grad = tl.where(tl.abs(grad) < float("inf"), grad, 0.0)
+        target = x0 - grad
+        # The loss is 0.5 * w * (x0 - target)^2 as in the reference: equal to grad^2 up to rounding,
+        # but NaN where x0 is not finite, so a diverged generator shows in the loss.
+        residual = x0 - target
+        tl.store(target_ptr + offset, target.to(target_ptr.dtype.element_ty), mask=mask)
+        if SAVE_RESIDUAL:
+            tl.store(residual_ptr + offset, residual, mask=mask)
+        p_finite = tl.where(mask & (tl.abs(p_real) < float("inf")), p_real, 0.0)
+        grad = tl.where(mask, grad, 0.0)
+        grad_sq += grad * grad
+        grad_dot_p += grad * p_finite
+        p_sq += p_finite * p_finite
+        residual_sq += tl.where(mask, residual * residual, 0.0)
+    stride = tl.num_programs(0)
+    tl.store(stat_partials_ptr + 0 * stride + pid, tl.sum(grad_sq, axis=0))
+    tl.store(stat_partials_ptr + 1 * stride + pid, tl.sum(grad_dot_p, axis=0))
+    tl.store(stat_partials_ptr + 2 * stride + pid, tl.sum(p_sq, axis=0))
+    tl.store(stat_partials_ptr + 3 * stride + pid, tl.sum(residual_sq, axis=0))
 
 
 @triton.jit
