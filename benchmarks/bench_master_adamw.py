@@ -91,9 +91,11 @@ def main():
              "torch_separate": lambda: torch_separate(s, steps),
              "torch_fused_adamw": lambda: torch_fused_adamw(s, steps, grads32)}
     if device.type == "cuda":
-        from fastdmd.ops.master_adamw_triton import master_adamw_
+        from fastdmd.ops.master_adamw_triton import master_adamw_update_
 
-        impls["triton"] = lambda: fused(master_adamw_, s)
+        # as MasterAdamW steps: the fixed tensors checked and their addresses sent once, the gradients each call
+        plan = reference.MasterAdamWPlan(s["masters"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"], s["emas"])
+        impls["triton"] = lambda: master_adamw_update_(plan, s["grads"], step=STEP, ema_weight=EMA_WEIGHT, **HYPER)
     else:
         notes.append(TRITON_ON_CPU_NOTE)
     rows = []

@@ -30,8 +30,19 @@ class MasterAdamW(torch.optim.Optimizer):
         if len(params) != len(copies) or any(p.shape != c.shape for p, c in zip(params, copies)):
             raise ValueError(f"MasterAdamW needs one bf16 copy per fp32 parameter, same shapes: got {len(params)} "
                              f"parameters and {len(copies)} copies")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
         self.copies = {p: c for p, c in zip(params, copies)}
+        self._grad_sources: dict[int, tuple] = {}  # per group: where its gradients are read from (_gather_grads)
+        self._plans: dict[int, ops.MasterAdamWPlan] = {}  # per group: its fixed tensors, checked once
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._grad_sources.clear()
+        self._plans.clear()
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)  # new state tensors: the plans hold the old ones
+        self._plans.clear()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -50,6 +61,49 @@ class MasterAdamW(torch.optim.Optimizer):
         offset = copy.storage_offset() - base.storage_offset()
         return base.grad.reshape(-1)[offset:offset + copy.numel()].view(copy.shape)
 
+    def _gather_grads(self, index: int, group: dict) -> list[torch.Tensor] | None:
+        """Every parameter's gradient from its copy, as copy_grad reads it, or None when some copy has none.
+        Copies that are rows of one fused weight, together all of it, take their gradients from one split
+        of its gradient (a view each, in one call) rather than three views each."""
+        if index not in self._grad_sources:
+            self._grad_sources[index] = self._grad_source_plan(group["params"])
+        own, fused, other = self._grad_sources[index]
+        grads: list = [None] * len(group["params"])
+        for i, copy in own:
+            grads[i] = copy.grad
+        for base, rows, sizes in fused:
+            if base.grad is None:
+                return None
+            for i, part in zip(rows, base.grad.split_with_sizes(sizes)):
+                grads[i] = part
+        for i, copy in other:
+            grads[i] = self.copy_grad(copy)
+        return None if any(g is None for g in grads) else grads
+
+    def _grad_source_plan(self, params: list) -> tuple[list, list, list]:
+        """(own: [(index, copy)] of copies with their own .grad, fused: [(fused weight, indices, row counts)]
+        of copies that tile a fused weight's rows in order, other: [(index, copy)] of other views)."""
+        own, by_base = [], {}
+        for i, p in enumerate(params):
+            copy = self.copies[p]
+            if copy._base is None:
+                own.append((i, copy))
+            else:
+                by_base.setdefault(id(copy._base), (copy._base, []))[1].append((i, copy))
+        fused, other = [], []
+        for base, members in by_base.values():
+            members.sort(key=lambda member: member[1].storage_offset())
+            offsets = [copy.storage_offset() - base.storage_offset() for _, copy in members]
+            ends = [offset + copy.numel() for offset, (_, copy) in zip(offsets, members)]
+            tiles = (base.dim() > 0 and base.is_contiguous() and offsets[0] == 0 and ends[-1] == base.numel()
+                     and offsets[1:] == ends[:-1]
+                     and all(c.is_contiguous() and c.shape[1:] == base.shape[1:] for _, c in members))
+            if tiles:
+                fused.append((base, [i for i, _ in members], [c.shape[0] for _, c in members]))
+            else:
+                other.extend(members)
+        return own, fused, other
+
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None,
              ema: tuple[dict[torch.Tensor, torch.Tensor], float] | None = None):
@@ -59,46 +113,82 @@ class MasterAdamW(torch.optim.Optimizer):
         weight, stepped or not), in the same pass for the stepped ones."""
         if closure is not None:
             raise ValueError("MasterAdamW.step takes no closure")
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            entries = []
-            for p in group["params"]:
-                copy = self.copies[p]
-                grad = self.copy_grad(copy)
-                grad = grad if grad is not None else p.grad
-                if grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = torch.tensor(0.0)
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                entries.append((p, grad, state, copy))
+        for index, group in enumerate(self.param_groups):
+            if not self._step_whole_group(index, group, grad_scale, ema):
+                self._step_some(group, grad_scale, ema)
+        return None
+
+    def _step_whole_group(self, index: int, group: dict, grad_scale, ema) -> bool:
+        """The usual step: every parameter has its copy's gradient (one dtype) and a state; at one step
+        count, one update of the group's plan. False, with nothing done, otherwise."""
+        params = group["params"]
+        grads = self._gather_grads(index, group)
+        if not params or grads is None or len({g.dtype for g in grads}) != 1:
+            return False
+        states = [self.state[p] for p in params]
+        if not all(states):
+            return False
+        entries = [(p, g, state, self.copies[p]) for p, g, state in zip(params, grads, states)]
+        by_step = self._count_step(entries, every_parameter=True)
+        if len(by_step) != 1:  # counts loaded apart
+            self._launch(group, by_step, grad_scale, ema)
+            return True
+        emas = None if ema is None else [ema[0][p] for p in params]
+        plan = self._plans.get(index)
+        if plan is None or not _same_tensors(plan.masters, params) or not _same_tensors(plan.emas, emas):
+            plan = ops.MasterAdamWPlan(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+                                       [self.copies[p] for p in params], emas)
+            self._plans[index] = plan
+        beta1, beta2 = group["betas"]
+        ops.master_adamw_update_(plan, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
+                                 weight_decay=group["weight_decay"], step=next(iter(by_step)), grad_scale=grad_scale,
+                                 ema_weight=0.0 if ema is None else 1.0 - ema[1])
+        return True
+
+    def _step_some(self, group: dict, grad_scale, ema) -> None:
+        """A step where some parameters have no gradient, no state yet, or their own fp32 gradient (torch's
+        DCP initializes state that way)."""
+        entries = []
+        for p in group["params"]:
+            copy = self.copies[p]
+            grad = self.copy_grad(copy)
+            grad = grad if grad is not None else p.grad
+            if grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            entries.append((p, grad, state, copy))
+        if ema is not None:
+            shadow, decay = ema
+            stepped = {id(entry[0]) for entry in entries}
+            still = [p for p in group["params"] if id(p) not in stepped]
+            if still:
+                torch._foreach_lerp_([shadow[p] for p in still], still, 1.0 - decay)
+        if entries:
+            self._launch(group, self._count_step(entries, every_parameter=len(entries) == len(group["params"])),
+                         grad_scale, ema)
+
+    @staticmethod
+    def _launch(group: dict, by_step: dict[int, list], grad_scale, ema) -> None:
+        """One update per step count and gradient dtype (a parameter's own fp32 gradient goes with fp32 ones)."""
+        beta1, beta2 = group["betas"]
+        for step, same_step in by_step.items():
+            params, grads, states, copies = zip(*same_step)
+            emas, ema_weight = None, 0.0
             if ema is not None:
                 shadow, decay = ema
-                stepped = {id(entry[0]) for entry in entries}
-                still = [p for p in group["params"] if id(p) not in stepped]
-                if still:
-                    torch._foreach_lerp_([shadow[p] for p in still], still, 1.0 - decay)
-            if not entries:
-                continue
-            by_step = self._count_step(entries, every_parameter=len(entries) == len(group["params"]))
-            for step, same_step in by_step.items():  # one launch for all (every parameter steps together)
-                params, grads, states, copies = zip(*same_step)
-                emas, ema_weight = None, 0.0
-                if ema is not None:
-                    shadow, decay = ema
-                    emas, ema_weight = [shadow[p] for p in params], 1.0 - decay
-                # A parameter's own fp32 gradient (no copy gradient) goes with fp32 ones: one dtype per launch.
-                for dtype in {g.dtype for g in grads}:
-                    pick = [i for i, g in enumerate(grads) if g.dtype == dtype]
-                    ops.master_adamw_([params[i] for i in pick], [grads[i] for i in pick],
-                                      [states[i]["exp_avg"] for i in pick], [states[i]["exp_avg_sq"] for i in pick],
-                                      [copies[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2,
-                                      eps=group["eps"], weight_decay=group["weight_decay"], step=step,
-                                      grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
-                                      ema_weight=ema_weight)
-        return None
+                emas, ema_weight = [shadow[p] for p in params], 1.0 - decay
+            for dtype in {g.dtype for g in grads}:
+                pick = [i for i, g in enumerate(grads) if g.dtype == dtype]
+                ops.master_adamw_([params[i] for i in pick], [grads[i] for i in pick],
+                                  [states[i]["exp_avg"] for i in pick], [states[i]["exp_avg_sq"] for i in pick],
+                                  [copies[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2,
+                                  eps=group["eps"], weight_decay=group["weight_decay"], step=step,
+                                  grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
+                                  ema_weight=ema_weight)
 
     @staticmethod
     def _count_step(entries: list, every_parameter: bool) -> dict[int, list]:
@@ -122,3 +212,10 @@ class MasterAdamW(torch.optim.Optimizer):
             state["step"] = state["step"].cpu() + 1  # a new tensor: apart from the shared count of the others
             by_step.setdefault(int(state["step"]), []).append(entry)
         return by_step
+
+
+def _same_tensors(a: list | None, b: list | None) -> bool:
+    """The same tensor objects in the same order (never == on tensors: that compares values)."""
+    if a is None or b is None:
+        return a is None and b is None
+    return len(a) == len(b) and all(x is y for x, y in zip(a, b))

@@ -298,3 +298,78 @@ def test_tensors_at_unaligned_addresses_update_like_aligned_ones(impl):
     for key in ("masters", "exp_avgs", "exp_avg_sqs", "emas", "copies"):
         for x, y in zip(aligned[key], unaligned[key]):
             assert torch.equal(x, y), key
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_the_optimizer_steps_through_one_plan_as_torch_adamw_with_fused_rows_ema_clipping_and_a_reload(
+        monkeypatch, backend):
+    """MasterAdamW's usual step (every copy has a gradient) updates through one plan of its tensors, made
+    at the second step and kept: copies that tile a fused weight's rows (perf.fuse_qkv) read one split of
+    its gradient; rows that do not tile it read their own view. After load_state_dict the plan is made
+    again on the loaded tensors: an old one would update the tensors it was made with."""
+    from fastdmd import ops
+
+    monkeypatch.setattr(ops, "backend", backend)
+    gen = torch.Generator().manual_seed(0)
+    fused = torch.zeros(9, 4, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)  # q, k, v rows: tiles
+    partial = torch.zeros(5, 3, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)  # rows 1..3 only
+    copies = [fused[0:2], fused[2:5], fused[5:9], partial[1:4],
+              torch.zeros(70, dtype=torch.bfloat16, device=DEVICE, requires_grad=True)]
+    weights = [torch.randn(c.shape, generator=gen).to(DEVICE) for c in copies]
+    with torch.no_grad():
+        for c, w in zip(copies, weights):
+            c.copy_(w)
+    masters = [w.clone().requires_grad_() for w in weights]
+    opt = MasterAdamW(masters, copies, lr=1e-2, betas=(HYPER["beta1"], HYPER["beta2"]), weight_decay=0.1)
+    ema = {m: m.detach().clone() for m in masters}
+    scale = torch.tensor([0.5], device=DEVICE)
+    plain = [w.clone().requires_grad_() for w in weights]
+    torch_opt = torch.optim.AdamW(plain, lr=1e-2, betas=(HYPER["beta1"], HYPER["beta2"]), weight_decay=0.1,
+                                  foreach=False)
+    want_ema = [w.clone() for w in weights]
+    plans = []
+    for step in range(4):
+        grads = [(3 * torch.randn(c.shape, generator=gen)).to(torch.bfloat16).to(DEVICE) for c in copies]
+        fused.grad = torch.cat(grads[:3])
+        partial.grad = torch.zeros_like(partial)
+        partial.grad[1:4] = grads[3]
+        copies[4].grad = grads[4]
+        opt.step(grad_scale=scale, ema=(ema, 0.9))
+        opt.zero_grad()
+        plans.append(opt._plans.get(0))
+        for p, g in zip(plain, grads):
+            p.grad = g.float() * 0.5
+        torch_opt.step()
+        for e, p in zip(want_ema, plain):
+            e.lerp_(p.detach(), 0.1)
+        if step == 1:
+            opt.load_state_dict(copy.deepcopy(opt.state_dict()))  # as if read from disk: new state tensors
+    assert plans[0] is None and plans[1] is not None and plans[2] is not plans[1] and plans[3] is plans[2]
+    assert_update_close([m.detach() for m in masters], [p.detach() for p in plain], weights, "masters")
+    for name in ("exp_avg", "exp_avg_sq"):
+        for m, p in zip(masters, plain):
+            torch.testing.assert_close(opt.state[m][name], torch_opt.state[p][name], rtol=1e-5, atol=1e-7)
+    for m, e in zip(masters, want_ema):
+        torch.testing.assert_close(ema[m], e, rtol=1e-5, atol=1e-6)
+    for c, m in zip(copies, masters):
+        torch.testing.assert_close(c.detach().float(), m.detach().to(torch.bfloat16).float(), rtol=COPY_RTOL, atol=0)
+
+
+def test_a_plans_tensor_given_new_storage_is_checked_again_and_updated_where_it_now_lives():
+    """The Triton launcher keeps the plan's addresses on the device and compares them on each update: a
+    master given new storage (param.data = ...) is updated there, and one of another shape is refused."""
+    s = state(SHAPES[:2])
+    plan = reference.MasterAdamWPlan(s["masters"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"])
+    grads = grads_for(SHAPES[:2], torch.bfloat16, 1)
+    master_adamw_triton.master_adamw_update_(plan, grads, step=1, **HYPER)
+    moved = s["masters"][1].clone() + 1.0
+    expected = state(SHAPES[:2])
+    expected["masters"][1] = moved.clone()
+    s["masters"][1].data = moved
+    reference.master_adamw_(expected["masters"], grads, [e.clone() for e in s["exp_avgs"]],
+                            [e.clone() for e in s["exp_avg_sqs"]], None, step=2, **HYPER)
+    master_adamw_triton.master_adamw_update_(plan, grads, step=2, **HYPER)
+    torch.testing.assert_close(s["masters"][1], expected["masters"][1], rtol=1e-6, atol=1e-7)
+    s["masters"][0].data = torch.zeros(2, device=DEVICE)
+    with pytest.raises(ValueError, match=r"exp_avgs\[0\] must have shape \(2,\), got \(1,\)"):
+        master_adamw_triton.master_adamw_update_(plan, grads, step=3, **HYPER)

@@ -17,7 +17,7 @@ replace the function ops.X with the module.
 from __future__ import annotations
 
 from fastdmd.ops import reference
-from fastdmd.ops.reference import DMDTarget, GroupAdvantages, PolicyLoss
+from fastdmd.ops.reference import DMDTarget, GroupAdvantages, MasterAdamWPlan, PolicyLoss
 
 BACKENDS = ("auto", "triton", "reference", "native")
 backend = "auto"
@@ -84,13 +84,23 @@ def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, b
                   grad_scale=None, emas=None, ema_weight=0.0) -> None:
     """See fastdmd.ops.reference.master_adamw_ for the math. Not a torch.library op: it runs in the
     optimizer's step, outside any compiled or differentiated code."""
-    if master_adamw_backend(masters[0].device if masters else None) == "triton":
-        from fastdmd.ops.master_adamw_triton import master_adamw_ as impl
+    master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+                         ema_weight=ema_weight)
+
+
+def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=None,
+                         ema_weight=0.0) -> None:
+    """master_adamw_ on a plan's tensors (see fastdmd.ops.reference.MasterAdamWPlan): the repeated update of
+    an optimizer, which checks and sends its fixed tensors' addresses once."""
+    if master_adamw_backend(plan.device) == "triton":
+        from fastdmd.ops.master_adamw_triton import master_adamw_update_ as impl
     else:
-        impl = reference.master_adamw_
-    impl(masters, grads, exp_avgs, exp_avg_sqs, copies, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-         weight_decay=weight_decay, step=step, grad_scale=grad_scale, emas=emas, ema_weight=ema_weight)
+        impl = reference.master_adamw_update_
+    impl(plan, grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
+         grad_scale=grad_scale, ema_weight=ema_weight)
 
 
-__all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "PolicyLoss", "backend",
-           "clipped_policy_loss", "dmd_target", "group_advantages", "master_adamw_", "master_adamw_backend", "reference", "resolve_backend"]
+__all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "MasterAdamWPlan", "PolicyLoss", "backend",
+           "clipped_policy_loss", "dmd_target", "group_advantages", "master_adamw_", "master_adamw_backend",
+           "master_adamw_update_", "reference", "resolve_backend"]

@@ -123,13 +123,11 @@ MASTER_DTYPE = torch.float32
 COPY_DTYPES = (torch.bfloat16, torch.float16)
 
 
-def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, *, lr, beta1, beta2, eps,
-                              weight_decay, step, grad_scale, ema_weight) -> None:
-    """Arguments of master_adamw_ (see fastdmd.ops.reference.master_adamw_): parallel lists of tensors,
-    one entry per parameter. The tensors updated in place (masters, moments, copies, EMA) must be
-    contiguous: the kernel walks their storage; a gradient may be strided (it is read through a
-    contiguous copy)."""
-    lists = {"masters": masters, "grads": grads, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+def check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas) -> None:
+    """The tensors master_adamw_ updates in place (see fastdmd.ops.reference.master_adamw_), what a
+    MasterAdamWPlan checks once: parallel lists, one entry per parameter, contiguous (the kernel walks
+    their storage), the masters' shapes, fp32 but the copies (bf16 or fp16), on one device."""
+    lists = {"masters": masters, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if copies is not None:
         lists["copies"] = copies
     if emas is not None:
@@ -145,6 +143,30 @@ def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, ema
     device = masters[0].device
     if not _tensor_lists_fit(lists, device):  # then find the first bad tensor and name it
         _check_each_tensor(lists, device)
+
+
+def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                              ema_weight) -> None:
+    """What changes from one update to the next: the gradients (one per parameter, of `shapes`, on `device`,
+    one dtype, any strides) and the numbers."""
+    if not isinstance(grads, (list, tuple)):
+        raise ValueError(f"grads must be a list of tensors (one per parameter), got {type(grads).__name__}")
+    if len(grads) != len(shapes):
+        raise ValueError(f"the lists must have one entry per parameter, got lengths "
+                         f"{{'masters': {len(shapes)}, 'grads': {len(grads)}}}")
+    if grads:
+        try:
+            dtypes = {g.dtype for g in grads}
+            fits = ([g.shape for g in grads] == shapes and len(dtypes) == 1 and dtypes <= set(KERNEL_DTYPES)
+                    and {g.device for g in grads} == {device})
+        except AttributeError:  # not a tensor
+            fits = False
+        if not fits:  # find the first bad one and name it
+            for i, (grad, shape) in enumerate(zip(grads, shapes)):
+                check_tensor(f"grads[{i}]", grad, dtypes=KERNEL_DTYPES, shape=shape, device=device)
+                if grad.dtype != grads[0].dtype:
+                    raise ValueError(f"all grads must share one dtype, got {grads[0].dtype} and {grad.dtype} "
+                                     f"(grads[{i}])")
     check_number("lr", lr, minimum=0)
     for name, value in (("beta1", beta1), ("beta2", beta2)):
         check_number(name, value, minimum=0)
@@ -165,20 +187,18 @@ def check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, ema
 
 
 def _master_adamw_dtypes(name: str) -> tuple:
-    return KERNEL_DTYPES if name == "grads" else COPY_DTYPES if name == "copies" else (MASTER_DTYPE,)
+    return COPY_DTYPES if name == "copies" else (MASTER_DTYPE,)
 
 
 def _tensor_lists_fit(lists: dict, device) -> bool:
     """The common case, checked list by list at little host cost (an optimizer step passes hundreds of
-    tensors, after the step's only device synchronization): same shapes as the masters, one allowed
-    dtype per list, one device, contiguous where updated in place."""
+    tensors): same shapes as the masters, one allowed dtype per list, one device, contiguous."""
     try:
         shapes = [m.shape for m in lists["masters"]]
         for name, tensors in lists.items():
             dtypes = {t.dtype for t in tensors}
             if ([t.shape for t in tensors] != shapes or len(dtypes) != 1 or not dtypes <= set(_master_adamw_dtypes(name))
-                    or {t.device for t in tensors} != {device}
-                    or (name != "grads" and not all(t.is_contiguous() for t in tensors))):
+                    or {t.device for t in tensors} != {device} or not all(t.is_contiguous() for t in tensors)):
                 return False
     except AttributeError:  # not a tensor
         return False
@@ -186,19 +206,15 @@ def _tensor_lists_fit(lists: dict, device) -> bool:
 
 
 def _check_each_tensor(lists: dict, device) -> None:
-    masters, grads = lists["masters"], lists["grads"]
-    grad_dtype = None
+    masters = lists["masters"]
     for i, master in enumerate(masters):
         for name, tensors in lists.items():
             value = tensors[i]
             check_tensor(f"{name}[{i}]", value, dtypes=_master_adamw_dtypes(name),
                          shape=None if name == "masters" else master.shape, device=device)
-            if name != "grads" and not value.is_contiguous():
+            if not value.is_contiguous():
                 raise ValueError(f"{name}[{i}] must be contiguous (it is updated in place), got strides "
                                  f"{tuple(value.stride())} for shape {tuple(value.shape)}")
-        grad_dtype = grad_dtype or grads[i].dtype
-        if grads[i].dtype != grad_dtype:
-            raise ValueError(f"all grads must share one dtype, got {grad_dtype} and {grads[i].dtype} (grads[{i}])")
     if "copies" in lists and len({c.dtype for c in lists["copies"]}) > 1:
         raise ValueError(f"all copies must share one dtype, got {sorted({str(c.dtype) for c in lists['copies']})}")
 

@@ -175,10 +175,12 @@ def _variants():
         shapes = [(3, 5), (4097,)]
         masters = [torch.randn(s) for s in shapes]
         moments = [torch.zeros(s) for s in shapes]
+        plan = adamw.MasterAdamWPlan(masters, moments, moments,
+                                     None if copy_dtype is None else [m.to(copy_dtype) for m in masters],
+                                     [m.clone() for m in masters] if ema else None)
         return lambda: adamw._launch_master_adamw(
-            masters, [torch.randn(s).to(grad_dtype) for s in shapes], moments, moments,
-            None if copy_dtype is None else [m.to(copy_dtype) for m in masters], 1e-3, beta1, 0.999, 1e-8, 0.01, 1,
-            torch.ones(()) if scale else None, [m.clone() for m in masters] if ema else None, 0.01 if ema else 0.0)
+            plan, [torch.randn(s).to(grad_dtype) for s in shapes], 1e-3, beta1, 0.999, 1e-8, 0.01, 1,
+            torch.ones(()) if scale else None, 0.01 if ema else 0.0)
 
     # Small samples give one-block chunks; an image latent (16x128x128) the largest layout.
     shapes = {"tiny": (1, 3), "latent": (2, 16, 128, 128)}

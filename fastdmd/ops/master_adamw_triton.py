@@ -13,10 +13,12 @@ Done as separate torch ops the same update moves 28 + 6 (gradient cast to fp32) 
 itself: exp_avg is written (so the state stays torch AdamW's, bit for bit) but not read, 24 B. The gradient clipping coefficient is read from the device (grad_scale), so
 clipping costs no pass over the gradients either.
 
-Many tensors, one launch: the launcher writes a table with one row per parameter (the addresses of
-its master, gradient, moments, copy and EMA, and its size) and a map from program to (row, block);
-each program loads its row and casts the addresses to pointers. The map depends on the sizes only
-and is cached; the table is rebuilt each call (gradients are new tensors every backward).
+Many tensors, one launch: each program loads its parameter's addresses from tables on the device and
+casts them to pointers; a map gives each program its (parameter, block). The addresses of the
+tensors updated in place (master, moments, copy, EMA), their sizes and the map are written to the
+device once per MasterAdamWPlan; only the gradients' addresses are written each update (gradients are
+new tensors after every backward). So the host work of an update, which runs right after the
+trainer's synchronization while the GPU waits, is a pass over the gradients, not over six lists.
 Addresses read from memory tell the compiler nothing about alignment, and a mask from a size read
 from memory nothing about uniformity: without help every load would be a scalar one. So when every
 address is 16-byte aligned (the launcher checks; torch's allocations are) the kernel says so
@@ -33,7 +35,8 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdmd.ops.checks import check_kernel_device, check_master_adamw_inputs
+from fastdmd.ops.checks import check_kernel_device, check_master_adamw_update
+from fastdmd.ops.reference import MasterAdamWPlan
 
 # Elements per program: 4 per thread at 8 warps (one 16-byte load per fp32 stream). Compiled for sm_90 this
 # takes 40 registers per thread, 6 programs per SM; 8 per thread takes 78 (benchmarks/results/triton_compile_sm90.md).
@@ -93,7 +96,7 @@ def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, e
 
 @triton.jit
 def _master_adamw_kernel(
-    table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
+    table_ptr, grad_table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
     decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
     HAS_SCALE: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
@@ -102,13 +105,13 @@ def _master_adamw_kernel(
     row = tl.load(block_rows_ptr + pid).to(tl.int64)
     start = tl.load(block_starts_ptr + pid)
     numel = tl.load(numels_ptr + row)
-    entry = table_ptr + row * 6  # master, grad, exp_avg, exp_avg_sq, copy, EMA addresses (absent ones 0)
+    entry = table_ptr + row * 5  # master, exp_avg, exp_avg_sq, copy, EMA addresses (absent ones 0)
     master_ptr = tl.load(entry).to(tl.pointer_type(tl.float32))
-    grad_ptr = tl.load(entry + 1).to(tl.pointer_type(GRAD_DTYPE))
-    exp_avg_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
-    exp_avg_sq_ptr = tl.load(entry + 3).to(tl.pointer_type(tl.float32))
-    copy_ptr = tl.load(entry + 4).to(tl.pointer_type(COPY_DTYPE))
-    ema_ptr = tl.load(entry + 5).to(tl.pointer_type(tl.float32))
+    grad_ptr = tl.load(grad_table_ptr + row).to(tl.pointer_type(GRAD_DTYPE))
+    exp_avg_ptr = tl.load(entry + 1).to(tl.pointer_type(tl.float32))
+    exp_avg_sq_ptr = tl.load(entry + 2).to(tl.pointer_type(tl.float32))
+    copy_ptr = tl.load(entry + 3).to(tl.pointer_type(COPY_DTYPE))
+    ema_ptr = tl.load(entry + 4).to(tl.pointer_type(tl.float32))
     if ALIGNED:  # addresses read from the table say nothing to the compiler: without these, no vector loads
         master_ptr = tl.multiple_of(master_ptr, 16)
         grad_ptr = tl.multiple_of(grad_ptr, 16)
@@ -127,56 +130,72 @@ def _master_adamw_kernel(
                       True)
 
 
-_block_maps: dict[tuple, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-
-def _block_map(numels: tuple[int, ...], block: int, device: torch.device):
-    """(numels [n] int64, block_rows [programs] int32, block_starts [programs] int64) for these sizes."""
-    key = (numels, block, device)
-    if key not in _block_maps:
-        blocks = [triton.cdiv(n, block) for n in numels]
-        rows = torch.repeat_interleave(torch.arange(len(numels), dtype=torch.int32), torch.tensor(blocks))
-        starts = torch.cat([torch.arange(b, dtype=torch.int64) * block for b in blocks])
-        if len(_block_maps) >= 8:  # a few optimizers (generator, critic) alternate: keep theirs, drop the oldest
-            del _block_maps[next(iter(_block_maps))]
-        _block_maps[key] = (torch.tensor(numels, dtype=torch.int64).to(device), rows.to(device), starts.to(device))
-    return _block_maps[key]
-
-
 @torch.no_grad()
 def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, beta2, eps, weight_decay, step,
                   grad_scale=None, emas=None, ema_weight=0.0) -> None:
     """Triton version of fastdmd.ops.reference.master_adamw_ (same arguments, same update)."""
-    check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, lr=lr, beta1=beta1, beta2=beta2,
-                              eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                              ema_weight=ema_weight)
-    if not masters:
+    master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+                         ema_weight=ema_weight)
+
+
+@torch.no_grad()
+def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps, weight_decay, step,
+                         grad_scale=None, ema_weight=0.0) -> None:
+    """Triton version of fastdmd.ops.reference.master_adamw_update_."""
+    check_master_adamw_update(grads, plan.shapes, plan.device, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight)
+    if not len(plan):
         return
-    check_kernel_device(_master_adamw_kernel, masters[0].device)
-    _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps, weight_decay, step,
-                         grad_scale, emas, ema_weight)
+    check_kernel_device(_master_adamw_kernel, plan.device)
+    _launch_master_adamw(plan, grads, lr, beta1, beta2, eps, weight_decay, step, grad_scale, ema_weight)
 
 
-def _launch_master_adamw(masters, grads, exp_avgs, exp_avg_sqs, copies, lr, beta1, beta2, eps, weight_decay, step,
-                         grad_scale, emas, ema_weight):
-    device = masters[0].device
+def _fixed_table(plan: MasterAdamWPlan):
+    """(table [n, 5] int64 on the device, whether all its addresses are 16-byte aligned, numels [n] int64,
+    block_rows [programs] int32, block_starts [programs] int64) of the plan's tensors: built once, and again
+    only when one of them has new storage (or a test changed BLOCK)."""
+    absent = [0] * len(plan)
+    columns = (plan.masters, plan.exp_avgs, plan.exp_avg_sqs, plan.copies, plan.emas)
+    addresses = [absent if tensors is None else [t.data_ptr() for t in tensors] for tensors in columns]
+    derived = plan.derived.get("triton")
+    if derived is not None and derived[0] == (BLOCK, addresses):
+        return derived[1]
+    if derived is not None and derived[0][1] != addresses:  # new storage under the plan (param.data = ...)
+        plan.recheck()
+    rows = [address for row in zip(*addresses) for address in row]
+    aligned = all(address % 16 == 0 for address in rows)  # absent ones are 0
+    pinned = plan.device.type == "cuda"  # see the gradients' table in _launch_master_adamw
+    table = torch.tensor(rows, dtype=torch.int64, pin_memory=pinned).to(plan.device, non_blocking=True)
+    blocks = [triton.cdiv(m.numel(), BLOCK) for m in plan.masters]
+    block_rows = torch.repeat_interleave(torch.arange(len(blocks), dtype=torch.int32), torch.tensor(blocks))
+    block_starts = torch.cat([torch.arange(b, dtype=torch.int64) * BLOCK for b in blocks])
+    numels = torch.tensor([m.numel() for m in plan.masters], dtype=torch.int64)
+    on_device = [(t.pin_memory() if pinned else t).to(plan.device, non_blocking=True)
+                 for t in (numels, block_rows, block_starts)]
+    fixed = (table, aligned, *on_device)
+    plan.derived["triton"] = ((BLOCK, addresses), fixed)
+    return fixed
+
+
+def _launch_master_adamw(plan: MasterAdamWPlan, grads, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
+                         ema_weight):
+    table, aligned, numels, block_rows, block_starts = _fixed_table(plan)
     # A strided gradient is read through a contiguous copy (the table holds addresses); freeing it after the
     # launch is safe: the allocator reuses its memory only for work queued after the kernel on this stream.
     grads = [g.contiguous() for g in grads]
-    rows = []
-    for i, master in enumerate(masters):
-        rows.extend((master.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr(), exp_avg_sqs[i].data_ptr(),
-                     0 if copies is None else copies[i].data_ptr(), 0 if emas is None else emas[i].data_ptr()))
-    aligned = all(address % 16 == 0 for address in rows)  # absent ones are 0
+    grad_addresses = [g.data_ptr() for g in grads]
+    aligned = aligned and all(address % 16 == 0 for address in grad_addresses)
     # From pinned memory: a copy from pageable memory first waits for all the work queued on the stream
     # (CUDA's rule for pageable host-to-device copies), which would hold the host here until the backward ends.
-    table = torch.tensor(rows, dtype=torch.int64, pin_memory=device.type == "cuda").to(device, non_blocking=True)
-    numels, block_rows, block_starts = _block_map(tuple(m.numel() for m in masters), BLOCK, device)
+    grad_table = torch.tensor(grad_addresses, dtype=torch.int64,
+                              pin_memory=plan.device.type == "cuda").to(plan.device, non_blocking=True)
+    copies = plan.copies
     _master_adamw_kernel[(block_rows.numel(),)](
-        table, numels, block_rows, block_starts, table if grad_scale is None else grad_scale,
+        table, grad_table, numels, block_rows, block_starts, table if grad_scale is None else grad_scale,
         1.0 - lr * weight_decay, beta1, beta2, lr / (1 - beta1**step), math.sqrt(1 - beta2**step), eps,
         float(ema_weight),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], COPY_DTYPE=_TL_DTYPES[copies[0].dtype if copies else torch.bfloat16],
-        HAS_COPY=copies is not None, HAS_EMA=emas is not None, HAS_SCALE=grad_scale is not None,
+        HAS_COPY=copies is not None, HAS_EMA=plan.emas is not None, HAS_SCALE=grad_scale is not None,
         MOMENT_IS_GRAD=beta1 == 0,
         ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)

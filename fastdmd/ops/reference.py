@@ -16,7 +16,7 @@ import torch
 
 from fastdmd.ops.checks import (REFERENCE_DTYPES, check_clipped_policy_loss_inputs,
                                 check_dmd_target_inputs, check_group_advantages_inputs,
-                                check_master_adamw_inputs)
+                                check_master_adamw_tensors, check_master_adamw_update)
 
 
 class DMDTarget(NamedTuple):
@@ -248,9 +248,48 @@ def master_adamw_(
     With beta1 = 0, exp_avg = g (it is written, not read: a non-finite exp_avg, which torch's AdamW would
     carry into the weights through 0 * exp_avg, is not read at all).
     """
-    check_master_adamw_inputs(masters, grads, exp_avgs, exp_avg_sqs, copies, emas, lr=lr, beta1=beta1, beta2=beta2,
-                              eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                              ema_weight=ema_weight)
+    master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
+                         beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
+                         ema_weight=ema_weight)
+
+
+class MasterAdamWPlan:
+    """The tensors that repeated master_adamw_ updates write in place (an optimizer's masters, moments,
+    copies and EMA), checked once. An update then takes only its gradients (new tensors after every
+    backward) and its numbers (master_adamw_update_): the host work right after the trainer's
+    synchronization no longer checks five lists of hundreds of tensors each step.
+
+    A backend keeps what it derives from these tensors in `derived` (the Triton launcher: their
+    addresses, written to the device once), together with the addresses it derived it from, and compares
+    those on each update: a tensor given new storage (`param.data = ...`) is checked again and the
+    derived data rebuilt. Changing a tensor's shape in place while keeping its storage is not caught."""
+
+    def __init__(self, masters, exp_avgs, exp_avg_sqs, copies=None, emas=None):
+        check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas)
+        self.masters, self.exp_avgs, self.exp_avg_sqs = list(masters), list(exp_avgs), list(exp_avg_sqs)
+        self.copies = None if copies is None else list(copies)
+        self.emas = None if emas is None else list(emas)
+        self.shapes = [m.shape for m in self.masters]
+        self.device = self.masters[0].device if self.masters else None
+        self.derived: dict = {}
+
+    def __len__(self) -> int:
+        return len(self.masters)
+
+    def recheck(self) -> None:
+        check_master_adamw_tensors(self.masters, self.exp_avgs, self.exp_avg_sqs, self.copies, self.emas)
+        self.shapes = [m.shape for m in self.masters]
+
+
+@torch.no_grad()
+def master_adamw_update_(plan: MasterAdamWPlan, grads: list[torch.Tensor], *, lr: float, beta1: float, beta2: float,
+                         eps: float, weight_decay: float, step: int, grad_scale: torch.Tensor | None = None,
+                         ema_weight: float = 0.0) -> None:
+    """master_adamw_ on a plan's tensors: grads[i] is the gradient of plan.masters[i]."""
+    check_master_adamw_update(grads, plan.shapes, plan.device, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight)
+    masters, exp_avgs, exp_avg_sqs, copies, emas = (plan.masters, plan.exp_avgs, plan.exp_avg_sqs, plan.copies,
+                                                    plan.emas)
     step_size = lr / (1 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1 - beta2**step)
     for i, master in enumerate(masters):
