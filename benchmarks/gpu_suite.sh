@@ -25,39 +25,42 @@
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px): naive + optimized (~200 s), then naive + optimized-graphs in a second process
-#            (~200 s); results in OUTDIR/step_throughput_*.{json,md}. (optimized-autocast, the step before
-#            master weights, was 0.249 against optimized's 0.227 s/step in one process on 2026-11-26.)
+#            512 px): naive + optimized (reduce-overhead since 2026-11-26, session 13: 0.141 against
+#            0.158 s/step for the default compile mode in one process), then naive +
+#            optimized-default-mode in a second process (~130 s each with --profile); results in
+#            OUTDIR/step_throughput_*.{json,md}.
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
 # With this workplace's device tool (10 minutes a command, 15 minutes of device time in all, the
 # start included, at most 8 files back from $OUT): fill .wheels/ here (benchmarks/gpu_wheels.sh) and
 # name it in `carry` (forgetting it costs a rerun: no diffusers there). Step times seen on an H100
-# (2026-11-26, three sessions): env + install 27-35 s, native 55-67 s, onepass 24-36 s, tests 32-41 s
-# (-n 6), gputests 26-39 s (-n 3), bench_dmd_target 89 s, bench_master_adamw 29 s,
-# bench_group_advantages 18 s, bench_native 13 s, bench_clipped_policy_loss 28 s, throughput ~400 s
-# (its two processes; the batch-1 sample compiles its own graphs since session 12), throughput_other
+# (2026-11-26, four sessions): env + install 27-35 s, native 55-67 s, onepass 24-36 s, tests 32-41 s
+# (-n 6; -k master_adamw alone 19 s), gputests 26-39 s (-n 3; 89 s with -n 4 since the reduce-overhead
+# test), bench_dmd_target 89 s, bench_master_adamw 27-29 s, bench_group_advantages 18 s, bench_native
+# 13 s, bench_clipped_policy_loss 28 s, throughput ~260 s (two processes with --profile; naive +
+# optimized + optimized-default-mode in one process without --profile: ~170 s), throughput_other
 # ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s and is given back
 # after 30 s idle.
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
-# ~590 s; the op tests and benchmarks were all run on 2026-11-26 (session 12), so the next call is
-# throughput's, with the GPU tests beside its start:
+# ~590 s. The op tests and benchmarks all ran on 2026-11-26 (sessions 12-13), so the next call is
+# throughput's, with the GPU tests beside its start and bench_master_adamw after it:
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
 #   FASTDMD_STEP_TIMEOUT=120 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
-#   FASTDMD_STEP_TIMEOUT=420 bash $S $O/p throughput"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput
+#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
 # with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
 # kind of kernel, the calls into compiled code per phase, the copy kernels by the ops that launched
 # them), and each profiled variant's trimmed trace (*_trace_kernels.json.gz: kernels, launches, phase
 # ranges, host ops of 50 us or more) comes back on its own, outside the archive, for Perfetto or
-# json here. Write everything under $OUT in the same call: a later call finds the machine given back
-# after 30 s idle. Read the GPU tests' results before trusting the timings. Then, at once (a warm
-# machine needs no start): `FASTDMD_STEP_TIMEOUT=45 bash $S /tmp/m bench_master_adamw` and its files to
-# $OUT (the update at beta1 = 0 no longer reads exp_avg since session 12: not yet timed).
+# json here: its device-idle gaps and the host calls around them say where a step waits for the host
+# (session 13 found MasterAdamW's host work that way: 8-11 ms per update with the GPU idle after the
+# update's synchronization). Write everything under $OUT in the same call: a later call finds the
+# machine given back after 30 s idle. Read the GPU tests' results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status
 # is non-zero when any step failed, and OUTDIR/summary.txt lists each step's status and duration.
@@ -157,15 +160,16 @@ step_gputests() {
 }
 
 step_throughput() {
-    # The anchor shape first (a step cut off by its time limit still has it); reduce-overhead in a
-    # process of its own, beside its own naive run: a CUDA error leaves a process's context unusable.
+    # The anchor shape first (a step cut off by its time limit still has it); optimized (reduce-overhead)
+    # and optimized-default-mode in processes of their own, each beside its own naive run: a CUDA error
+    # leaves a process's context unusable.
     local status=0
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" \
         || status=1
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized-graphs --profile --out "$outdir/step_throughput_sd3-medium-d12_graphs" \
-        || status=1
+        --variants naive optimized-default-mode --profile \
+        --out "$outdir/step_throughput_sd3-medium-d12_default-mode" || status=1
     return $status
 }
 

@@ -5,19 +5,23 @@ and device:
                       rollout, the teacher's CFG as two forwards (issue 6's anchor), fp32 master
                       weights (bf16 autocast on CUDA)
     optimized         per-block torch.compile, the fused ops (Triton on CUDA), CFG as one forward of
-                      twice the batch, CUDA-graph rollout and DMD scores (CUDA only); on CUDA the
-                      generator and the critic compute on bf16 copies of their fp32 weights
+                      twice the batch; on CUDA torch.compile's reduce-overhead mode (every compiled
+                      block, forward and backward, replayed from CUDA graphs, the rollout and the DMD
+                      scores included; the skips that torch reports, count and reasons, are recorded)
+                      and the generator and the critic computing on bf16 copies of their fp32 weights
                       (perf.master_weights), stepped by MasterAdamW: bf16 gradients in, one fused
                       update writing the fp32 weights, the copies and the EMA; q/k/v projections fused
                       in the teacher and the copies, forward and backward; the rollout on the
-                      generator's copy. On CPU, where bf16 gains nothing: fp32 weights, fused AdamW
-    optimized-graphs  optimized with torch.compile's reduce-overhead mode: every compiled block,
-                      forward and backward, replayed from CUDA graphs (CUDA only); the skips that
-                      torch reports (count and reasons) are recorded
-    optimized-autocast  optimized as it was before master weights beat it (H100, 2026-11-26: 0.249
-                      against 0.227 s/step, same process): the fp32 weights under bf16 autocast (CUDA),
-                      torch's fused AdamW, the rollout on a bf16 copy of the generator; the path that
-                      FSDP2 runs (master weights are one process only). On CPU the same as optimized
+                      generator's copy. On CPU, where bf16 and CUDA graphs gain nothing: fp32 weights,
+                      torch.compile's default mode, fused AdamW
+    optimized-default-mode  optimized with torch.compile's default mode, the rollout and the DMD scores
+                      replayed from CUDA graphs of their own (CUDA); the optimized step until H100,
+                      2026-11-26, same process: 0.158 against reduce-overhead's 0.141 s/step
+    optimized-autocast  optimized-default-mode as it was before master weights beat it (H100,
+                      2026-11-26: 0.249 against 0.227 s/step, same process): the fp32 weights under bf16
+                      autocast (CUDA), torch's fused AdamW, the rollout on a bf16 copy of the generator;
+                      the path that FSDP2 runs (master weights are one process only). On CPU the same
+                      as optimized
 
 For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
@@ -35,7 +39,7 @@ fails is recorded with its error and the others still run.
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
     python benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized optimized-graphs --profile
+        --variants naive optimized optimized-default-mode --profile
     python benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512
 
 The sd3-medium and flux-dev presets build the real architectures with random weights (depth
@@ -79,7 +83,7 @@ from fastdmd.trainer import Trainer
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 
 
-VARIANTS = ("naive", "optimized", "optimized-graphs", "optimized-autocast")
+VARIANTS = ("naive", "optimized", "optimized-default-mode", "optimized-autocast")
 
 
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
@@ -87,7 +91,7 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     others (see the module docstring): per-block torch.compile, fused ops, fused q/k/v projections, the
     DMD scores and the rollout replayed from CUDA graphs (CUDA); on CUDA bf16 copies of the trained
     weights (perf.master_weights) except in optimized-autocast, whose rollout runs on a bf16 copy of the
-    generator; optimized-graphs with torch.compile's reduce-overhead mode, every compiled block replayed
+    generator; optimized on CUDA with torch.compile's reduce-overhead mode, every compiled block replayed
     from CUDA graphs (cudagraph trees), forward and backward, the rollout and the scores then needing no
     graphs of their own."""
     if name not in VARIANTS:
@@ -98,7 +102,7 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
                 *precision]
     weights = [] if not cuda else ["--perf.rollout_weights", "bf16"] if name == "optimized-autocast" else \
         ["--perf.master_weights", "true"]
-    mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized-graphs" else []
+    mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized" and cuda else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",
             *weights, *mode, *precision]

@@ -569,7 +569,7 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode(sd3_dir, tmp_path):
-    """step_throughput's optimized-graphs: torch.compile's reduce-overhead mode with perf.master_weights.
+    """step_throughput's optimized step on CUDA: torch.compile's reduce-overhead mode with perf.master_weights.
     The bf16 copies' gradients come out of the cudagraph trees' memory, and MasterAdamW reads them after
     the backward and writes the copies in place between replays: three steps give the losses and fp32
     weights of the default mode (the same compiled kernels, without CUDA graphs)."""

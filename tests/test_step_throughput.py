@@ -40,18 +40,21 @@ def test_digits_preset_side_by_side(tmp_path):
 
 
 def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path):
-    """optimized-graphs (torch.compile reduce-overhead) needs CUDA: on CPU the config refuses it,
-    and the record keeps that error beside the naive variant's figures."""
+    """optimized with its CUDA arguments (torch.compile's reduce-overhead mode, CUDA only) on CPU: the config
+    refuses it, and the record keeps that error beside the naive variant's figures."""
     out = tmp_path / "st"
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    done = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_throughput.py"), "--batch", "8",
-                           "--warmup", "1", "--steps", "1", "--variants", "naive", "optimized-graphs",
-                           "--out", str(out)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import step_throughput as st; cuda_args = st.variant_args; "
+              "st.variant_args = lambda name, cuda, backend: cuda_args(name, name == 'optimized', backend); "
+              "sys.argv = ['step_throughput.py'] + sys.argv[2:]; st.main()")
+    done = subprocess.run([sys.executable, "-c", script, os.path.join(ROOT, "benchmarks"), "--batch", "8",
+                           "--warmup", "1", "--steps", "1", "--variants", "naive", "optimized", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    naive, graphs = json.loads((tmp_path / "st.json").read_text())["variants"]
+    naive, optimized = json.loads((tmp_path / "st.json").read_text())["variants"]
     assert naive["s_per_step"] > 0 and "error" not in naive
-    assert "reduce-overhead" in graphs["error"] and "CUDA" in graphs["error"]
-    assert "| optimized-graphs | failed:" in (tmp_path / "st.md").read_text()
+    assert "reduce-overhead" in optimized["error"] and "CUDA" in optimized["error"]
+    assert "| optimized | failed:" in (tmp_path / "st.md").read_text()
 
 
 def test_an_extra_that_fails_leaves_the_timing(tmp_path, monkeypatch):
@@ -256,8 +259,9 @@ def test_the_profiled_step_splits_its_work_by_phase(tmp_path, monkeypatch):
 
 def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_compiled(tmp_path, monkeypatch):
     """optimized on CUDA: perf.master_weights (the rollout on the generator's own bf16 copy rather than a
-    second one); optimized-autocast keeps the fp32 weights under autocast with a rollout copy. Run here
-    with the CUDA arguments (bf16 on CPU too, which master weights need) and --profile: the profiled step
+    second one) under reduce-overhead; optimized-autocast keeps the fp32 weights under autocast with a
+    rollout copy. optimized-default-mode run here with the CUDA arguments (bf16 on CPU too, which master
+    weights need; reduce-overhead would need CUDA) and --profile: the profiled step
     must enter compiled code in each phase that has compiled blocks. It did not when the FLOP count (a
     dispatch mode, after which dynamo skips the blocks' code for good) ran before it."""
     monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
@@ -265,12 +269,17 @@ def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_com
 
     args = step_throughput.variant_args("optimized", True, "aot_eager")
     assert args[args.index("--perf.master_weights") + 1] == "true" and "--perf.rollout_weights" not in args
+    assert args[args.index("--perf.compile_mode") + 1] == "reduce-overhead"
+    assert "--perf.compile_mode" not in step_throughput.variant_args("optimized", False, "aot_eager")
+    args = step_throughput.variant_args("optimized-default-mode", True, "aot_eager")  # runs on CPU
+    assert args[args.index("--perf.master_weights") + 1] == "true" and "--perf.compile_mode" not in args
     assert args[args.index("--perf.mixed_precision") + 1] == "bf16"
     autocast = step_throughput.variant_args("optimized-autocast", True, "aot_eager")
     assert "--perf.master_weights" not in autocast and autocast[autocast.index("--perf.rollout_weights") + 1] == "bf16"
     assert "--perf.master_weights" not in step_throughput.variant_args("optimized", False, "aot_eager")
     run_args = step_throughput.preset_args("digits", 4) + args + ["--run_dir", str(tmp_path), "--threads", "1"]
-    row = step_throughput.measure("optimized", run_args, None, torch.device("cpu"), warmup=1, steps=1, profile=True)
+    row = step_throughput.measure("optimized-default-mode", run_args, None, torch.device("cpu"), warmup=1, steps=1,
+                                  profile=True)
     assert row["s_per_step"] > 0 and row["compiled_graphs"] > 0 and row["flop_per_step_counted"] > 0
     assert "MasterAdamW" in row["optimizer"]
     compiled = row["profile_compiled_calls"]
