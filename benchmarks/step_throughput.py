@@ -183,6 +183,7 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
     if cuda:
         result["profile_phase_kind_ms"] = kinds_by_phase(work)
         result["profile_copy_origins"] = copy_origins(all_events)
+        result["profile_device_idle"] = device_idle_gaps(all_events)
     if trace_path:
         prof.export_chrome_trace(trace_path)
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
@@ -341,6 +342,48 @@ def copy_origins(events, n: int = 15) -> list[dict]:
     rows = [{"phase": phase, "launched_by": chain, "calls": calls, "ms": round(ms, 3)}
             for (phase, chain), (calls, ms) in totals.items()]
     return sorted(rows, key=lambda row: -row["ms"])[:n]
+
+
+# CUDA runtime calls after which the host has waited for the device (the trainer's reads of logged values,
+# the profiled step's own synchronization at each phase boundary: cudaDeviceSynchronize).
+SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent")
+
+
+def device_idle_gaps(events, n: int = 10, min_ms: float = 1.0) -> list[dict]:
+    """Where the GPU of a profiled CUDA step sat idle for min_ms or more, the n longest: the phase of the work
+    that ended the gap, its length, when it started (ms into the step), the synchronizing runtime call that
+    returned as it began (the host had waited for the device to drain) and the innermost host range that
+    spans most of it (what the host was doing while the GPU waited: e.g. an optimizer's step between the
+    synchronization that reads the gradient norm and its kernel's launch). The profiled step synchronizes
+    at every phase boundary too: a gap after `cudaDeviceSynchronize` at a phase's start is that, the
+    launch latency of the next phase, which the timed steps overlap."""
+    from torch.autograd import DeviceType
+
+    work = sorted((e for e in events if is_device_work(e)), key=lambda e: e.time_range.start)
+    if not work:
+        return []
+    phase_of = phase_locator(events, cuda=True)
+    host = [e for e in events if e.device_type == DeviceType.CPU]
+    syncs = [e for e in host if e.name.startswith("cu") and any(part in e.name for part in SYNC_CALLS)]
+    step_start = min(e.time_range.start for e in host) if host else work[0].time_range.start
+    gaps, busy_until = [], work[0].time_range.end
+    for e in work[1:]:
+        start, end = busy_until, e.time_range.start
+        if end - start >= min_ms * 1e3:
+            gaps.append((start, end, e))
+        busy_until = max(busy_until, e.time_range.end)
+    rows = []
+    for start, end, after in sorted(gaps, key=lambda gap: gap[0] - gap[1])[:n]:
+        length = end - start
+        returned = [c for c in syncs if start - 100 <= c.time_range.end <= start + min(500, length / 2)]
+        spanning = [h for h in host if not h.name.startswith("cu")
+                    and min(h.time_range.end, end) - max(h.time_range.start, start) >= 0.5 * length]
+        inner = min(spanning, key=lambda h: h.time_range.elapsed_us(), default=None)
+        rows.append({"phase": phase_of(after), "idle_ms": round(length / 1e3, 3),
+                     "at_ms": round((start - step_start) / 1e3, 2),
+                     "after_sync": returned[-1].name if returned else "",
+                     "host_meanwhile": inner.name[:80] if inner is not None else ""})
+    return rows
 
 
 def kinds_by_phase(work: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -615,6 +658,18 @@ def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} ms"
 
 
+def idle_table(variant: str, gaps: list[dict]) -> list[str]:
+    """The report's lines for device_idle_gaps' rows (none without rows)."""
+    if not gaps:
+        return []
+    lines = ["", f"Profiled step, {variant}: where the GPU sat idle 1 ms or more (the longest; `after`: the "
+             "synchronizing call that returned as the gap began, cudaDeviceSynchronize being the profiled step's "
+             "own at phase boundaries; `host meanwhile`: the innermost host range over most of the gap)", "",
+             "| phase | idle (ms) | at (ms) | after | host meanwhile |", "|---|---:|---:|---|---|"]
+    return lines + [f"| {g['phase']} | {g['idle_ms']:.2f} | {g['at_ms']:.2f} | {g['after_sync'] or '-'} | "
+                    f"{'`' + g['host_meanwhile'] + '`' if g['host_meanwhile'] else '-'} |" for g in gaps]
+
+
 def report(r: dict) -> str:
     done = [v for v in r["variants"] if "error" not in v]
     lines = [f"# Step throughput, preset {r['preset']}", "",
@@ -708,6 +763,7 @@ def report(r: dict) -> str:
             lines += ["", f"Profiled step, {v['variant']}: the copy / cast kernels by the ops that launched them "
                       "(innermost first)", "", "| phase | launched by | calls | ms |", "|---|---|---:|---:|"]
             lines += [f"| {o['phase']} | `{o['launched_by']}` | {o['calls']} | {o['ms']:.2f} |" for o in origins]
+        lines += idle_table(v["variant"], v.get("profile_device_idle") or [])
     return "\n".join(lines) + "\n"
 
 

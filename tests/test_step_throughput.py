@@ -312,3 +312,39 @@ def test_the_trimmed_trace_keeps_the_device_work_the_launches_and_the_long_host_
     assert trimmed["deviceProperties"] == [{"name": "H100"}]
     assert [e.get("name", e["ph"]) for e in trimmed["traceEvents"]] == [
         "process_name", "generator_fwd", "aten::linear", "cudaLaunchKernel", "s", "f", "nvjet_sm90_tst", "Memcpy DtoD"]
+
+
+def test_device_idle_gaps_name_the_synchronization_and_the_host_work_the_gpu_waited_on(monkeypatch):
+    """A profiled step where the optimizer phase reads the gradient norm (the host waits for the device),
+    then spends 1.05 ms in the optimizer's step before its kernel: that gap is found, with its phase, the
+    synchronizing call that returned as it began and the innermost host range over it. Gaps shorter than
+    1 ms are left out; none is found in a step without gaps."""
+    import types
+
+    from torch.autograd import DeviceType
+    from torch.autograd.profiler_util import Interval
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    def host(name, start, end):
+        return types.SimpleNamespace(name=name, time_range=Interval(start, end), device_type=DeviceType.CPU,
+                                     is_user_annotation=False)
+
+    def kernel(name, start, end):
+        return types.SimpleNamespace(name=name, time_range=Interval(start, end), device_type=DeviceType.CUDA,
+                                     is_user_annotation=False)
+
+    events = [host("generator_bwd", 0, 1000), kernel("mm", 10, 900),
+              host("optimizer", 1000, 3000), host("cudaStreamSynchronize", 1010, 1905), kernel("norm", 1000, 1900),
+              host("Optimizer.step#MasterAdamW.step", 1910, 2900), host("aten::stack", 1920, 1990),
+              kernel("_master_adamw_kernel", 2950, 3500),
+              host("critic_update", 3000, 5000), host("cudaDeviceSynchronize", 3400, 3510),
+              kernel("mm", 3800, 4800)]  # 0.3 ms after the phase boundary: under 1 ms
+    gaps = step_throughput.device_idle_gaps(events)
+    assert gaps == [{"phase": "optimizer", "idle_ms": 1.05, "at_ms": 1.9, "after_sync": "cudaStreamSynchronize",
+                     "host_meanwhile": "Optimizer.step#MasterAdamW.step"}]
+    assert step_throughput.device_idle_gaps(events, min_ms=0.2)[1]["after_sync"] == "cudaDeviceSynchronize"
+    assert step_throughput.device_idle_gaps([kernel("mm", 0, 10), kernel("mm", 10, 20)]) == []
+    report = "\n".join(step_throughput.idle_table("optimized", gaps))
+    assert "| optimizer | 1.05 | 1.90 | cudaStreamSynchronize | `Optimizer.step#MasterAdamW.step` |" in report
