@@ -106,19 +106,31 @@ class MasterAdamW(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None, grad_scale: torch.Tensor | None = None,
-             ema: tuple[dict[torch.Tensor, torch.Tensor], float] | None = None):
+             ema: tuple[dict[torch.Tensor, torch.Tensor], float] | None = None,
+             skip: torch.Tensor | None = None) -> list[dict]:
         """One update. grad_scale: a one-element fp32 device tensor every gradient is multiplied by (the
         clipping coefficient, applied inside the fused update instead of by a pass over the gradients).
         ema: ({parameter: its EMA tensor}, decay), moved after the update as trainer.EMA.update does (every
-        weight, stepped or not), in the same pass for the stepped ones."""
+        weight, stepped or not), in the same pass for the stepped ones. skip: a one-element device tensor;
+        nonzero, the update writes nothing (weights, moments, copies, EMA): the trainer's non-finite loss
+        or gradient, decided on the device so that the host does not wait for the GPU. The step counts
+        advance all the same: give them back with uncount(the returned states) once the flag is read."""
         if closure is not None:
             raise ValueError("MasterAdamW.step takes no closure")
+        self._counted: list[dict] = []
         for index, group in enumerate(self.param_groups):
-            if not self._step_whole_group(index, group, grad_scale, ema):
-                self._step_some(group, grad_scale, ema)
-        return None
+            if not self._step_whole_group(index, group, grad_scale, ema, skip):
+                self._step_some(group, grad_scale, ema, skip)
+        return self._counted
 
-    def _step_whole_group(self, index: int, group: dict, grad_scale, ema) -> bool:
+    @staticmethod
+    def uncount(states: list[dict]) -> None:
+        """Take back the step counts a skipped step (see step's skip) advanced: a later update of the same
+        optimizer before this (in the same training step) used a count one higher than torch AdamW would."""
+        for count in {id(state["step"]): state["step"] for state in states}.values():
+            count -= 1
+
+    def _step_whole_group(self, index: int, group: dict, grad_scale, ema, skip) -> bool:
         """The usual step: every parameter has its copy's gradient (one dtype) and a state; at one step
         count, one update of the group's plan. False, with nothing done, otherwise."""
         params = group["params"]
@@ -131,7 +143,7 @@ class MasterAdamW(torch.optim.Optimizer):
         entries = [(p, g, state, self.copies[p]) for p, g, state in zip(params, grads, states)]
         by_step = self._count_step(entries, every_parameter=True)
         if len(by_step) != 1:  # counts loaded apart
-            self._launch(group, by_step, grad_scale, ema)
+            self._launch(group, by_step, grad_scale, ema, skip)
             return True
         emas = None if ema is None else [ema[0][p] for p in params]
         plan = self._plans.get(index)
@@ -142,10 +154,10 @@ class MasterAdamW(torch.optim.Optimizer):
         beta1, beta2 = group["betas"]
         ops.master_adamw_update_(plan, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                  weight_decay=group["weight_decay"], step=next(iter(by_step)), grad_scale=grad_scale,
-                                 ema_weight=0.0 if ema is None else 1.0 - ema[1])
+                                 ema_weight=0.0 if ema is None else 1.0 - ema[1], skip=skip)
         return True
 
-    def _step_some(self, group: dict, grad_scale, ema) -> None:
+    def _step_some(self, group: dict, grad_scale, ema, skip) -> None:
         """A step where some parameters have no gradient, no state yet, or their own fp32 gradient (torch's
         DCP initializes state that way)."""
         entries = []
@@ -165,14 +177,14 @@ class MasterAdamW(torch.optim.Optimizer):
             shadow, decay = ema
             stepped = {id(entry[0]) for entry in entries}
             still = [p for p in group["params"] if id(p) not in stepped]
-            if still:
+            if still and (skip is None or not bool(skip.reshape(()))):  # rare: the flag read here
                 torch._foreach_lerp_([shadow[p] for p in still], still, 1.0 - decay)
         if entries:
             self._launch(group, self._count_step(entries, every_parameter=len(entries) == len(group["params"])),
-                         grad_scale, ema)
+                         grad_scale, ema, skip)
 
     @staticmethod
-    def _launch(group: dict, by_step: dict[int, list], grad_scale, ema) -> None:
+    def _launch(group: dict, by_step: dict[int, list], grad_scale, ema, skip) -> None:
         """One update per step count and gradient dtype (a parameter's own fp32 gradient goes with fp32 ones)."""
         beta1, beta2 = group["betas"]
         for step, same_step in by_step.items():
@@ -188,10 +200,9 @@ class MasterAdamW(torch.optim.Optimizer):
                                   [copies[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2,
                                   eps=group["eps"], weight_decay=group["weight_decay"], step=step,
                                   grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
-                                  ema_weight=ema_weight)
+                                  ema_weight=ema_weight, skip=skip)
 
-    @staticmethod
-    def _count_step(entries: list, every_parameter: bool) -> dict[int, list]:
+    def _count_step(self, entries: list, every_parameter: bool) -> dict[int, list]:
         """Add one to the stepped parameters' step counts; {step number: their entries}. When every
         parameter steps, their states share one step tensor (torch AdamW's per-parameter 'step'; one host
         add instead of hundreds right after the step's synchronization); states holding separate equal
@@ -206,7 +217,9 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["step"] = first
         if every_parameter and all(state["step"] is first for state in states):
             first += 1
+            self._counted.extend(states)
             return {int(first): entries}
+        self._counted.extend(states)
         by_step: dict[int, list] = {}
         for state, entry in zip(states, entries):
             state["step"] = state["step"].cpu() + 1  # a new tensor: apart from the shared count of the others

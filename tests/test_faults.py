@@ -67,13 +67,7 @@ def _poison_loss(monkeypatch, bad_steps):
     monkeypatch.setattr(ops, "dmd_target", op)
 
 
-@pytest.mark.parametrize("precision", [[], ["--perf.mixed_precision", "bf16", "--perf.master_weights", "true"]],
-                         ids=["fp32", "master_weights"])
-def test_nan_loss_skips_the_update_without_touching_optimizer_state(tmp_path, monkeypatch, precision):
-    """Also with perf.master_weights, whose MasterAdamW takes the bf16 copies' gradients: a skipped update
-    leaves the fp32 weights, the optimizer state and the copies' next gradients alone."""
-    from fastdmd import trainer as trainer_mod
-
+def test_nan_loss_skips_the_update_without_touching_optimizer_state(tmp_path, monkeypatch):
     seen = {}
     real_step = trainer_mod.Trainer._step_if_finite
 
@@ -91,13 +85,49 @@ def test_nan_loss_skips_the_update_without_touching_optimizer_state(tmp_path, mo
 
     monkeypatch.setattr(trainer_mod.Trainer, "_step_if_finite", spy)
     _poison_loss(monkeypatch, bad_steps={2})
-    main(TINY + ["--trainer.steps", "3", "--run_dir", str(tmp_path), *precision])
+    main(TINY + ["--trainer.steps", "3", "--run_dir", str(tmp_path)])
     skipped, unchanged, state_before, state_after = seen[2]
     assert skipped and unchanged
     assert all(torch.equal(state_before[k], state_after[k]) for k in state_before)
     # Step 1 has a zero DMD gradient (the critic starts as the teacher and g = 1); step 3 does not.
     assert not seen[3][0] and not seen[3][1]  # a healthy step does move the weights
     assert [r["skipped_generator_updates"] for r in rows(tmp_path)] == [0.0, 1.0, 0.0]
+
+
+def test_with_master_weights_a_nan_loss_is_skipped_on_the_device(tmp_path, monkeypatch):
+    """perf.master_weights: the trainer does not wait for the GPU to decide a skip. MasterAdamW's update sees
+    the non-finite flag on the device and writes nothing (fp32 weights, moments, EMA), and the step count it
+    advanced is given back when the flags are read with the step's logs: after the bad step 2 the
+    generator's state is step 1's, and step 3 counts 2."""
+    snapshots = {}
+    real_train_step = trainer_mod.Trainer.train_step
+
+    def snapshot(trainer):
+        first = next(iter(trainer.generator.parameters()))
+        state = trainer.opt_g.state.get(first, {})
+        return ([p.detach().clone() for p in trainer.generator.parameters()],
+                {k: v.clone() for k, v in state.items()},
+                [e.clone() for e in trainer.ema.shadow] if trainer.ema is not None else [])
+
+    def spy(self, step):
+        before = snapshot(self)
+        row = real_train_step(self, step)
+        snapshots[step] = (before, snapshot(self))
+        return row
+
+    monkeypatch.setattr(trainer_mod.Trainer, "train_step", spy)
+    _poison_loss(monkeypatch, bad_steps={2})
+    main(TINY + ["--trainer.steps", "3", "--run_dir", str(tmp_path), "--perf.mixed_precision", "bf16",
+                 "--perf.master_weights", "true"])
+    (weights, state, ema), (weights_after, state_after, ema_after) = snapshots[2]
+    assert all(torch.equal(a, b) for a, b in zip(weights, weights_after))
+    assert state.keys() == {"step", "exp_avg", "exp_avg_sq"} and float(state["step"]) == 1.0
+    assert all(torch.equal(state[k], state_after[k]) for k in state)
+    assert all(torch.equal(a, b) for a, b in zip(ema, ema_after))
+    (weights, _, _), (weights_after, state_after, _) = snapshots[3]
+    assert not all(torch.equal(a, b) for a, b in zip(weights, weights_after)) and float(state_after["step"]) == 2.0
+    assert [r["skipped_generator_updates"] for r in rows(tmp_path)] == [0.0, 1.0, 0.0]
+    assert [r["skipped_critic_updates"] for r in rows(tmp_path)] == [0.0, 0.0, 0.0]
 
 
 def test_consecutive_bad_steps_stop_with_the_last_good_checkpoint(tmp_path, monkeypatch):

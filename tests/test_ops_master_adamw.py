@@ -373,3 +373,32 @@ def test_a_plans_tensor_given_new_storage_is_checked_again_and_updated_where_it_
     s["masters"][0].data = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] must have shape \(2,\), got \(1,\)"):
         master_adamw_triton.master_adamw_update_(plan, grads, step=3, **HYPER)
+
+
+@IMPLS
+def test_a_nonzero_skip_flag_writes_nothing_and_a_zero_one_updates_as_without(impl):
+    """skip (the trainer's non-finite loss or gradient, decided on the device): nonzero, the weights,
+    moments, copies and EMA keep their bits, even with NaN gradients; zero, the update is the plain one."""
+    grads = grads_for(SHAPES, torch.bfloat16, 1)
+    grads[1][0, 0] = float("nan")
+    s = state(SHAPES)
+    before = {name: [t.clone() for t in s[name]] for name in s}
+    impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=1, emas=s["emas"], ema_weight=0.1,
+         skip=torch.tensor(True, device=DEVICE), **HYPER)
+    for name in s:
+        assert all(torch.equal(a, b) for a, b in zip(s[name], before[name])), name
+    grads = grads_for(SHAPES, torch.bfloat16, 2)
+    plain, flagged = state(SHAPES), state(SHAPES)
+    for s, skip in ((plain, None), (flagged, torch.zeros((1,), dtype=torch.int32, device=DEVICE))):
+        impl(s["masters"], grads, s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=1, emas=s["emas"],
+             ema_weight=0.1, skip=skip, **HYPER)
+    for name in plain:
+        assert all(torch.equal(a, b) for a, b in zip(flagged[name], plain[name])), name
+
+
+@IMPLS
+def test_a_skip_flag_of_more_than_one_value_is_refused(impl):
+    s = state(SHAPES[:1])
+    with pytest.raises(ValueError, match=r"skip must hold one value"):
+        impl(s["masters"], grads_for(SHAPES[:1], torch.bfloat16, 1), s["exp_avgs"], s["exp_avg_sqs"], s["copies"],
+             step=1, skip=torch.zeros(2, dtype=torch.bool, device=DEVICE), **HYPER)

@@ -81,16 +81,16 @@ def master_adamw_backend(device) -> str:
 
 
 def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, beta2, eps, weight_decay, step,
-                  grad_scale=None, emas=None, ema_weight=0.0) -> None:
+                  grad_scale=None, emas=None, ema_weight=0.0, skip=None) -> None:
     """See fastdmd.ops.reference.master_adamw_ for the math. Not a torch.library op: it runs in the
     optimizer's step, outside any compiled or differentiated code."""
     master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
                          beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                         ema_weight=ema_weight)
+                         ema_weight=ema_weight, skip=skip)
 
 
 def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale=None,
-                         ema_weight=0.0) -> None:
+                         ema_weight=0.0, skip=None) -> None:
     """master_adamw_ on a plan's tensors (see fastdmd.ops.reference.MasterAdamWPlan): the repeated update of
     an optimizer, which checks and sends its fixed tensors' addresses once."""
     if master_adamw_backend(plan.device) == "triton":
@@ -98,7 +98,7 @@ def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps,
     else:
         impl = reference.master_adamw_update_
     impl(plan, grads, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, step=step,
-         grad_scale=grad_scale, ema_weight=ema_weight)
+         grad_scale=grad_scale, ema_weight=ema_weight, skip=skip)
 
 
 __all__ = ["BACKENDS", "DMDTarget", "GroupAdvantages", "MasterAdamWPlan", "PolicyLoss", "backend",

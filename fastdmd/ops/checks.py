@@ -146,9 +146,9 @@ def check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas) -> 
 
 
 def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
-                              ema_weight) -> None:
+                              ema_weight, skip=None) -> None:
     """What changes from one update to the next: the gradients (one per parameter, of `shapes`, on `device`,
-    one dtype, any strides) and the numbers."""
+    one dtype, any strides), the numbers, and the skip flag (one bool or integer value on `device`)."""
     if not isinstance(grads, (list, tuple)):
         raise ValueError(f"grads must be a list of tensors (one per parameter), got {type(grads).__name__}")
     if len(grads) != len(shapes):
@@ -184,6 +184,10 @@ def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, w
     check_number("ema_weight", ema_weight, minimum=0)
     if ema_weight > 1:
         raise ValueError(f"ema_weight (1 - EMA decay) must be in [0, 1], got {ema_weight!r}")
+    if skip is not None:
+        check_tensor("skip", skip, dtypes=(torch.bool, torch.int32), device=device)
+        if skip.numel() != 1:
+            raise ValueError(f"skip must hold one value (nonzero: write nothing), got shape {tuple(skip.shape)}")
 
 
 def _master_adamw_dtypes(name: str) -> tuple:

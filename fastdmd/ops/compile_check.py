@@ -171,7 +171,7 @@ def _variants():
         return lambda: ga._launch_group_advantages(rewards, None if by_ids else group_size, ids, w,
                                                    1e-6, 5.0 if clip else None)
 
-    def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1):
+    def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1, skip=False):
         shapes = [(3, 5), (4097,)]
         masters = [torch.randn(s) for s in shapes]
         moments = [torch.zeros(s) for s in shapes]
@@ -180,7 +180,7 @@ def _variants():
                                      [m.clone() for m in masters] if ema else None)
         return lambda: adamw._launch_master_adamw(
             plan, [torch.randn(s).to(grad_dtype) for s in shapes], 1e-3, beta1, 0.999, 1e-8, 0.01, 1,
-            torch.ones(()) if scale else None, 0.01 if ema else 0.0)
+            torch.ones(()) if scale else None, 0.01 if ema else 0.0, torch.zeros((), dtype=torch.int32) if skip else None)
 
     # Small samples give one-block chunks; an image latent (16x128x128) the largest layout.
     shapes = {"tiny": (1, 3), "latent": (2, 16, 128, 128)}
@@ -202,11 +202,15 @@ def _variants():
             yield ("group_advantages", f"{name} N=1024 K=4 ids={by_ids} weights={weights} clip={clip}",
                    group(dtype, 1024, 4, 16, by_ids, weights, clip))
         # beta1 0 (DMD2's: exp_avg written, not read) and 0.9
-        for copy_dtype, ema, scale, beta1 in ((torch.bfloat16, True, True, 0.0), (torch.bfloat16, False, False, 0.9),
-                                              (torch.float16, False, True, 0.9), (None, False, False, 0.0)):
+        # the trainer's (bf16 copy, EMA, clipping coefficient, skip flag) first
+        for copy_dtype, ema, scale, beta1, skip in ((torch.bfloat16, True, True, 0.0, True),
+                                                    (torch.bfloat16, False, True, 0.0, True),
+                                                    (torch.bfloat16, False, False, 0.9, False),
+                                                    (torch.float16, False, True, 0.9, False),
+                                                    (None, False, False, 0.0, False)):
             copy_name = "none" if copy_dtype is None else str(copy_dtype).removeprefix("torch.")
-            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale} beta1={beta1}",
-                   master_adamw(dtype, copy_dtype, ema, scale, beta1))
+            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale} beta1={beta1} skip={skip}",
+                   master_adamw(dtype, copy_dtype, ema, scale, beta1, skip))
 
 
 def check(arch: int = 90) -> list[CompiledVariant]:

@@ -96,15 +96,18 @@ def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, e
 
 @triton.jit
 def _master_adamw_kernel(
-    table_ptr, grad_table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr,
+    table_ptr, grad_table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr, skip_ptr,
     decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, ALIGNED: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = tl.load(block_rows_ptr + pid).to(tl.int64)
     start = tl.load(block_starts_ptr + pid)
     numel = tl.load(numels_ptr + row)
+    if HAS_SKIP:  # the trainer's non-finite loss or gradient, decided on the device: an empty mask, no writes
+        numel = tl.where(tl.load(skip_ptr) != 0, 0, numel)
     entry = table_ptr + row * 5  # master, exp_avg, exp_avg_sq, copy, EMA addresses (absent ones 0)
     master_ptr = tl.load(entry).to(tl.pointer_type(tl.float32))
     grad_ptr = tl.load(grad_table_ptr + row).to(tl.pointer_type(GRAD_DTYPE))
@@ -132,23 +135,24 @@ def _master_adamw_kernel(
 
 @torch.no_grad()
 def master_adamw_(masters, grads, exp_avgs, exp_avg_sqs, copies, *, lr, beta1, beta2, eps, weight_decay, step,
-                  grad_scale=None, emas=None, ema_weight=0.0) -> None:
+                  grad_scale=None, emas=None, ema_weight=0.0, skip=None) -> None:
     """Triton version of fastdmd.ops.reference.master_adamw_ (same arguments, same update)."""
     master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
                          beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                         ema_weight=ema_weight)
+                         ema_weight=ema_weight, skip=skip)
 
 
 @torch.no_grad()
 def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps, weight_decay, step,
-                         grad_scale=None, ema_weight=0.0) -> None:
-    """Triton version of fastdmd.ops.reference.master_adamw_update_."""
+                         grad_scale=None, ema_weight=0.0, skip=None) -> None:
+    """Triton version of fastdmd.ops.reference.master_adamw_update_ (skip read by each program, not the host)."""
     check_master_adamw_update(grads, plan.shapes, plan.device, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight)
+                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight,
+                              skip=skip)
     if not len(plan):
         return
     check_kernel_device(_master_adamw_kernel, plan.device)
-    _launch_master_adamw(plan, grads, lr, beta1, beta2, eps, weight_decay, step, grad_scale, ema_weight)
+    _launch_master_adamw(plan, grads, lr, beta1, beta2, eps, weight_decay, step, grad_scale, ema_weight, skip)
 
 
 def _fixed_table(plan: MasterAdamWPlan):
@@ -179,7 +183,7 @@ def _fixed_table(plan: MasterAdamWPlan):
 
 
 def _launch_master_adamw(plan: MasterAdamWPlan, grads, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
-                         ema_weight):
+                         ema_weight, skip=None):
     table, aligned, numels, block_rows, block_starts = _fixed_table(plan)
     # A strided gradient is read through a contiguous copy (the table holds addresses); freeing it after the
     # launch is safe: the allocator reuses its memory only for work queued after the kernel on this stream.
@@ -191,11 +195,14 @@ def _launch_master_adamw(plan: MasterAdamWPlan, grads, lr, beta1, beta2, eps, we
     grad_table = torch.tensor(grad_addresses, dtype=torch.int64,
                               pin_memory=plan.device.type == "cuda").to(plan.device, non_blocking=True)
     copies = plan.copies
+    if skip is not None and skip.dtype != torch.int32:
+        skip = skip.to(torch.int32)
     _master_adamw_kernel[(block_rows.numel(),)](
         table, grad_table, numels, block_rows, block_starts, table if grad_scale is None else grad_scale,
+        table if skip is None else skip,
         1.0 - lr * weight_decay, beta1, beta2, lr / (1 - beta1**step), math.sqrt(1 - beta2**step), eps,
         float(ema_weight),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], COPY_DTYPE=_TL_DTYPES[copies[0].dtype if copies else torch.bfloat16],
         HAS_COPY=copies is not None, HAS_EMA=plan.emas is not None, HAS_SCALE=grad_scale is not None,
-        MOMENT_IS_GRAD=beta1 == 0,
+        HAS_SKIP=skip is not None, MOMENT_IS_GRAD=beta1 == 0,
         ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)

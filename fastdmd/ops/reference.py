@@ -233,6 +233,7 @@ def master_adamw_(
     grad_scale: torch.Tensor | None = None,
     emas: list[torch.Tensor] | None = None,
     ema_weight: float = 0.0,
+    skip: torch.Tensor | None = None,
 ) -> None:
     """One AdamW update of fp32 master weights from low-precision gradients, in place (perf.master_weights).
 
@@ -244,13 +245,14 @@ def master_adamw_(
         master -= lr / (1 - beta1^step) * exp_avg / (sqrt(exp_avg_sq) / sqrt(1 - beta2^step) + eps)
         copy = master rounded to the copy's dtype   (the bf16 weights the next forward computes with)
         ema += ema_weight * (master - ema)          (the generator's EMA, ema_weight = 1 - decay)
-    Non-finite gradients propagate into the weights, as in torch's AdamW: the trainer skips such steps.
+    Non-finite gradients propagate into the weights, as in torch's AdamW: the trainer skips such steps,
+    with `skip` (a one-element device tensor: nonzero, nothing is written) when it decides on the device.
     With beta1 = 0, exp_avg = g (it is written, not read: a non-finite exp_avg, which torch's AdamW would
     carry into the weights through 0 * exp_avg, is not read at all).
     """
     master_adamw_update_(MasterAdamWPlan(masters, exp_avgs, exp_avg_sqs, copies, emas), grads, lr=lr, beta1=beta1,
                          beta2=beta2, eps=eps, weight_decay=weight_decay, step=step, grad_scale=grad_scale,
-                         ema_weight=ema_weight)
+                         ema_weight=ema_weight, skip=skip)
 
 
 class MasterAdamWPlan:
@@ -284,10 +286,15 @@ class MasterAdamWPlan:
 @torch.no_grad()
 def master_adamw_update_(plan: MasterAdamWPlan, grads: list[torch.Tensor], *, lr: float, beta1: float, beta2: float,
                          eps: float, weight_decay: float, step: int, grad_scale: torch.Tensor | None = None,
-                         ema_weight: float = 0.0) -> None:
-    """master_adamw_ on a plan's tensors: grads[i] is the gradient of plan.masters[i]."""
+                         ema_weight: float = 0.0, skip: torch.Tensor | None = None) -> None:
+    """master_adamw_ on a plan's tensors: grads[i] is the gradient of plan.masters[i]. skip: a one-element
+    device tensor; nonzero, the update writes nothing (the trainer's non-finite loss or gradient, decided on
+    the device so that the host need not wait for it; this reference reads it, the kernel does not)."""
     check_master_adamw_update(grads, plan.shapes, plan.device, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight)
+                              weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight,
+                              skip=skip)
+    if skip is not None and bool(skip.reshape(())):
+        return
     masters, exp_avgs, exp_avg_sqs, copies, emas = (plan.masters, plan.exp_avgs, plan.exp_avg_sqs, plan.copies,
                                                     plan.emas)
     step_size = lr / (1 - beta1**step)
