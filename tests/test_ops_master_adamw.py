@@ -357,7 +357,7 @@ def test_the_optimizer_steps_through_one_plan_as_torch_adamw_with_fused_rows_ema
 
 def test_a_plans_tensor_given_new_storage_is_checked_again_and_updated_where_it_now_lives():
     """The Triton launcher keeps the plan's addresses on the device and compares them on each update: a
-    master given new storage (param.data = ...) is updated there, and one of another shape is refused."""
+    master or copy given new storage (param.data = ...) is updated there, and one of another shape is refused."""
     s = state(SHAPES[:2])
     plan = reference.MasterAdamWPlan(s["masters"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"])
     grads = grads_for(SHAPES[:2], torch.bfloat16, 1)
@@ -370,9 +370,13 @@ def test_a_plans_tensor_given_new_storage_is_checked_again_and_updated_where_it_
                             [e.clone() for e in s["exp_avg_sqs"]], None, step=2, **HYPER)
     master_adamw_triton.master_adamw_update_(plan, grads, step=2, **HYPER)
     torch.testing.assert_close(s["masters"][1], expected["masters"][1], rtol=1e-6, atol=1e-7)
+    s["copies"][1].data = torch.zeros_like(s["copies"][1])  # a copy moved (module.to): written where it now is
+    master_adamw_triton.master_adamw_update_(plan, grads, step=3, **HYPER)
+    torch.testing.assert_close(s["copies"][1].float(), s["masters"][1].detach().to(torch.bfloat16).float(),
+                               rtol=COPY_RTOL, atol=0)
     s["masters"][0].data = torch.zeros(2, device=DEVICE)
     with pytest.raises(ValueError, match=r"exp_avgs\[0\] must have shape \(2,\), got \(1,\)"):
-        master_adamw_triton.master_adamw_update_(plan, grads, step=3, **HYPER)
+        master_adamw_triton.master_adamw_update_(plan, grads, step=4, **HYPER)
 
 
 @IMPLS

@@ -158,15 +158,20 @@ def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps,
 def _fixed_table(plan: MasterAdamWPlan):
     """(table [n, 5] int64 on the device, whether all its addresses are 16-byte aligned, numels [n] int64,
     block_rows [programs] int32, block_starts [programs] int64) of the plan's tensors: built once, and again
-    only when one of them has new storage (or a test changed BLOCK)."""
+    only when a master or a copy has new storage (or a test changed BLOCK). Only those are watched: they are
+    parameters, which `module.to(...)` or `param.data = ...` can move; the moments and the EMA belong to their
+    optimizer and EMA, which replace them only with new tensors, and so with a new plan (one address read
+    per watched tensor per update is host time in a host-bound step)."""
+    watched = [t.data_ptr() for t in plan.masters] + ([] if plan.copies is None else
+                                                      [t.data_ptr() for t in plan.copies])
+    derived = plan.derived.get("triton")
+    if derived is not None and derived[0] == (BLOCK, watched):
+        return derived[1]
+    if derived is not None and derived[0][1] != watched:  # new storage under the plan (param.data = ...)
+        plan.recheck()
     absent = [0] * len(plan)
     columns = (plan.masters, plan.exp_avgs, plan.exp_avg_sqs, plan.copies, plan.emas)
     addresses = [absent if tensors is None else [t.data_ptr() for t in tensors] for tensors in columns]
-    derived = plan.derived.get("triton")
-    if derived is not None and derived[0] == (BLOCK, addresses):
-        return derived[1]
-    if derived is not None and derived[0][1] != addresses:  # new storage under the plan (param.data = ...)
-        plan.recheck()
     rows = [address for row in zip(*addresses) for address in row]
     aligned = all(address % 16 == 0 for address in rows)  # absent ones are 0
     pinned = plan.device.type == "cuda"  # see the gradients' table in _launch_master_adamw
@@ -178,7 +183,7 @@ def _fixed_table(plan: MasterAdamWPlan):
     on_device = [(t.pin_memory() if pinned else t).to(plan.device, non_blocking=True)
                  for t in (numels, block_rows, block_starts)]
     fixed = (table, aligned, *on_device)
-    plan.derived["triton"] = ((BLOCK, addresses), fixed)
+    plan.derived["triton"] = ((BLOCK, watched), fixed)
     return fixed
 
 

@@ -263,8 +263,10 @@ class MasterAdamWPlan:
 
     A backend keeps what it derives from these tensors in `derived` (the Triton launcher: their
     addresses, written to the device once), together with the addresses it derived it from, and compares
-    those on each update: a tensor given new storage (`param.data = ...`) is checked again and the
-    derived data rebuilt. Changing a tensor's shape in place while keeping its storage is not caught."""
+    those of the masters and copies on each update: a parameter given new storage (`param.data = ...`,
+    `module.to(...)`) is checked again and the derived data rebuilt. The moments and EMA tensors are not
+    watched (their owners replace them with new tensors, which takes a new plan), nor is a tensor's
+    shape changed in place while keeping its storage."""
 
     def __init__(self, masters, exp_avgs, exp_avg_sqs, copies=None, emas=None):
         check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas)
