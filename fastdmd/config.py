@@ -210,7 +210,8 @@ class PerfConfig:
                                choices=("inductor", "aot_eager", "eager"))
     compile_mode: str = opt("default", "torch.compile mode of each block (inductor): reduce-overhead replays every "
                             "compiled block, forward and backward, from CUDA graphs (cudagraph trees; CUDA only, not "
-                            "under torchrun; the rollout then needs no graph of its own)",
+                            "under torchrun); the rollout and the DMD scores, where perf.cuda_graph_rollout / "
+                            "cuda_graph_scores capture them whole, call a second, default-mode compile of the blocks",
                             choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (diffusers' "
                                          "gradient checkpointing)")

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fastdmd.rollout.graphs import add_twin
+
 
 @dataclass(frozen=True)
 class World:
@@ -98,6 +100,8 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in blocks:
             block.compile(backend=perf.compile_backend, mode=mode, dynamic=False)  # static shapes: no symbolic recompiles
+            if mode == "reduce-overhead":  # the whole-call CUDA graphs (rollout, DMD scores) capture its twin
+                add_twin(block, perf.compile_backend)
     if not world.distributed:
         return net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -307,11 +307,10 @@ class Trainer:
                                    None if self.family.name == "digits" else self.family.decode) \
             if cfg.method != "dmd2" else None
         self.rollout = GraphedRollout(self.rollout_generator, cfg.dmd.generator_sigmas, cfg.perf.cuda_graph_rollout,
-                                      world.device, world.distributed,
-                                      blocks_graphed=perf.blocks_in_cuda_graphs)
+                                      world.device, world.distributed)
         self.real.batched_cfg = perf.batched_cfg
         scores_blocker = graph_blocker("perf.cuda_graph_scores", perf.cuda_graph_scores, world.device,
-                                       world.distributed, perf.blocks_in_cuda_graphs)
+                                       world.distributed)
         for name, score in (("real score", self.real), ("fake score", self.fake_compute)):
             if score is not None:
                 score.graphs = CudaGraphs(score.eager_predict, scores_blocker, name)

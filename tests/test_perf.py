@@ -432,3 +432,47 @@ def test_a_failed_capture_warns_once_and_stays_eager():
         warnings.simplefilter("error")
         torch.testing.assert_close(graphs(x + 1), 2 * (x + 1))
     assert len(calls) == 1  # eager, once
+
+
+def test_a_twin_runs_inside_twins_in_place_and_the_blocks_own_compile_outside():
+    """reduce-overhead's blocks cannot record their CUDA graphs inside a whole-call capture: there they call
+    a default-mode twin. Two counting backends stand for the two compiles: each is used where it should be,
+    and going back and forth compiles neither again (dynamo keeps both, told apart by their backends)."""
+    from fastdmd.rollout.graphs import add_twin, twins_in_place
+
+    compiles = {"own": 0, "twin": 0}
+
+    def counting(name):
+        def backend(gm, example_inputs):
+            compiles[name] += 1
+            return gm.forward
+        return backend
+
+    class Block(torch.nn.Module):  # (dynamo skips the frames of torch.nn's own containers)
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(3, 5)
+
+        def forward(self, x):
+            return torch.nn.functional.gelu(self.linear(x))
+
+    block = Block()
+    x = torch.randn(2, 3)
+    with pytest.raises(ValueError, match="not compiled"):
+        add_twin(block, counting("twin"))
+    block.compile(backend=counting("own"), dynamic=False)
+    own_call = block._compiled_call_impl
+    add_twin(block, counting("twin"))
+    want = block._call_impl(x)
+    for _ in range(2):
+        torch.testing.assert_close(block(x), want)
+        assert block._compiled_call_impl is own_call
+        with twins_in_place():
+            assert block._compiled_call_impl is not own_call
+            torch.testing.assert_close(block(x), want)
+    assert block._compiled_call_impl is own_call
+    assert compiles == {"own": 1, "twin": 1}
+    with pytest.raises(RuntimeError, match="raised inside"), twins_in_place():
+        raise RuntimeError("raised inside")
+    assert block._compiled_call_impl is own_call  # put back on the way out of an error too
+

@@ -571,18 +571,21 @@ def test_master_weights_copies_in_cuda_graphs_follow_the_fp32_weights(sd3_dir, t
 def test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode(sd3_dir, tmp_path):
     """step_throughput's optimized step on CUDA: torch.compile's reduce-overhead mode with perf.master_weights.
     The bf16 copies' gradients come out of the cudagraph trees' memory, and MasterAdamW reads them after
-    the backward and writes the copies in place between replays: three steps give the losses and fp32
-    weights of the default mode (the same compiled kernels, without CUDA graphs)."""
+    the backward and writes the copies in place between replays; the DMD scores and the rollout replay
+    whole-call graphs of the blocks' default-mode twins: three steps give the losses and fp32 weights of
+    the default mode (the same compiled kernels, its own whole-call graphs for the scores and rollout)."""
     from fastdmd.distributed import World
     from fastdmd.trainer import Trainer
 
     def run(mode: str):
         cfg = parse_args(args_for(sd3_dir, tmp_path / mode, "--model.dtype", "bfloat16", "--perf.mixed_precision", "bf16",
                                   "--perf.master_weights", "true", "--perf.fuse_qkv", "true", "--perf.compile", "true",
-                                  "--perf.compile_mode", mode, "--trainer.lr_generator", "1e-2",
+                                  "--perf.compile_mode", mode, "--perf.cuda_graph_rollout", "true",
+                                  "--perf.cuda_graph_scores", "true", "--trainer.lr_generator", "1e-2",
                                   "--trainer.lr_critic", "1e-2"))
         trainer = Trainer(cfg, World(device=torch.device("cuda")))
         logs = [trainer.train_step(step) for step in range(1, 4)]
+        assert trainer.rollout.active and len(trainer.real.graphs) > 0 and len(trainer.fake_compute.graphs) > 0
         return trainer, logs, [p.detach().clone() for p in trainer.generator.net.parameters()]
 
     from torch._dynamo.utils import counters
