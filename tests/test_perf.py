@@ -476,3 +476,43 @@ def test_a_twin_runs_inside_twins_in_place_and_the_blocks_own_compile_outside():
         raise RuntimeError("raised inside")
     assert block._compiled_call_impl is own_call  # put back on the way out of an error too
 
+
+def test_a_twin_is_freed_with_its_block():
+    """The twin lives on its block: a trainer's blocks (and their weights) are freed with the trainer."""
+    import gc
+    import weakref
+
+    from fastdmd.rollout.graphs import _twinned, add_twin
+
+    block = torch.nn.Linear(3, 5)
+    block.compile(backend="eager", dynamic=False)
+    add_twin(block, "eager")
+    assert block in _twinned
+    gone = weakref.ref(block)
+    del block
+    gc.collect()
+    assert gone() is None and len(_twinned) == 0
+
+
+def test_graphs_share_one_pool_while_a_graph_holds_it_and_take_a_new_one_after(monkeypatch):
+    """CUDA's allocator releases a private pool with its last graph; a capture into the released pool's id
+    fails (what a second trainer in one process hit). So: the pool is shared while some live graph holds
+    it, and a new one is made once none does."""
+    import gc
+    import itertools
+
+    from fastdmd.rollout import graphs as graphs_mod
+
+    ids = itertools.count()
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", lambda: (next(ids), 0))
+    monkeypatch.setattr(graphs_mod, "_pool", None)
+    monkeypatch.setattr(graphs_mod, "_pool_users", graphs_mod.weakref.WeakSet())
+    first, second = graphs_mod.CudaGraphs(abs, None, "a"), graphs_mod.CudaGraphs(abs, None, "b")
+    pool = graphs_mod.shared_pool()
+    first._graphs["key"] = "a captured graph"
+    graphs_mod._pool_users.add(first)
+    assert graphs_mod.shared_pool() == pool and graphs_mod.shared_pool() == pool  # shared while first holds it
+    graphs_mod._pool_users.add(second)  # a user without a graph holds no pool
+    del first
+    gc.collect()
+    assert graphs_mod.shared_pool() != pool  # its only holder is gone: a new pool

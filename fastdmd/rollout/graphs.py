@@ -7,9 +7,10 @@ optimizer updates them in place), so one capture serves the whole run. Randomnes
 the rollout's re-noise draws are made from the step's generator, in the eager path's order, and
 passed in as inputs, so graph and eager rollouts see the same numbers.
 
-Every graph of the process shares one memory pool: a graph's scratch memory is free once it has
-run, its outputs are copied out right after the replay, its inputs live outside the pool and no two
-graphs run at once, so sharing costs nothing and saves a pool per graph.
+Every live graph of the process shares one memory pool: a graph's scratch memory is free once it
+has run, its outputs are copied out right after the replay, its inputs live outside the pool and no
+two graphs run at once, so sharing costs nothing and saves a pool per graph (a new pool once no live
+graph holds the last one: shared_pool).
 
 Where a graph cannot work the call stays eager and `reason` says why (in the run header): no CUDA
 device, FSDP-sharded weights (their all-gathers run outside any graph), or a capture that failed (the
@@ -37,26 +38,40 @@ import torch
 from fastdmd.rollout import X0Fn, renoise_draws, simulate
 
 WARMUP_ITERS = 3
-_pool = None  # the process's one memory pool for these graphs (created on the first capture)
-_twins: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # block -> its compiled call for captures
+_pool = None  # the memory pool that every live graph here shares (see shared_pool)
+_pool_users: weakref.WeakSet = weakref.WeakSet()  # the CudaGraphs that captured into it
+_twinned: weakref.WeakSet = weakref.WeakSet()  # the blocks with a twin (add_twin)
+
+
+def shared_pool() -> tuple:
+    """The pool for the next capture: the current one while a live graph holds it, else a new one. Once
+    the last graph of a pool is gone (its trainer freed), CUDA's allocator releases the pool, and a capture
+    into its old id fails (an internal assert: use_count > 0), as a second trainer in one process (the
+    throughput benchmark's variants, a test) would otherwise do."""
+    global _pool
+    if _pool is None or not any(len(graphs) for graphs in _pool_users):
+        _pool = torch.cuda.graph_pool_handle()
+    return _pool
 
 
 def add_twin(block: torch.nn.Module, backend: str = "inductor") -> None:
     """Give `block`, compiled (nn.Module.compile) in a mode with CUDA graphs of its own, a twin compiled in
     inductor's default mode (the same kernels, no graphs), for `twins_in_place`. torch.compile builds the
-    twin's code on its first call, in a capture's warm-up."""
+    twin's code on its first call, in a capture's warm-up. The twin is kept on the block, as its own
+    compiled call is (a reference cycle, freed with the block; a table keyed by blocks would hold them)."""
     if block._compiled_call_impl is None:
         raise ValueError(f"add_twin: {type(block).__name__} is not compiled; call block.compile(...) first")
-    _twins[block] = torch.compile(block._call_impl, backend=backend, dynamic=False)
+    block._fastdmd_twin_call = torch.compile(block._call_impl, backend=backend, dynamic=False)
+    _twinned.add(block)
 
 
 @contextmanager
 def twins_in_place() -> Iterator[None]:
     """Every block with a twin calls its twin inside this context (its own compiled call again after)."""
-    swapped = [(block, block._compiled_call_impl) for block in _twins.keys()]
+    swapped = [(block, block._compiled_call_impl) for block in list(_twinned)]
     try:
         for block, _ in swapped:
-            block._compiled_call_impl = _twins[block]
+            block._compiled_call_impl = block._fastdmd_twin_call
         yield
     finally:
         for block, own in swapped:
@@ -113,7 +128,6 @@ class CudaGraphs:
 
     @torch.no_grad()
     def _capture(self, tensors, constants):
-        global _pool
         static_inputs = [t.clone() for t in tensors]
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
@@ -122,10 +136,10 @@ class CudaGraphs:
                 self.fn(*static_inputs, *constants)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
-        if _pool is None:
-            _pool = torch.cuda.graph_pool_handle()
-        with torch.cuda.graph(graph, pool=_pool), uncached_autocast("cuda"), twins_in_place():
+        pool = shared_pool()
+        with torch.cuda.graph(graph, pool=pool), uncached_autocast("cuda"), twins_in_place():
             static_out = self.fn(*static_inputs, *constants)
+        _pool_users.add(self)
         return graph, static_inputs, static_out
 
 
