@@ -26,9 +26,9 @@
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
 #            512 px): naive + optimized (reduce-overhead since 2026-11-26, session 13: 0.141 against
-#            0.158 s/step for the default compile mode in one process), then naive +
-#            optimized-default-mode in a second process (~130 s each with --profile); results in
-#            OUTDIR/step_throughput_*.{json,md}.
+#            0.158 s/step for the default compile mode in one process; since session 14 with whole-call
+#            graphs for the rollout and scores: 0.133 s), then naive + optimized-default-mode in a
+#            second process (~100 s each with --profile); results in OUTDIR/step_throughput_*.{json,md}.
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
@@ -43,8 +43,9 @@
 # ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s and is given back
 # after 30 s idle.
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
-# ~590 s. The op tests and benchmarks all ran on 2026-11-26 (sessions 12-13), so the next call is
-# throughput's, with the GPU tests beside its start and bench_master_adamw after it:
+# ~590 s. The op tests and benchmarks all ran on 2026-11-26/27 (sessions 12-14), so the next call is
+# throughput's, with the GPU tests beside its start and bench_master_adamw after it (session 14: 321 s
+# in all on a fresh machine, throughput 201 s, gputests 65-74 s):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
