@@ -60,7 +60,10 @@
 # ranges, host ops of 50 us or more) comes back on its own, outside the archive, for Perfetto or
 # json here: its device-idle gaps and the host calls around them say where a step waits for the host
 # (session 13 found MasterAdamW's host work that way: 8-11 ms per update with the GPU idle after the
-# update's synchronization). Write everything under $OUT in the same call: a later call finds the
+# update's synchronization). Since session 14 each profiled variant also has a step profiled without
+# the phase synchronization (*_free_trace_kernels.json.gz, and its idle time by host range in the .md):
+# the timed step's own idle time (~15 ms of 133 in session 14's optimized step), which the
+# synchronized step's gaps cannot show. Write everything under $OUT in the same call: a later call finds the
 # machine given back after 30 s idle. Read the GPU tests' results before trusting the timings.
 # FASTDMD_STEP_TIMEOUT=SECONDS bounds each step. Every step logs to OUTDIR/<step>.log. A failing
 # step does not stop the others; the exit status

@@ -35,7 +35,8 @@ the full few-step sample at batch 1 (every generator step, no grad), called as t
 its generator (compiled blocks where it compiles them) and, on CUDA, replayed from one CUDA graph,
 and with --profile one profiled step (device busy time, in all and per phase against the phase's
 wall time and with the calls into compiled code, top kernels, copy kernels by their launching ops,
-Chrome trace). Writes
+Chrome trace) and, on CUDA, one more without the phase synchronization, as the timed steps run: its
+idle time summed by the host range the GPU waited on (and its trimmed trace). Writes
 benchmarks/results/step_throughput_<preset>_<device>.{json,md} after every variant; a variant that
 fails is recorded with its error and the others still run.
 
@@ -177,7 +178,8 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
     top = sorted(events, key=self_time, reverse=True)[:25]
     all_events = prof.events()
     work = phase_work_ms(all_events, cuda)
-    result = {"profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
+    result = {"profile_k": trainer.backward_simulation_step(step),
+              "profile_device_busy_ms": sum(self_time(e) for e in events) / 1e3 if cuda else None,
               "profile_top": [{"name": e.key[:80], "calls": e.count, "self_ms": self_time(e) / 1e3} for e in top],
               "profile_phase_busy_ms": {phase: sum(names.values()) for phase, names in work.items()},
               "profile_phase_wall_ms": {name: 1e3 * seconds for name, seconds in spent.seconds.items()},
@@ -352,8 +354,8 @@ def copy_origins(events, n: int = 15) -> list[dict]:
 SYNC_CALLS = ("Synchronize", "cudaMemcpy", "cudaStreamWaitEvent")
 
 
-def device_idle_gaps(events, n: int = 10, min_ms: float = 1.0) -> list[dict]:
-    """Where the GPU of a profiled CUDA step sat idle for min_ms or more, the n longest: the phase of the work
+def device_idle_gaps(events, n: int | None = 10, min_ms: float = 1.0) -> list[dict]:
+    """Where the GPU of a profiled CUDA step sat idle for min_ms or more, the n longest (all: n None): the phase of the work
     that ended the gap, its length, when it started (ms into the step), the synchronizing runtime call that
     returned as it began (the host had waited for the device to drain) and the innermost host range that
     spans most of it (what the host was doing while the GPU waited: e.g. an optimizer's step between the
@@ -368,6 +370,8 @@ def device_idle_gaps(events, n: int = 10, min_ms: float = 1.0) -> list[dict]:
     phase_of = phase_locator(events, cuda=True)
     host = [e for e in events if e.device_type == DeviceType.CPU]
     syncs = [e for e in host if e.name.startswith("cu") and any(part in e.name for part in SYNC_CALLS)]
+    # A range over most of a gap lasts half of min_ms at least: the others need not be searched.
+    ranges = [h for h in host if not h.name.startswith("cu") and h.time_range.elapsed_us() >= 500 * min_ms]
     step_start = min(e.time_range.start for e in host) if host else work[0].time_range.start
     gaps, busy_until = [], work[0].time_range.end
     for e in work[1:]:
@@ -379,14 +383,60 @@ def device_idle_gaps(events, n: int = 10, min_ms: float = 1.0) -> list[dict]:
     for start, end, after in sorted(gaps, key=lambda gap: gap[0] - gap[1])[:n]:
         length = end - start
         returned = [c for c in syncs if start - 100 <= c.time_range.end <= start + min(500, length / 2)]
-        spanning = [h for h in host if not h.name.startswith("cu")
-                    and min(h.time_range.end, end) - max(h.time_range.start, start) >= 0.5 * length]
+        spanning = [h for h in ranges if min(h.time_range.end, end) - max(h.time_range.start, start) >= 0.5 * length]
         inner = min(spanning, key=lambda h: h.time_range.elapsed_us(), default=None)
         rows.append({"phase": phase_of(after), "idle_ms": round(length / 1e3, 3),
                      "at_ms": round((start - step_start) / 1e3, 2),
                      "after_sync": returned[-1].name if returned else "",
                      "host_meanwhile": inner.name[:80] if inner is not None else ""})
     return rows
+
+
+def idle_summary(events, min_ms: float = 0.05, n: int = 12) -> dict:
+    """The device's time in one profiled CUDA step: busy (its work's own time), span (first work's start to
+    last work's end), the idle time in gaps shorter than min_ms (mostly the launch latency between a CUDA
+    graph's kernels) and in longer ones, and those longer gaps summed by (phase, whether a synchronizing
+    call returned as the gap began, innermost host range over most of it): the n largest sums."""
+    work = sorted((e for e in events if is_device_work(e)), key=lambda e: e.time_range.start)
+    if not work:
+        return {}
+    busy = sum(e.time_range.elapsed_us() for e in work)
+    short, busy_until = 0.0, work[0].time_range.end
+    for e in work[1:]:
+        if 0 < e.time_range.start - busy_until < min_ms * 1e3:
+            short += e.time_range.start - busy_until
+        busy_until = max(busy_until, e.time_range.end)
+    sums: dict[tuple, list] = collections.defaultdict(lambda: [0, 0.0])
+    for gap in device_idle_gaps(events, n=None, min_ms=min_ms):
+        key = (gap["phase"], gap["after_sync"], gap["host_meanwhile"])
+        sums[key][0] += 1
+        sums[key][1] += gap["idle_ms"]
+    rows = [{"phase": phase, "after_sync": after, "host_meanwhile": meanwhile, "gaps": count, "idle_ms": round(ms, 3)}
+            for (phase, after, meanwhile), (count, ms) in sums.items()]
+    return {"busy_ms": busy / 1e3, "span_ms": (busy_until - work[0].time_range.start) / 1e3,
+            "idle_short_ms": short / 1e3, "idle_ms": sum(row["idle_ms"] for row in rows), "min_gap_ms": min_ms,
+            "by_host": sorted(rows, key=lambda row: -row["idle_ms"])[:n]}
+
+
+def profile_free_step(trainer: Trainer, step: int, device: torch.device, trace_path: str | None) -> dict:
+    """One more profiled step (CUDA), run as the timed steps run: without the synchronization at every phase
+    boundary that profile_step's phase walls need, so its idle gaps are the timed step's own (the profiler's
+    host overhead aside). idle_summary of it, and its trimmed trace when trace_path is given. A kernel's phase
+    here is the one the host had open when the kernel started: for the work after a gap, where the GPU
+    waited for the host, that is the phase whose host work it waited on."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        trainer.train_step(step)
+        synchronize(device)
+    result = {"free_profile": idle_summary(prof.events()) | {"k": trainer.backward_simulation_step(step)}}
+    if trace_path:
+        prof.export_chrome_trace(trace_path)
+        kernels_path = trace_path.removesuffix(".json") + "_kernels.json.gz"
+        trim_trace(trace_path, kernels_path)
+        os.remove(trace_path)
+        result["free_profile_trace_kernels"] = kernels_path
+    return result
 
 
 def kinds_by_phase(work: dict[str, dict[str, float]]) -> dict[str, dict[str, float]]:
@@ -443,6 +493,9 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
         trainer.train_step(step)
         synchronize(device)
         times.append(time.perf_counter() - start)
+    # A step's work depends on its backward-simulation step k (k generator forwards in the rollout): the
+    # profiled steps below compare with the timed steps of their own k.
+    by_k = [{"step": n, "k": trainer.backward_simulation_step(n), "seconds": t} for n, t in zip(timed_steps, times)]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # CUDA graphs keep their memory in private pools, which count as reserved, not allocated, between replays.
@@ -458,6 +511,7 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
             phase_peaks[key] = max(phase_peaks.get(key, 0), value)
     median = statistics.median(times)
     row = {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
+           "timed_steps": by_k,
            "peak_memory_bytes": peak, "peak_reserved_bytes": peak_reserved, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
            "optimizer": trainer.optimizer_name,
            "rollout": trainer.rollout.reason or "CUDA graph", "scores": trainer.scores_graphs,
@@ -477,6 +531,9 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
     extras = [("sample_batch1", lambda: sample_batch1_ms(trainer, device))]
     if profile:
         extras.append(("profile", lambda: profile_step(trainer, step + 1, device, profile_trace)))
+        if device.type == "cuda":
+            free_trace = profile_trace.removesuffix("_trace.json") + "_free_trace.json" if profile_trace else None
+            extras.append(("free_profile", lambda: profile_free_step(trainer, step + 2, device, free_trace)))
     extras.append(("flop_count", count_flops))
     for extra, run in extras:
         try:
@@ -672,6 +729,36 @@ def idle_table(variant: str, gaps: list[dict]) -> list[str]:
                     f"{'`' + g['host_meanwhile'] + '`' if g['host_meanwhile'] else '-'} |" for g in gaps]
 
 
+def timed_by_k(v: dict) -> str:
+    """'k=0: 0.1201 s (2), k=1: ...': the variant's timed steps' median s/step (and count) at each k."""
+    ks = sorted({t["k"] for t in v["timed_steps"]})
+    return ", ".join(f"k={k}: {statistics.median(t['seconds'] for t in v['timed_steps'] if t['k'] == k):.4f} s "
+                     f"({sum(t['k'] == k for t in v['timed_steps'])})" for k in ks)
+
+
+def timed_at_k(v: dict, k: int) -> str:
+    """'; the timed steps at k: 131.2 ms' (empty when no timed step had that k)."""
+    same = [t["seconds"] for t in v.get("timed_steps") or [] if t["k"] == k]
+    return f"; the timed steps at this k: {1e3 * statistics.median(same):.1f} ms" if same else ""
+
+
+def free_idle_table(variant: str, summary: dict) -> list[str]:
+    """The report's lines for profile_free_step's idle_summary (none without one)."""
+    if not summary:
+        return []
+    k = f" (k = {summary['k']})" if "k" in summary else ""
+    lines = ["", f"Profiled step without phase synchronization, {variant}{k}, as the timed steps run: device busy "
+             f"{summary['busy_ms']:.1f} ms over a span of {summary['span_ms']:.1f} ms; idle "
+             f"{summary['idle_ms']:.1f} ms in gaps of {1e3 * summary['min_gap_ms']:.0f} us or more, "
+             f"{summary['idle_short_ms']:.1f} ms in shorter ones (mostly between a CUDA graph's kernels). The longer "
+             "gaps summed by the phase of the work that ended them, the synchronizing call that returned as they "
+             "began and the innermost host range over most of them:", "",
+             "| phase | after | host meanwhile | gaps | idle (ms) |", "|---|---|---|---:|---:|"]
+    return lines + [f"| {row['phase']} | {row['after_sync'] or '-'} | "
+                    f"{'`' + row['host_meanwhile'] + '`' if row['host_meanwhile'] else '-'} | {row['gaps']} | "
+                    f"{row['idle_ms']:.2f} |" for row in summary["by_host"]]
+
+
 def report(r: dict) -> str:
     done = [v for v in r["variants"] if "error" not in v]
     lines = [f"# Step throughput, preset {r['preset']}", "",
@@ -700,6 +787,8 @@ def report(r: dict) -> str:
                      f"| {_percent(v['mfu'])} | {counted} | {v['peak_memory_bytes'] / 2**20:.0f} | {_mb(v.get('peak_reserved_bytes'))} "
                      f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {v.get('fused_qkv', 'n/a')} "
                      f"| {called} | {graph} |")
+    lines += ["", "Timed steps by backward-simulation step k (the rollout runs k generator forwards; s/step above is "
+              "their median): " + "; ".join(f"{v['variant']} {timed_by_k(v)}" for v in done if v.get("timed_steps"))]
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]
@@ -726,8 +815,9 @@ def report(r: dict) -> str:
         if "profile_top" not in v:
             continue
         busy = v["profile_device_busy_ms"]
-        lines += ["", f"Profiled step, {v['variant']}: " + (f"device busy {busy:.1f} ms of {1e3 * v['s_per_step']:.1f} ms "
-                                                             f"per step" if busy is not None else "CPU self times")
+        k = v.get("profile_k")
+        lines += ["", f"Profiled step, {v['variant']}" + (f" (k = {k}{timed_at_k(v, k)})" if k is not None else "") + ": "
+                  + (f"device busy {busy:.1f} ms" if busy is not None else "CPU self times")
                   + (f"; trace {os.path.basename(v['profile_trace'])}" if v.get("profile_trace") else ""), "",
                   ("| kernel | calls | ms |" if busy is not None else "| op | calls | self ms |"), "|---|---:|---:|"]
         lines += [f"| `{t['name']}` | {t['calls']} | {t['self_ms']:.2f} |" for t in v["profile_top"]]
@@ -766,6 +856,7 @@ def report(r: dict) -> str:
                       "(innermost first)", "", "| phase | launched by | calls | ms |", "|---|---|---:|---:|"]
             lines += [f"| {o['phase']} | `{o['launched_by']}` | {o['calls']} | {o['ms']:.2f} |" for o in origins]
         lines += idle_table(v["variant"], v.get("profile_device_idle") or [])
+        lines += free_idle_table(v["variant"], v.get("free_profile") or {})
     return "\n".join(lines) + "\n"
 
 

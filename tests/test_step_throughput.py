@@ -6,6 +6,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -348,3 +349,23 @@ def test_device_idle_gaps_name_the_synchronization_and_the_host_work_the_gpu_wai
     assert step_throughput.device_idle_gaps([kernel("mm", 0, 10), kernel("mm", 10, 20)]) == []
     report = "\n".join(step_throughput.idle_table("optimized", gaps))
     assert "| optimizer | 1.05 | 1.90 | cudaStreamSynchronize | `Optimizer.step#MasterAdamW.step` |" in report
+
+    # Without phase synchronization: the same step's idle time summed by where the host was (by hand: gaps
+    # 900-1000, 1900-2950, 3500-3800, 5000-5210 and 5300-5420 us; 4800-4803 and 4900-4902 under 50 us).
+    summary = step_throughput.idle_summary(events + [kernel("mm", 4803, 4900), kernel("mm", 4902, 5000),
+                                                     host("aten::stack", 5000, 5200), kernel("mm", 5210, 5300),
+                                                     host("aten::stack", 5300, 5400), kernel("mm", 5420, 5500)],
+                                           min_ms=0.05)
+    assert summary["busy_ms"] == pytest.approx((890 + 900 + 550 + 1000 + 97 + 98 + 90 + 80) / 1e3)
+    assert summary["span_ms"] == pytest.approx(5.49)
+    assert summary["idle_short_ms"] == pytest.approx(0.005)
+    assert summary["by_host"][0] == {"phase": "optimizer", "after_sync": "cudaStreamSynchronize",
+                                     "host_meanwhile": "Optimizer.step#MasterAdamW.step", "gaps": 1, "idle_ms": 1.05}
+    assert summary["by_host"][1] == {"phase": "critic_update", "after_sync": "", "host_meanwhile": "aten::stack",
+                                     "gaps": 2, "idle_ms": 0.33}
+    assert [row["idle_ms"] for row in summary["by_host"]] == [1.05, 0.33, 0.3, 0.1]
+    assert summary["idle_ms"] == pytest.approx(1.78)
+    table = "\n".join(step_throughput.free_idle_table("optimized", summary))
+    assert "device busy 3.7 ms over a span of 5.5 ms; idle 1.8 ms in gaps of 50 us or more" in table
+    assert "| critic_update | - | `aten::stack` | 2 | 0.33 |" in table
+    assert step_throughput.free_idle_table("optimized", {}) == []
