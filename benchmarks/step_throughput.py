@@ -25,7 +25,10 @@ and device:
                       the path that FSDP2 runs (master weights are one process only). On CPU the same
                       as optimized
 
-For each: s/step (median of the timed steps, run back to back), samples/s, MFU (the naive step's
+For each: s/step (the timed steps' step numbers are chosen so that their backward-simulation steps
+k, which set how many generator forwards the rollout runs, cycle through 0..K-1 as training draws
+them uniformly; s/step is the mean over k of each k's median; use --steps a multiple of K, 4 for
+the presets), samples/s, MFU (the naive step's
 FLOPs, torch.utils.flop_counter over the same step numbers, against the matmul peak measured in the
 same run: bf16 on CUDA, fp32 on CPU), peak memory (CUDA: max allocated over the warm-up and timed
 steps, and max reserved, which holds the CUDA graphs' private pools; CPU: process peak RSS,
@@ -468,6 +471,25 @@ def measure(name: str, args: list[str], family, device, warmup: int, steps: int,
     return row | events | {"measure_seconds": time.perf_counter() - start}
 
 
+def cycling_k_steps(trainer: Trainer, after: int, count: int) -> list[int]:
+    """`count` step numbers after `after`, increasing, whose backward-simulation steps k go 0, 1, ..., K-1,
+    0, 1, ...: with count a multiple of K, every k equally often, as in training."""
+    ks = len(trainer.cfg.dmd.generator_sigmas)
+    numbers, n = [], after
+    for i in range(count):
+        n += 1
+        while trainer.backward_simulation_step(n) != i % ks:
+            n += 1
+        numbers.append(n)
+    return numbers
+
+
+def mean_over_k(timed: list[dict]) -> float:
+    """The mean over the k present of the median time of the timed steps at that k."""
+    ks = sorted({t["k"] for t in timed})
+    return statistics.fmean(statistics.median(t["seconds"] for t in timed if t["k"] == k) for k in ks)
+
+
 def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
     cfg = parse_args(args)
     if device.type == "cuda":  # reserved memory too starts from what this variant holds (nothing cached)
@@ -485,32 +507,34 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
         step += 1
         seen[trainer.backward_simulation_step(step)] += 1
         trainer.train_step(step)
-    times, timed_steps = [], range(step + 1, step + 1 + steps)
-    for _ in range(steps):
-        step += 1
+    # A step's work depends on its backward-simulation step k (k generator forwards in the rollout), drawn
+    # uniformly in training: the timed steps are step numbers whose k cycle through 0..K-1, and s/step is
+    # the mean over k of each k's median time (a plain median of a few steps reads the k that happened to
+    # come up most: session 14's five timed steps had k = 0, 2, 2, 3, 0).
+    timed_steps = cycling_k_steps(trainer, after=step, count=steps)
+    times = []
+    for step in timed_steps:
         synchronize(device)
         start = time.perf_counter()
         trainer.train_step(step)
         synchronize(device)
         times.append(time.perf_counter() - start)
-    # A step's work depends on its backward-simulation step k (k generator forwards in the rollout): the
-    # profiled steps below compare with the timed steps of their own k.
     by_k = [{"step": n, "k": trainer.backward_simulation_step(n), "seconds": t} for n, t in zip(timed_steps, times)]
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" \
         else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     # CUDA graphs keep their memory in private pools, which count as reserved, not allocated, between replays.
     peak_reserved = torch.cuda.max_memory_reserved() if device.type == "cuda" else None
     phases, phase_peaks = dict.fromkeys(PHASES, 0.0), {}
-    for _ in range(steps):  # phase timing resets CUDA's peak statistics: after the step's peak was read
-        step += 1
+    phase_steps = cycling_k_steps(trainer, after=step, count=steps)
+    for step in phase_steps:  # phase timing resets CUDA's peak statistics: after the step's peak was read
         with phase_times() as spent:
             trainer.train_step(step)
         for key, value in spent.seconds.items():
             phases[key] += value / steps
         for key, value in spent.peak_bytes.items():
             phase_peaks[key] = max(phase_peaks.get(key, 0), value)
-    median = statistics.median(times)
-    row = {"variant": name, "args": args, "s_per_step": median, "samples_per_s": cfg.trainer.batch_size / median,
+    per_step = mean_over_k(by_k)
+    row = {"variant": name, "args": args, "s_per_step": per_step, "samples_per_s": cfg.trainer.batch_size / per_step,
            "timed_steps": by_k,
            "peak_memory_bytes": peak, "peak_reserved_bytes": peak_reserved, "phase_s": phases, "phase_peak_memory_bytes": phase_peaks,
            "optimizer": trainer.optimizer_name,
@@ -626,7 +650,9 @@ def main() -> None:
     p.add_argument("--resolution", type=int, default=1024, help="sd3-medium: image resolution in pixels")
     p.add_argument("--warmup", type=int, default=3, help="warm-up steps at least (on CUDA, until every "
                    "backward-simulation step k has come twice)")
-    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--steps", type=int, default=8, help="timed steps (and as many phase-timed ones); their "
+                   "backward-simulation steps k cycle through 0..K-1: a multiple of K (4 for the presets) weighs "
+                   "every k alike")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--variants", nargs="+", default=["naive", "optimized"], choices=VARIANTS,
@@ -788,7 +814,7 @@ def report(r: dict) -> str:
                      f"| {v['optimizer']} | {v['rollout']} | {v.get('scores', 'n/a')} | {v.get('fused_qkv', 'n/a')} "
                      f"| {called} | {graph} |")
     lines += ["", "Timed steps by backward-simulation step k (the rollout runs k generator forwards; s/step above is "
-              "their median): " + "; ".join(f"{v['variant']} {timed_by_k(v)}" for v in done if v.get("timed_steps"))]
+              "the mean over k of these medians): " + "; ".join(f"{v['variant']} {timed_by_k(v)}" for v in done if v.get("timed_steps"))]
     lines += ["", "Phases (s/step), from separate steps timed with a synchronization at every phase boundary:", "",
               "| phase | " + " | ".join(v["variant"] for v in done) + " |",
               "|---|" + "---:|" * len(done)]

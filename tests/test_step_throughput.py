@@ -369,3 +369,22 @@ def test_device_idle_gaps_name_the_synchronization_and_the_host_work_the_gpu_wai
     assert "device busy 3.7 ms over a span of 5.5 ms; idle 1.8 ms in gaps of 50 us or more" in table
     assert "| critic_update | - | `aten::stack` | 2 | 0.33 |" in table
     assert step_throughput.free_idle_table("optimized", {}) == []
+
+
+def test_timed_steps_weigh_every_backward_simulation_step_alike(monkeypatch):
+    """A step's work depends on its backward-simulation step k (k generator forwards in the rollout), which
+    training draws uniformly: the timed step numbers cycle through k = 0..K-1, and s/step is the mean over
+    k of each k's median (a plain median of steps with k = 0, 2, 2, 3, 0 reads a k = 2 step)."""
+    import types
+
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    draws = {n: (n * 7 + n // 3) % 4 for n in range(1, 200)}  # a fixed, irregular k per step number
+    trainer = types.SimpleNamespace(cfg=types.SimpleNamespace(dmd=types.SimpleNamespace(generator_sigmas=(1, 2, 3, 4))),
+                                    backward_simulation_step=draws.__getitem__)
+    numbers = step_throughput.cycling_k_steps(trainer, after=10, count=8)
+    assert [draws[n] for n in numbers] == [0, 1, 2, 3, 0, 1, 2, 3]
+    assert numbers == sorted(numbers) and numbers[0] > 10 and len(set(numbers)) == 8
+    timed = [{"k": k, "seconds": s} for k, s in [(0, 1.0), (2, 3.0), (2, 3.2), (3, 4.0), (0, 1.2), (0, 9.0)]]
+    assert step_throughput.mean_over_k(timed) == pytest.approx((1.2 + 3.1 + 4.0) / 3)
