@@ -28,7 +28,8 @@
 #            512 px): naive + optimized (reduce-overhead since 2026-11-26, session 13: 0.141 against
 #            0.158 s/step for the default compile mode in one process; since session 14 with whole-call
 #            graphs for the rollout and scores: 0.133 s), then naive + optimized-default-mode in a
-#            second process (~100 s each with --profile); results in OUTDIR/step_throughput_*.{json,md}.
+#            second process (~100 s each with --profile in session 14; since then 8 timed steps and a
+#            second profiled step each: some seconds more); results in OUTDIR/step_throughput_*.{json,md}.
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
