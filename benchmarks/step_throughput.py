@@ -193,15 +193,22 @@ def profile_step(trainer: Trainer, step: int, device: torch.device, trace_path: 
         result["profile_copy_origins"] = copy_origins(all_events)
         result["profile_device_idle"] = device_idle_gaps(all_events)
     if trace_path:
-        prof.export_chrome_trace(trace_path)
+        result["profile_trace"] = trace_path + ".gz"
+        result["profile_trace_kernels"] = write_traces(prof, trace_path, keep_full=True)
+    return result
+
+
+def write_traces(prof, trace_path: str, keep_full: bool) -> str:
+    """The profiler's Chrome trace, gzipped beside trace_path when keep_full, and always its trimmed copy
+    (trim_trace), whose path is returned."""
+    prof.export_chrome_trace(trace_path)
+    if keep_full:
         with open(trace_path, "rb") as src, gzip.open(trace_path + ".gz", "wb") as dst:
             shutil.copyfileobj(src, dst)
-        kernels_path = trace_path.removesuffix(".json") + "_kernels.json.gz"
-        trim_trace(trace_path, kernels_path)
-        os.remove(trace_path)
-        result["profile_trace"] = trace_path + ".gz"
-        result["profile_trace_kernels"] = kernels_path
-    return result
+    kernels_path = trace_path.removesuffix(".json") + "_kernels.json.gz"
+    trim_trace(trace_path, kernels_path)
+    os.remove(trace_path)
+    return kernels_path
 
 
 # What trim_trace keeps of a Chrome trace besides the host ops that ran long: the device's work, the
@@ -434,11 +441,7 @@ def profile_free_step(trainer: Trainer, step: int, device: torch.device, trace_p
         synchronize(device)
     result = {"free_profile": idle_summary(prof.events()) | {"k": trainer.backward_simulation_step(step)}}
     if trace_path:
-        prof.export_chrome_trace(trace_path)
-        kernels_path = trace_path.removesuffix(".json") + "_kernels.json.gz"
-        trim_trace(trace_path, kernels_path)
-        os.remove(trace_path)
-        result["free_profile_trace_kernels"] = kernels_path
+        result["free_profile_trace_kernels"] = write_traces(prof, trace_path, keep_full=False)
     return result
 
 
@@ -484,10 +487,15 @@ def cycling_k_steps(trainer: Trainer, after: int, count: int) -> list[int]:
     return numbers
 
 
+def medians_by_k(timed: list[dict]) -> dict[int, tuple[float, int]]:
+    """{k: (median seconds, count)} of the timed steps ({"k", "seconds"} each), by increasing k."""
+    return {k: (statistics.median(t["seconds"] for t in timed if t["k"] == k), sum(t["k"] == k for t in timed))
+            for k in sorted({t["k"] for t in timed})}
+
+
 def mean_over_k(timed: list[dict]) -> float:
     """The mean over the k present of the median time of the timed steps at that k."""
-    ks = sorted({t["k"] for t in timed})
-    return statistics.fmean(statistics.median(t["seconds"] for t in timed if t["k"] == k) for k in ks)
+    return statistics.fmean(median for median, _ in medians_by_k(timed).values())
 
 
 def _measure(name, args, family, device, warmup, steps, profile_trace, profile) -> dict:
@@ -757,15 +765,13 @@ def idle_table(variant: str, gaps: list[dict]) -> list[str]:
 
 def timed_by_k(v: dict) -> str:
     """'k=0: 0.1201 s (2), k=1: ...': the variant's timed steps' median s/step (and count) at each k."""
-    ks = sorted({t["k"] for t in v["timed_steps"]})
-    return ", ".join(f"k={k}: {statistics.median(t['seconds'] for t in v['timed_steps'] if t['k'] == k):.4f} s "
-                     f"({sum(t['k'] == k for t in v['timed_steps'])})" for k in ks)
+    return ", ".join(f"k={k}: {median:.4f} s ({count})" for k, (median, count) in medians_by_k(v["timed_steps"]).items())
 
 
 def timed_at_k(v: dict, k: int) -> str:
     """'; the timed steps at k: 131.2 ms' (empty when no timed step had that k)."""
-    same = [t["seconds"] for t in v.get("timed_steps") or [] if t["k"] == k]
-    return f"; the timed steps at this k: {1e3 * statistics.median(same):.1f} ms" if same else ""
+    same = medians_by_k(v.get("timed_steps") or []).get(k)
+    return f"; the timed steps at this k: {1e3 * same[0]:.1f} ms" if same else ""
 
 
 def free_idle_table(variant: str, summary: dict) -> list[str]:

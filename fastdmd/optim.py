@@ -208,6 +208,7 @@ class MasterAdamW(torch.optim.Optimizer):
         add instead of hundreds right after the step's synchronization); states holding separate equal
         counts (new, or loaded from a checkpoint) are joined first. Otherwise each count is its own."""
         states = [state for _, _, state, _ in entries]
+        self._counted.extend(states)
         first = states[0]["step"]
         if every_parameter and not all(state["step"] is first for state in states):
             counts = torch.stack([state["step"].cpu() for state in states])  # fused torch AdamW keeps them on the GPU
@@ -217,9 +218,7 @@ class MasterAdamW(torch.optim.Optimizer):
                     state["step"] = first
         if every_parameter and all(state["step"] is first for state in states):
             first += 1
-            self._counted.extend(states)
             return {int(first): entries}
-        self._counted.extend(states)
         by_step: dict[int, list] = {}
         for state, entry in zip(states, entries):
             state["step"] = state["step"].cpu() + 1  # a new tensor: apart from the shared count of the others
