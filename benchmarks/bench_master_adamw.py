@@ -10,13 +10,15 @@ Rows, each on the same tensors in one process:
                         (_foreach_copy_) and the EMA moved (_foreach_lerp_)
     torch_fused_adamw   torch._fused_adamw_ on fp32 gradients alone (no copy, no EMA): the floor of
                         torch's own optimizer, for scale
-    triton              the fused update (CUDA only)
+    triton              the fused update as MasterAdamW runs it (CUDA only): no exp_avg kept
+    triton_exp_avg      the same, also writing exp_avg (the gradient), as for a torch AdamW state: 4 B more
 Adam's beta1 is 0, as in DMD2 and fastdmd's default (trainer.adam_beta1), so the first moment is the
-gradient itself. Bytes the update must move, per parameter: read master 4, grad 2, exp_avg_sq 4, EMA 4;
-write master 4, exp_avg 4 (kept for torch AdamW's state), exp_avg_sq 4, copy 2, EMA 4: 32 B. GB/s and
-the fraction of the copy bandwidth measured in the same run are on those bytes for every row (torch's
-fused AdamW reads exp_avg too: 4 B more in its rows). (Before 2026-11-26's session 12 the bench ran
-beta1 = 0.9 and counted 36 B, exp_avg read.)
+gradient itself, and MasterAdamW keeps none. Bytes the update must move, per parameter: read master 4,
+grad 2, exp_avg_sq 4, EMA 4; write master 4, exp_avg_sq 4, copy 2, EMA 4: 28 B. GB/s and the fraction of
+the copy bandwidth measured in the same run are on those bytes for every row, whatever a row moves itself
+(its notes list each row's own bytes). (Before 2026-11-27's session 15
+MasterAdamW kept exp_avg and the bench counted 32 B; before 2026-11-26's session 12 it ran beta1 = 0.9
+and counted 36 B, exp_avg read.)
 
     python benchmarks/bench_master_adamw.py      # --full with CUDA, --small without
 """
@@ -27,7 +29,7 @@ from _bench_common import (TRITON_ON_CPU_NOTE, copy_bandwidth, environment, meas
                            write_results)
 from fastdmd.ops import reference
 
-BYTES_PER_PARAM = 32
+BYTES_PER_PARAM = 28
 HYPER = dict(lr=1e-5, beta1=0.0, beta2=0.99, eps=1e-8, weight_decay=0.01)
 EMA_WEIGHT = 0.01
 STEP = 10
@@ -68,7 +70,7 @@ def adamw_args():
 
 
 def fused(impl, s):
-    impl(s["masters"], s["grads"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"], step=STEP, emas=s["emas"],
+    impl(s["masters"], s["grads"], None, s["exp_avg_sqs"], s["copies"], step=STEP, emas=s["emas"],
          ema_weight=EMA_WEIGHT, **HYPER)
 
 
@@ -81,9 +83,10 @@ def main():
     copy_gbs = copy_bandwidth(device, (128 if args.small else 1024) * 2**20)
     env = environment(device, copy_gbs)
     notes = [f"bytes = {BYTES_PER_PARAM} B/param (beta1 = 0: fp32 master, exp_avg_sq and EMA read and written, "
-             "exp_avg written, bf16 gradient read, bf16 copy written), for every row",
+             "no exp_avg, bf16 gradient read, bf16 copy written), for every row",
              "torch_separate: bf16 gradients cast to fp32 + torch._fused_adamw_ + _foreach_copy_ + _foreach_lerp_ "
-             "(52 B/param); torch_fused_adamw: torch._fused_adamw_ on fp32 gradients only (28 B/param)"]
+             "(52 B/param); torch_fused_adamw: torch._fused_adamw_ on fp32 gradients only (28 B/param, no copy, no EMA); "
+             "triton_exp_avg: triton writing exp_avg too (32 B/param)"]
     s = make_state(shapes, device)
     steps = [torch.tensor(float(STEP), device=device) for _ in shapes]
     grads32 = [g.float() for g in s["grads"]]
@@ -94,8 +97,11 @@ def main():
         from fastdmd.ops.master_adamw_triton import master_adamw_update_
 
         # as MasterAdamW steps: the fixed tensors checked and their addresses sent once, the gradients each call
-        plan = reference.MasterAdamWPlan(s["masters"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"], s["emas"])
+        plan = reference.MasterAdamWPlan(s["masters"], None, s["exp_avg_sqs"], s["copies"], s["emas"])
         impls["triton"] = lambda: master_adamw_update_(plan, s["grads"], step=STEP, ema_weight=EMA_WEIGHT, **HYPER)
+        kept = reference.MasterAdamWPlan(s["masters"], s["exp_avgs"], s["exp_avg_sqs"], s["copies"], s["emas"])
+        impls["triton_exp_avg"] = lambda: master_adamw_update_(kept, s["grads"], step=STEP, ema_weight=EMA_WEIGHT,
+                                                               **HYPER)
     else:
         notes.append(TRITON_ON_CPU_NOTE)
     rows = []

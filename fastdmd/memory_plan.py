@@ -4,6 +4,7 @@
 What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenly):
 - generator: fp32 master weights, AdamW's two fp32 states, the fp32 EMA: 16 B/param / W
 - critic: weights and AdamW states: 12 B/param / W (a LoRA critic: its adapters only)
+  With --master-weights, 4 B/param less each: MasterAdamW keeps no first moment at DMD2's beta1 = 0
 - gradients: fp32, of one network at a time (the generator's are freed before the critic's
   backward, zero_grad(set_to_none=True)): 4 B/param of the larger / W; bf16 (2 B/param) with
   --master-weights, whose MasterAdamW reads the bf16 copies' gradients as they are
@@ -168,10 +169,12 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
     shard = 1 / world_size
     teacher_bytes = {"bfloat16": 2, "float32": 4}[teacher_dtype]
     critic_params = critic_lora_params or params
+    adamw = "AdamW (exp_avg_sq only)" if master_weights else "AdamW"  # MasterAdamW at beta1 = 0: no exp_avg
+    moments = 4 if master_weights else 8
     items = {
-        "generator weights + AdamW + EMA (fp32)": 16 * params * shard,
-        "critic weights + AdamW (fp32)": 12 * critic_params * shard + (teacher_bytes * params * shard
-                                                                      if critic_lora_params else 0),
+        f"generator weights + {adamw} + EMA (fp32)": (8 + moments) * params * shard,
+        f"critic weights + {adamw} (fp32)": (4 + moments) * critic_params * shard + (teacher_bytes * params * shard
+                                                                                   if critic_lora_params else 0),
         f"gradients of one network ({'bf16' if master_weights else 'fp32'})":
             (2 if master_weights else 4) * max(params, critic_params) * shard,
         f"teacher ({teacher_dtype})": teacher_bytes * params * (shard if shard_teacher else 1),

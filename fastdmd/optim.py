@@ -7,8 +7,11 @@ applies AdamW to the masters, writes the new weights into the copies and, when g
 generator's EMA. The gradients are never cast to fp32 tensors, the copies never refilled by a
 separate pass: see fastdmd/ops/master_adamw_triton.py for the bytes.
 
-Its state is torch AdamW's (per parameter: step, exp_avg, exp_avg_sq), so checkpoints written with
-or without perf.master_weights resume either way.
+Its state dict is torch AdamW's (per parameter: step, exp_avg, exp_avg_sq), so checkpoints written
+with or without perf.master_weights resume either way. At beta1 = 0 (DMD2's, fastdmd's default) the
+first moment is the gradient itself (torch's AdamW multiplies its old exp_avg by 0), so MasterAdamW keeps
+none: 4 B/param less memory, and 4 B/param less written by each update. Its state_dict writes zeros in
+its place, all a torch AdamW at beta1 = 0 needs; resumed with beta1 > 0, the first moment starts from zero.
 """
 
 from __future__ import annotations
@@ -40,9 +43,28 @@ class MasterAdamW(torch.optim.Optimizer):
         self._grad_sources.clear()
         self._plans.clear()
 
+    def state_dict(self) -> dict:
+        """torch AdamW's state dict: its param_groups' keys (a checkpoint loads only into keys it has), each
+        parameter's own step count (the states stepped together share one, which torch's AdamW would add to
+        once per parameter) and, at beta1 = 0, zeros for the exp_avg not kept (new tensors, this call's only;
+        the optimizer's own states stay as they are)."""
+        state_dict = super().state_dict()
+        adamw_group = torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults  # this torch's group keys
+        for group in state_dict["param_groups"]:  # what MasterAdamW does is AdamW's default in each of them
+            group.update({key: value for key, value in adamw_group.items() if key not in group})
+        for index, state in state_dict["state"].items():
+            exp_avg = state["exp_avg"] if "exp_avg" in state else torch.zeros_like(state["exp_avg_sq"])
+            state_dict["state"][index] = {"step": state["step"].clone(), "exp_avg": exp_avg,
+                                          "exp_avg_sq": state["exp_avg_sq"]}
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # new state tensors: the plans hold the old ones
         self._plans.clear()
+        for group in self.param_groups:
+            if group["betas"][0] == 0:  # never read: see the module's docstring
+                for p in group["params"]:
+                    self.state.get(p, {}).pop("exp_avg", None)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -146,12 +168,13 @@ class MasterAdamW(torch.optim.Optimizer):
             self._launch(group, by_step, grad_scale, ema, skip)
             return True
         emas = None if ema is None else [ema[0][p] for p in params]
+        beta1, beta2 = group["betas"]
         plan = self._plans.get(index)
-        if plan is None or not _same_tensors(plan.masters, params) or not _same_tensors(plan.emas, emas):
-            plan = ops.MasterAdamWPlan(params, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states],
+        if (plan is None or not _same_tensors(plan.masters, params) or not _same_tensors(plan.emas, emas)
+                or (plan.exp_avgs is None) != (beta1 == 0)):
+            plan = ops.MasterAdamWPlan(params, first_moments(states, beta1), [s["exp_avg_sq"] for s in states],
                                        [self.copies[p] for p in params], emas)
             self._plans[index] = plan
-        beta1, beta2 = group["betas"]
         ops.master_adamw_update_(plan, grads, lr=group["lr"], beta1=beta1, beta2=beta2, eps=group["eps"],
                                  weight_decay=group["weight_decay"], step=next(iter(by_step)), grad_scale=grad_scale,
                                  ema_weight=0.0 if ema is None else 1.0 - ema[1], skip=skip)
@@ -170,7 +193,6 @@ class MasterAdamW(torch.optim.Optimizer):
             state = self.state[p]
             if not state:
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             entries.append((p, grad, state, copy))
         if ema is not None:
@@ -196,7 +218,8 @@ class MasterAdamW(torch.optim.Optimizer):
             for dtype in {g.dtype for g in grads}:
                 pick = [i for i, g in enumerate(grads) if g.dtype == dtype]
                 ops.master_adamw_([params[i] for i in pick], [grads[i] for i in pick],
-                                  [states[i]["exp_avg"] for i in pick], [states[i]["exp_avg_sq"] for i in pick],
+                                  first_moments([states[i] for i in pick], beta1),
+                                  [states[i]["exp_avg_sq"] for i in pick],
                                   [copies[i] for i in pick], lr=group["lr"], beta1=beta1, beta2=beta2,
                                   eps=group["eps"], weight_decay=group["weight_decay"], step=step,
                                   grad_scale=grad_scale, emas=None if emas is None else [emas[i] for i in pick],
@@ -224,6 +247,17 @@ class MasterAdamW(torch.optim.Optimizer):
             state["step"] = state["step"].cpu() + 1  # a new tensor: apart from the shared count of the others
             by_step.setdefault(int(state["step"]), []).append(entry)
         return by_step
+
+
+def first_moments(states: list[dict], beta1: float) -> list[torch.Tensor] | None:
+    """The states' exp_avg tensors for an update at beta1; None at beta1 = 0, where none is kept. A state
+    without one at beta1 > 0 (its betas changed since) starts from zeros, as torch's AdamW does."""
+    if beta1 == 0:
+        return None
+    for state in states:
+        if "exp_avg" not in state:
+            state["exp_avg"] = torch.zeros_like(state["exp_avg_sq"])
+    return [state["exp_avg"] for state in states]
 
 
 def _same_tensors(a: list | None, b: list | None) -> bool:

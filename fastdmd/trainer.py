@@ -107,6 +107,10 @@ class EMA:
                 s.copy_(state[name])
 
 
+# torch optimizers' param_group keys that choose an implementation, not the training's numbers
+OPTIMIZER_IMPLEMENTATION_KEYS = ("foreach", "fused", "capturable", "differentiable")
+
+
 class RoleState(Stateful):
     """A trainable role and its optimizer, as DCP sees them."""
 
@@ -118,6 +122,12 @@ class RoleState(Stateful):
         return {"model": model_sd, "optim": optim_sd}
 
     def load_state_dict(self, state):
+        # How this run's optimizer computes is its own, not the checkpoint's: one written by MasterAdamW or on
+        # another device must not turn this run's fused AdamW into a for-loop one (or a step count into a
+        # host tensor fused AdamW refuses).
+        for group in state["optim"].get("param_groups", []):
+            group.update({key: self.optimizer.defaults[key] for key in OPTIMIZER_IMPLEMENTATION_KEYS
+                          if key in group and key in self.optimizer.defaults})
         set_state_dict(self.module, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
 

@@ -58,7 +58,10 @@ def test_sharding_batch_and_checkpointing_move_the_right_parts():
     master = plan("sd3-medium", 1, 256, 1, "bf16", False, 80, depth=2, master_weights=True)
     assert master.items[copies] == 0  # no autocast casts: two whole bf16 networks instead (+4 B/param)
     assert master.items["gradients of one network (bf16)"] == one.items["gradients of one network (fp32)"] / 2
-    assert master.total == pytest.approx(one.total)  # +4 copies, -2 casts, -2 gradients
+    # +4 copies, -2 casts, -2 gradients; no exp_avg (MasterAdamW at beta1 = 0): -4 generator, -4 critic
+    assert master.items["generator weights + AdamW (exp_avg_sq only) + EMA (fp32)"] == 12 * one.params
+    assert master.items["critic weights + AdamW (exp_avg_sq only) (fp32)"] == 8 * one.params
+    assert master.total == pytest.approx(one.total - 8 * one.params)
     act = "activations (generator or critic forward + backward)"
     two = plan("sd3-medium", 2, 256, 1, "bf16", False, 80, depth=2)
     assert 1.8 < two.items[act] / one.items[act] <= 2.0

@@ -61,7 +61,7 @@ def assert_update_close(actual, expected, initial, name):
     """The change from the initial weight, which is what the optimizer computes, to fp32 precision (atol: a
     few units in the last place of weights of size 1 to 4, where the two formulas round differently)."""
     for i, (a, e, w) in enumerate(zip(actual, expected, initial)):
-        torch.testing.assert_close(a - w, e - w, rtol=1e-5, atol=1e-6, equal_nan=True, msg=f"{name}[{i}]")
+        torch.testing.assert_close(a - w, e - w, rtol=1e-5, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}[{i}]: {m}")
 
 
 @IMPLS
@@ -114,6 +114,25 @@ def test_with_beta1_zero_the_first_moment_is_written_not_read(impl):
             assert torch.equal(a, b), name
     for m, g in zip(poisoned["exp_avgs"], grads):
         assert torch.equal(m, g.float() * scale)
+
+
+@IMPLS
+def test_with_beta1_zero_and_no_first_moments_the_update_is_the_same(impl):
+    """exp_avgs None (MasterAdamW's state at beta1 = 0): the same weights, second moments, copies and EMA
+    as with exp_avgs given, bit for bit; with beta1 > 0 it is refused, naming beta1."""
+    kept, none = state(SHAPES), state(SHAPES)
+    scale = torch.tensor(0.5, device=DEVICE)
+    for step, seed in ((1, 1), (2, 2)):
+        grads = grads_for(SHAPES, torch.bfloat16, seed)
+        for s, exp_avgs in ((kept, kept["exp_avgs"]), (none, None)):
+            impl(s["masters"], grads, exp_avgs, s["exp_avg_sqs"], s["copies"], step=step, grad_scale=scale,
+                 emas=s["emas"], ema_weight=0.1, **HYPER | dict(beta1=0.0))
+    for name in ("masters", "exp_avg_sqs", "copies", "emas"):
+        for a, b in zip(kept[name], none[name]):
+            assert torch.equal(a, b), name
+    assert not any(m.any() for m in none["exp_avgs"])  # never given, never written
+    with pytest.raises(ValueError, match=r"exp_avgs None .* needs beta1 = 0.*got beta1 = 0\.9"):
+        impl(none["masters"], grads, None, none["exp_avg_sqs"], none["copies"], step=3, **HYPER)
 
 
 @IMPLS
@@ -184,18 +203,21 @@ def test_bad_inputs_raise_a_value_error_that_names_them(impl, change, message):
         impl(**args)
 
 
-def test_master_adamw_continues_a_torch_adamw_state_and_writes_the_copies():
-    """The optimizer's state is torch AdamW's: a checkpoint of either resumes in the other. Gradients come
-    from the copies; a parameter whose copy has none uses its own (DCP initializes state that way)."""
+@pytest.mark.parametrize("beta1", [0.9, 0.0], ids=["beta1", "beta1_zero"])
+def test_master_adamw_continues_a_torch_adamw_state_and_writes_the_copies(beta1):
+    """The optimizer's state dict is torch AdamW's: a checkpoint of either resumes in the other. Gradients
+    come from the copies; a parameter whose copy has none uses its own (DCP initializes state that way).
+    At beta1 = 0 no exp_avg is kept (dropped on load) and the state dict holds zeros in its place."""
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(s, generator=gen) for s in SHAPES]
-    grads = [[(torch.randn(s, generator=gen)).to(torch.bfloat16) for s in SHAPES] for _ in range(3)]
+    grads = [[(torch.randn(s, generator=gen)).to(torch.bfloat16) for s in SHAPES] for _ in range(4)]
+    betas = (beta1, 0.999)
     plain = [w.clone().requires_grad_() for w in weights]
-    torch_opt = torch.optim.AdamW(plain, lr=1e-2, weight_decay=0.1, foreach=False)
+    torch_opt = torch.optim.AdamW(plain, lr=1e-2, betas=betas, weight_decay=0.1, foreach=False)
     masters = [w.clone().requires_grad_() for w in weights]
     copies = [w.to(torch.bfloat16).requires_grad_() for w in weights]
-    master_opt = MasterAdamW(masters, copies, lr=1e-2, weight_decay=0.1)
-    for step, g in enumerate(grads):
+    master_opt = MasterAdamW(masters, copies, lr=1e-2, betas=betas, weight_decay=0.1)
+    for step, g in enumerate(grads[:3]):
         for p, x in zip(plain, g):
             p.grad = x.float()
         torch_opt.step()
@@ -214,8 +236,22 @@ def test_master_adamw_continues_a_torch_adamw_state_and_writes_the_copies():
     for c, m in zip(copies, masters):
         torch.testing.assert_close(c.detach().float(), m.detach().to(torch.bfloat16).float(), rtol=0, atol=0)
     assert {float(s["step"]) for s in master_opt.state.values()} == {3.0}
-    fresh = torch.optim.AdamW([w.clone().requires_grad_() for w in weights], lr=1e-2)
-    fresh.load_state_dict(master_opt.state_dict())  # and back
+    kept = {"step", "exp_avg_sq"} | ({"exp_avg"} if beta1 else set())
+    assert all(s.keys() == kept for s in master_opt.state.values())
+    saved = copy.deepcopy(master_opt.state_dict())
+    assert all(list(s) == ["step", "exp_avg", "exp_avg_sq"] for s in saved["state"].values())
+    assert all(s.keys() == kept for s in master_opt.state.values())  # saving added nothing to the optimizer
+    if beta1 == 0:
+        assert not any(s["exp_avg"].any() for s in saved["state"].values())
+    fresh_params = [m.detach().clone().requires_grad_() for m in masters]
+    fresh = torch.optim.AdamW(fresh_params, lr=1e-2, betas=betas, weight_decay=0.1, foreach=False)
+    fresh.load_state_dict(saved)  # and back: its next step is MasterAdamW's
+    for p, c, x in zip(fresh_params, copies, grads[3]):
+        p.grad = x.float()
+        c.grad = x
+    fresh.step()
+    master_opt.step()
+    assert_update_close([m.detach() for m in masters], [p.detach() for p in fresh_params], weights, "resumed")
 
 
 def test_master_adamw_refuses_copies_that_do_not_match():

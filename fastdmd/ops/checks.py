@@ -126,12 +126,10 @@ COPY_DTYPES = (torch.bfloat16, torch.float16)
 def check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas) -> None:
     """The tensors master_adamw_ updates in place (see fastdmd.ops.reference.master_adamw_), what a
     MasterAdamWPlan checks once: parallel lists, one entry per parameter, contiguous (the kernel walks
-    their storage), the masters' shapes, fp32 but the copies (bf16 or fp16), on one device."""
-    lists = {"masters": masters, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
-    if copies is not None:
-        lists["copies"] = copies
-    if emas is not None:
-        lists["emas"] = emas
+    their storage), the masters' shapes, fp32 but the copies (bf16 or fp16), on one device. exp_avgs, copies
+    and emas may be None (no first moment kept: beta1 = 0 only, see check_master_adamw_update)."""
+    lists = {"masters": masters, "exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs, "copies": copies, "emas": emas}
+    lists = {name: value for name, value in lists.items() if value is not None or name in ("masters", "exp_avg_sqs")}
     for name, value in lists.items():
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name} must be a list of tensors (one per parameter), got {type(value).__name__}")
@@ -146,9 +144,10 @@ def check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas) -> 
 
 
 def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale,
-                              ema_weight, skip=None) -> None:
+                              ema_weight, skip=None, has_exp_avgs=True) -> None:
     """What changes from one update to the next: the gradients (one per parameter, of `shapes`, on `device`,
-    one dtype, any strides), the numbers, and the skip flag (one bool or integer value on `device`)."""
+    one dtype, any strides), the numbers, and the skip flag (one bool or integer value on `device`).
+    has_exp_avgs False (no first moments given) needs beta1 = 0, where the first moment is the gradient."""
     if not isinstance(grads, (list, tuple)):
         raise ValueError(f"grads must be a list of tensors (one per parameter), got {type(grads).__name__}")
     if len(grads) != len(shapes):
@@ -172,6 +171,9 @@ def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, w
         check_number(name, value, minimum=0)
         if value >= 1:
             raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    if not has_exp_avgs and beta1 != 0:
+        raise ValueError(f"exp_avgs None (no first moment kept) needs beta1 = 0, where the first moment is the "
+                         f"gradient; got beta1 = {beta1!r}: pass exp_avgs")
     check_number("eps", eps, minimum=0)
     check_number("weight_decay", weight_decay, minimum=0)
     if isinstance(step, bool) or not isinstance(step, numbers.Integral) or step < 1:

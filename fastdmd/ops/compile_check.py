@@ -171,11 +171,11 @@ def _variants():
         return lambda: ga._launch_group_advantages(rewards, None if by_ids else group_size, ids, w,
                                                    1e-6, 5.0 if clip else None)
 
-    def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1, skip=False):
+    def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1, skip=False, exp_avgs=True):
         shapes = [(3, 5), (4097,)]
         masters = [torch.randn(s) for s in shapes]
         moments = [torch.zeros(s) for s in shapes]
-        plan = adamw.MasterAdamWPlan(masters, moments, moments,
+        plan = adamw.MasterAdamWPlan(masters, moments if exp_avgs else None, moments,
                                      None if copy_dtype is None else [m.to(copy_dtype) for m in masters],
                                      [m.clone() for m in masters] if ema else None)
         return lambda: adamw._launch_master_adamw(
@@ -201,16 +201,17 @@ def _variants():
         for by_ids, weights, clip in ((False, False, False), (False, True, True), (True, True, True)):
             yield ("group_advantages", f"{name} N=1024 K=4 ids={by_ids} weights={weights} clip={clip}",
                    group(dtype, 1024, 4, 16, by_ids, weights, clip))
-        # beta1 0 (DMD2's: exp_avg written, not read) and 0.9
-        # the trainer's (bf16 copy, EMA, clipping coefficient, skip flag) first
-        for copy_dtype, ema, scale, beta1, skip in ((torch.bfloat16, True, True, 0.0, True),
-                                                    (torch.bfloat16, False, True, 0.0, True),
-                                                    (torch.bfloat16, False, False, 0.9, False),
-                                                    (torch.float16, False, True, 0.9, False),
-                                                    (None, False, False, 0.0, False)):
+        # beta1 0 (DMD2's: exp_avg not read; not kept by MasterAdamW, or written for torch AdamW's state) and 0.9;
+        # the trainer's (bf16 copy, EMA, clipping coefficient, skip flag, no exp_avg) first
+        for copy_dtype, ema, scale, beta1, skip, exp_avgs in ((torch.bfloat16, True, True, 0.0, True, False),
+                                                              (torch.bfloat16, False, True, 0.0, True, True),
+                                                              (torch.bfloat16, False, False, 0.9, False, True),
+                                                              (torch.float16, False, True, 0.9, False, True),
+                                                              (None, False, False, 0.0, False, False)):
             copy_name = "none" if copy_dtype is None else str(copy_dtype).removeprefix("torch.")
-            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale} beta1={beta1} skip={skip}",
-                   master_adamw(dtype, copy_dtype, ema, scale, beta1, skip))
+            yield ("master_adamw", f"grads {name} copy={copy_name} ema={ema} scale={scale} beta1={beta1} skip={skip} "
+                                   f"exp_avgs={exp_avgs}",
+                   master_adamw(dtype, copy_dtype, ema, scale, beta1, skip, exp_avgs))
 
 
 def check(arch: int = 90) -> list[CompiledVariant]:

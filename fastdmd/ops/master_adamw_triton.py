@@ -10,7 +10,8 @@ Bytes per parameter: read master 4 + grad 2 + exp_avg 4 + exp_avg_sq 4, write ma
 exp_avg_sq 4 + copy 2 = 28, the same as torch's fused AdamW on fp32 gradients; with the EMA 8 more.
 Done as separate torch ops the same update moves 28 + 6 (gradient cast to fp32) + 6 (copy refill) +
 12 (EMA lerp) = 52. With beta1 = 0 (DMD2's, and fastdmd's default) the first moment is the gradient
-itself: exp_avg is written (so the state stays torch AdamW's, bit for bit) but not read, 24 B. The gradient clipping coefficient is read from the device (grad_scale), so
+itself: exp_avg is not read, 24 B; where no exp_avgs are given (MasterAdamW keeps none at beta1 = 0)
+not written either, 20 B. The gradient clipping coefficient is read from the device (grad_scale), so
 clipping costs no pass over the gradients either.
 
 Many tensors, one launch: each program loads its parameter's addresses from tables on the device and
@@ -65,7 +66,7 @@ def _store(ptr, offsets, value, mask, MASKED: tl.constexpr):
 def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets, mask,
                   decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
                   COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr, HAS_SCALE: tl.constexpr,
-                  MOMENT_IS_GRAD: tl.constexpr, MASKED: tl.constexpr):
+                  MOMENT_IS_GRAD: tl.constexpr, HAS_EXP_AVG: tl.constexpr, MASKED: tl.constexpr):
     g = _load(grad_ptr, offsets, mask, MASKED).to(tl.float32)
     if HAS_SCALE:
         g = g * tl.load(grad_scale_ptr)
@@ -80,7 +81,8 @@ def _update_block(master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, e
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
     p = p - step_size * m / denom
     _store(master_ptr, offsets, p, mask, MASKED)
-    _store(exp_avg_ptr, offsets, m, mask, MASKED)
+    if HAS_EXP_AVG:
+        _store(exp_avg_ptr, offsets, m, mask, MASKED)
     _store(exp_avg_sq_ptr, offsets, v, mask, MASKED)
     if HAS_COPY:
         _store(copy_ptr, offsets, p.to(COPY_DTYPE), mask, MASKED)
@@ -99,8 +101,8 @@ def _master_adamw_kernel(
     table_ptr, grad_table_ptr, numels_ptr, block_rows_ptr, block_starts_ptr, grad_scale_ptr, skip_ptr,
     decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight,
     GRAD_DTYPE: tl.constexpr, COPY_DTYPE: tl.constexpr, HAS_COPY: tl.constexpr, HAS_EMA: tl.constexpr,
-    HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, ALIGNED: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_SCALE: tl.constexpr, HAS_SKIP: tl.constexpr, MOMENT_IS_GRAD: tl.constexpr, HAS_EXP_AVG: tl.constexpr,
+    ALIGNED: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row = tl.load(block_rows_ptr + pid).to(tl.int64)
@@ -127,10 +129,11 @@ def _master_adamw_kernel(
     args = (master_ptr, grad_ptr, exp_avg_ptr, exp_avg_sq_ptr, copy_ptr, ema_ptr, grad_scale_ptr, offsets)
     scalars = (decay_factor, beta1, beta2, step_size, bias_correction2_sqrt, eps, ema_weight)
     if start + BLOCK <= numel:  # a whole block: no mask, so the loads and stores can be 16-byte vectors
-        _update_block(*args, None, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, MOMENT_IS_GRAD, False)
+        _update_block(*args, None, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, MOMENT_IS_GRAD, HAS_EXP_AVG,
+                      False)
     else:
         _update_block(*args, offsets < numel, *scalars, COPY_DTYPE, HAS_COPY, HAS_EMA, HAS_SCALE, MOMENT_IS_GRAD,
-                      True)
+                      HAS_EXP_AVG, True)
 
 
 @torch.no_grad()
@@ -148,7 +151,7 @@ def master_adamw_update_(plan: MasterAdamWPlan, grads, *, lr, beta1, beta2, eps,
     """Triton version of fastdmd.ops.reference.master_adamw_update_ (skip read by each program, not the host)."""
     check_master_adamw_update(grads, plan.shapes, plan.device, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                               weight_decay=weight_decay, step=step, grad_scale=grad_scale, ema_weight=ema_weight,
-                              skip=skip)
+                              skip=skip, has_exp_avgs=plan.exp_avgs is not None)
     if not len(plan):
         return
     check_kernel_device(_master_adamw_kernel, plan.device)
@@ -209,5 +212,5 @@ def _launch_master_adamw(plan: MasterAdamWPlan, grads, lr, beta1, beta2, eps, we
         float(ema_weight),
         GRAD_DTYPE=_TL_DTYPES[grads[0].dtype], COPY_DTYPE=_TL_DTYPES[copies[0].dtype if copies else torch.bfloat16],
         HAS_COPY=copies is not None, HAS_EMA=plan.emas is not None, HAS_SCALE=grad_scale is not None,
-        HAS_SKIP=skip is not None, MOMENT_IS_GRAD=beta1 == 0,
+        HAS_SKIP=skip is not None, MOMENT_IS_GRAD=beta1 == 0, HAS_EXP_AVG=plan.exp_avgs is not None,
         ALIGNED=aligned, BLOCK=BLOCK, num_warps=NUM_WARPS)
