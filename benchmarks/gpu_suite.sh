@@ -25,11 +25,14 @@
 #   gputests every test marked gpu outside tests/test_ops_*.py (the tests step runs those): CUDA-graph
 #            rollout equal to eager, ...; JUnit in OUTDIR/junit_gpu.xml
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
-#            512 px): naive + optimized (reduce-overhead since 2026-11-26, session 13: 0.141 against
-#            0.158 s/step for the default compile mode in one process; since session 14 with whole-call
-#            graphs for the rollout and scores: 0.133 s), then naive + optimized-default-mode in a
-#            second process (~100 s each with --profile in session 14; since then 8 timed steps and a
-#            second profiled step each: some seconds more); results in OUTDIR/step_throughput_*.{json,md}.
+#            512 px), one process, --profile: naive + optimized (reduce-overhead since 2026-11-26, session
+#            13: 0.141 against 0.158 s/step for the default compile mode in one process; since session 14
+#            with whole-call graphs for the rollout and scores: 0.133 s) + the A/B variants of
+#            $FASTDMD_AB_VARIANTS (default optimized+perf.gelu_epilogue=false: optimized without session
+#            15's GELU epilogue); ~100 s per variant with --profile in session 14 (since then 8 timed steps
+#            and a second profiled step each: some seconds more); results in
+#            OUTDIR/step_throughput_sd3-medium-d12.{json,md}. (Until session 15 a second process ran naive +
+#            optimized-default-mode.)
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
@@ -46,7 +49,11 @@
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
 # ~590 s. The op tests and benchmarks all ran on 2026-11-26/27 (sessions 12-14), so the next call is
 # throughput's, with the GPU tests beside its start and bench_master_adamw after it (session 14: 321 s
-# in all on a fresh machine, throughput 201 s, gputests 65-74 s):
+# in all on a fresh machine, throughput 201 s, gputests 65-74 s). Unrun on a GPU since session 15:
+# MasterAdamW without exp_avg (bench_master_adamw's triton against triton_exp_avg; throughput's peak
+# memory, ~8 GB less), the GELU epilogue (throughput's optimized against optimized+perf.gelu_epilogue=false,
+# and the gputests' test_gelu_epilogue_on_cuda_*), and session 14's pool fix (gputests'
+# test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
@@ -165,17 +172,14 @@ step_gputests() {
 }
 
 step_throughput() {
-    # The anchor shape first (a step cut off by its time limit still has it); optimized (reduce-overhead)
-    # and optimized-default-mode in processes of their own, each beside its own naive run: a CUDA error
-    # leaves a process's context unusable.
-    local status=0
+    # The anchor shape: naive, optimized, then the A/B variants of $FASTDMD_AB_VARIANTS (default: optimized
+    # without the option most recently added to it, so its gain is measured in the same process; none with
+    # FASTDMD_AB_VARIANTS=''). One process: a CUDA error would leave its context unusable for the variants
+    # after it, so the optimized step comes first.
+    local ab=${FASTDMD_AB_VARIANTS-optimized+perf.gelu_epilogue=false}
+    # shellcheck disable=SC2086  # the A/B variants are words
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized --profile --out "$outdir/step_throughput_sd3-medium-d12" \
-        || status=1
-    "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized-default-mode --profile \
-        --out "$outdir/step_throughput_sd3-medium-d12_default-mode" || status=1
-    return $status
+        --variants naive optimized $ab --profile --out "$outdir/step_throughput_sd3-medium-d12"
 }
 
 step_throughput_other() {  # the other presets: FLUX's shape at depth 2, the digits default

@@ -14,8 +14,9 @@ and device:
                       (perf.master_weights), stepped by MasterAdamW: bf16 gradients in, one fused
                       update writing the fp32 weights, the copies and the EMA; q/k/v projections fused
                       in the teacher and the copies, forward and backward; the rollout on the
-                      generator's copy. On CPU, where bf16 and CUDA graphs gain nothing: fp32 weights,
-                      torch.compile's default mode, fused AdamW
+                      generator's copy; in the no-grad forwards the feed-forwards' GELU in the matmul's
+                      epilogue (perf.gelu_epilogue). On CPU, where bf16 and CUDA graphs gain nothing:
+                      fp32 weights, torch.compile's default mode, fused AdamW
     optimized-default-mode  optimized with torch.compile's default mode, the rollout and the DMD scores
                       replayed from CUDA graphs of their own (CUDA); the optimized step until H100,
                       2026-11-26, same process: 0.158 against reduce-overhead's 0.141 s/step
@@ -24,6 +25,9 @@ and device:
                       autocast (CUDA), torch's fused AdamW, the rollout on a bf16 copy of the generator;
                       the path that FSDP2 runs (master weights are one process only). On CPU the same
                       as optimized
+
+A variant's name may add settings, applied after its own: NAME+section.option=value+..., e.g.
+optimized+perf.gelu_epilogue=false, to measure one option's gain in the same process.
 
 For each: s/step (the timed steps' step numbers are chosen so that their backward-simulation steps
 k, which set how many generator forwards the rollout runs, cycle through 0..K-1 as training draws
@@ -45,7 +49,7 @@ fails is recorded with its error and the others still run.
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
     python benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized optimized-default-mode --profile
+        --variants naive optimized optimized+perf.gelu_epilogue=false --profile
     python benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512
 
 The sd3-medium and flux-dev presets build the real architectures with random weights (depth
@@ -93,6 +97,37 @@ RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 VARIANTS = ("naive", "optimized", "optimized-default-mode", "optimized-autocast")
 
 
+def split_variant(name: str) -> tuple[str, list[str]]:
+    """A variant's name, NAME or NAME+section.option=value+...: (NAME, the options as command-line
+    arguments, applied after NAME's). For A/B runs of one option in one process:
+    `--variants naive optimized optimized+perf.gelu_epilogue=false`."""
+    base, *settings = name.split("+")
+    if base not in VARIANTS:
+        raise ValueError(f"unknown variant {base!r}; expected one of {', '.join(VARIANTS)}, optionally followed "
+                         f"by +section.option=value (e.g. optimized+perf.gelu_epilogue=false)")
+    extra = []
+    for setting in settings:
+        key, sep, value = setting.partition("=")
+        if not sep or not key or not value:
+            raise ValueError(f"variant {name!r}: {setting!r} is not section.option=value "
+                             f"(e.g. optimized+perf.gelu_epilogue=false)")
+        extra += [f"--{key}", value]
+    return base, extra
+
+
+def variant_slug(name: str) -> str:
+    """The variant's name as it may appear in a file name (no '+', '=' or '.')."""
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _variant_type(name: str) -> str:
+    try:
+        split_variant(name)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return name
+
+
 def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     """naive: eager, reference ops, torch's default AdamW (foreach on CUDA), CFG as two forwards. The
     others (see the module docstring): per-block torch.compile, fused ops, fused q/k/v projections, the
@@ -100,9 +135,13 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     weights (perf.master_weights) except in optimized-autocast, whose rollout runs on a bf16 copy of the
     generator; optimized on CUDA with torch.compile's reduce-overhead mode, the grad passes' compiled
     blocks replayed from CUDA graphs of their own (cudagraph trees), forward and backward, the rollout
-    and the scores from whole-call graphs of the blocks' default-mode twins."""
-    if name not in VARIANTS:
-        raise ValueError(f"unknown variant {name!r}; expected one of {', '.join(VARIANTS)}")
+    and the scores from whole-call graphs of the blocks' default-mode twins; on CUDA, GELU in the matmul's
+    epilogue in the no-grad forwards (perf.gelu_epilogue). NAME+section.option=value: see split_variant."""
+    name, extra = split_variant(name)
+    return _base_variant_args(name, cuda, compile_backend) + extra
+
+
+def _base_variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     precision = ["--perf.mixed_precision", "bf16"] if cuda else []
     if name == "naive":
         return ["--ops.backend", "reference", "--perf.fused_optimizer", "false", "--perf.batched_cfg", "false",
@@ -110,9 +149,10 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     weights = [] if not cuda else ["--perf.rollout_weights", "bf16"] if name == "optimized-autocast" else \
         ["--perf.master_weights", "true"]
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized" and cuda else []
+    epilogue = ["--perf.gelu_epilogue", "true"] if cuda else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",
-            *weights, *mode, *precision]
+            *weights, *mode, *epilogue, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:
@@ -663,8 +703,9 @@ def main() -> None:
                    "every k alike")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--variants", nargs="+", default=["naive", "optimized"], choices=VARIANTS,
-                   help="the step variants to measure, in this order (naive first: the others' speed-up and MFU use it)")
+    p.add_argument("--variants", nargs="+", default=["naive", "optimized"], type=_variant_type,
+                   help=f"the step variants to measure, in this order (naive first: the others' speed-up and MFU use "
+                        f"it): {', '.join(VARIANTS)}, each optionally followed by +section.option=value settings")
     p.add_argument("--out", default=None, help="path stem of the .json and .md results")
     p.add_argument("--profile", action="store_true", help="profile one more step of each variant: device busy "
                    "time (in all and per phase), top ops, Chrome trace <out>_<variant>_trace.json.gz")
@@ -686,10 +727,10 @@ def main() -> None:
     }
     for name in args.variants:
         run_args = preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend) \
-            + ["--run_dir", os.path.join("runs", "step_throughput", name)]
+            + ["--run_dir", os.path.join("runs", "step_throughput", variant_slug(name))]
         try:
             row = measure(name, run_args, variant_family(family), device, args.warmup, args.steps, profile=args.profile,
-                          profile_trace=f"{out}_{name}_trace.json" if args.profile else None)
+                          profile_trace=f"{out}_{variant_slug(name)}_trace.json" if args.profile else None)
         except Exception as e:  # noqa: BLE001 - a variant that fails is a result too; the others still run
             traceback.print_exc()
             row = {"variant": name, "args": run_args, "error": f"{type(e).__name__}: {e}".splitlines()[0][:300]}

@@ -249,6 +249,9 @@ class PerfConfig:
                          "whose parameter names nothing keeps (the teacher, the rollout's bf16 copy and, with "
                          "master_weights, the trained networks' bf16 copies, forward and backward): one matmul for "
                          "three (SD3, FLUX)")
+    gelu_epilogue: bool = opt(False, "in forwards that autograd does not record (the rollout, the DMD scores) on CUDA, "
+                              "each tanh-GELU feed-forward projection (SD3, FLUX) runs as one cuBLASLt matmul with bias "
+                              "and GELU in its epilogue instead of a matmul and a GELU kernel; other forwards unchanged")
     shard_teacher: bool = opt(True, "under torchrun, FSDP2-shard the frozen teacher as well")
     load_on_rank0: bool = opt(True, "under torchrun, rank 0 alone reads the networks' weights; the other ranks "
                               "build them on the meta device and receive their shards from rank 0 as each network "

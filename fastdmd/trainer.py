@@ -38,7 +38,7 @@ from fastdmd.distributed import (World, barrier, broadcast_object, fill_from_ran
                                  reshard, stop_together)
 from fastdmd.metrics import score_sampler
 from fastdmd.models.family import Family, load_family
-from fastdmd.models.fusion import fuse_qkv, fused_attentions
+from fastdmd.models.fusion import fuse_qkv, fused_attentions, use_gelu_epilogue
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.optim import MasterAdamW
 from fastdmd.rewards import ClassifierLogProb, JpegCompressibility, build_reward
@@ -280,6 +280,14 @@ class Trainer:
                                                .requires_grad_(False), self.adapter)
         # perf.fuse_qkv: after build_roles copied the teacher's separate projections into the trained roles.
         self.fused_qkv, fused_views = self._fuse_qkv(teacher, perf.fuse_qkv)
+        self.gelu_epilogue = "off"
+        if perf.gelu_epilogue:
+            nets = {id(r.net): r.net for r in filter(None, (self.generator, self.fake, self.generator_compute,
+                                                            self.fake_compute, self.rollout_generator, base))}
+            nets[id(teacher)] = teacher
+            count = sum(use_gelu_epilogue(net) for net in nets.values())
+            self.gelu_epilogue = (f"{count} feed-forward projections (no-grad forwards on CUDA)" if count
+                                  else "nothing to change (no tanh-GELU feed-forward)")
         self.attention = set_attention(teacher, perf.attention)
         if not perf.cudnn_attention:
             torch.backends.cuda.enable_cudnn_sdp(False)
@@ -695,7 +703,7 @@ class Trainer:
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"
               + (", on a bf16 copy of the generator" if self.rollout_generator is not self.generator else "")
-              + f" scores={self.scores_graphs} fused_qkv={self.fused_qkv}")
+              + f" scores={self.scores_graphs} fused_qkv={self.fused_qkv} gelu_epilogue={self.gelu_epilogue}")
         if p.master_weights:
             trained = "generator and critic" if self.fake is not None else "generator"
             print(f"  weights: the {trained} compute on bf16 copies; MasterAdamW updates their fp32 weights from "

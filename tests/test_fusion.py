@@ -1,5 +1,6 @@
 """perf.fuse_qkv: fused q/k/v projections give the separate projections' outputs, keep one copy of the
-weights, and take writes made by the separate parameters' names (the rollout copy's sync)."""
+weights, and take writes made by the separate parameters' names (the rollout copy's sync).
+perf.gelu_epilogue: the feed-forwards' GELU in the matmul's epilogue where no autograd records."""
 
 import copy
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-from fastdmd.models.fusion import fuse_qkv
+from fastdmd.models.fusion import GELUEpilogue, fuse_qkv, use_gelu_epilogue
 
 
 def sd3_net():
@@ -92,3 +93,62 @@ def test_the_attention_backend_report_knows_which_networks_take_one(name, takes)
 
     net, _, _ = build(name)
     assert takes_attention_backend(net) is takes
+
+
+def tanh_gelus(net) -> int:
+    from diffusers.models.activations import GELU
+
+    return sum(isinstance(m, GELU) and m.approximate == "tanh" for m in net.modules())
+
+
+@pytest.mark.parametrize("name", NETS)
+def test_gelu_epilogue_changes_the_class_only_and_on_cpu_nothing_else(name, monkeypatch):
+    """Every tanh-GELU projection takes the epilogue form (once: a second call changes nothing); names,
+    state dict and a deepcopy are as before. On CPU, where torch._addmm_activation's GELU is the exact
+    one, the forward is diffusers' own, bit for bit, with or without grad."""
+    net, inputs, _ = build(name)
+    patched = copy.deepcopy(net)
+    count = use_gelu_epilogue(patched)
+    assert count == tanh_gelus(net) > 0
+    assert use_gelu_epilogue(patched) == count and use_gelu_epilogue(copy.deepcopy(patched)) == count
+    assert sum(isinstance(m, GELUEpilogue) for m in patched.modules()) == count
+    assert list(patched.state_dict()) == list(net.state_dict())
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("the epilogue ran on CPU"))
+    with torch.no_grad():
+        assert torch.equal(patched(**inputs).sample, net(**inputs).sample)
+    patched.requires_grad_(True)
+    assert torch.equal(patched(**inputs).sample.detach(), net(**inputs).sample)
+
+
+def test_gelu_epilogue_leaves_networks_without_tanh_gelu_alone():
+    from fastdmd.models.digits import build_digits_unet
+
+    assert use_gelu_epilogue(build_digits_unet()) == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", NETS)
+def test_gelu_epilogue_on_cuda_gives_the_two_step_output_without_grad_and_the_same_bits_with(name, monkeypatch):
+    """bf16 on CUDA: with no grad the epilogue runs (once per projection per forward) and, eager or
+    compiled, gives diffusers' output to bf16 rounding (one rounding instead of two); where autograd
+    records, the forward is diffusers' own."""
+    net, inputs, _ = build(name)
+    net = net.cuda().to(torch.bfloat16)
+    inputs = {k: v.cuda().to(torch.bfloat16) if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
+    patched = copy.deepcopy(net)
+    count = use_gelu_epilogue(patched)
+    calls = []
+    real = torch._addmm_activation
+    monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        want = net(**inputs).sample.float()
+        got = patched(**inputs).sample.float()
+        assert len(calls) == count
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        monkeypatch.setattr(torch, "_addmm_activation", real)  # what dynamo traces
+        compiled = torch.compile(patched)
+        torch.testing.assert_close(compiled(**inputs).sample.float(), want, rtol=2e-2, atol=2e-2)
+    patched.requires_grad_(True)
+    net.requires_grad_(True)
+    assert torch.equal(patched(**inputs).sample, net(**inputs).sample)

@@ -186,6 +186,30 @@ def test_without_weights_the_transformer_is_its_config_on_the_meta_device(sd3_di
         [(n, t.shape, t.dtype) for n, t in whole.state_dict().items()]
 
 
+def test_gelu_epilogue_reaches_every_network_and_on_cpu_changes_no_number(sd3_dir, tmp_path):
+    """perf.gelu_epilogue gives the teacher, the trained networks and their bf16 copies the epilogue form;
+    on CPU (where it stands aside) the run's numbers are those of a run without it, bit for bit."""
+    from fastdmd.distributed import World
+    from fastdmd.models.fusion import GELUEpilogue
+    from fastdmd.trainer import Trainer
+
+    def trainer(*extra):
+        cfg = parse_args(args_for(sd3_dir, tmp_path / "_".join(extra or ("plain",)), "--model.dtype", "bfloat16",
+                                  "--perf.mixed_precision", "bf16", "--perf.master_weights", "true", "--perf.fuse_qkv",
+                                  "true", "--eval.at_end", "false", *extra))
+        return Trainer(cfg, World())
+
+    plain, epilogue = trainer(), trainer("--perf.gelu_epilogue", "true")
+    assert plain.gelu_epilogue == "off"
+    nets = (epilogue.real.net, epilogue.generator.net, epilogue.fake.net, epilogue.generator_compute.net,
+            epilogue.fake_compute.net)
+    per_net = [sum(isinstance(m, GELUEpilogue) for m in net.modules()) for net in nets]
+    assert len(set(per_net)) == 1 and per_net[0] > 0
+    assert epilogue.gelu_epilogue == f"{5 * per_net[0]} feed-forward projections (no-grad forwards on CUDA)"
+    for step in (1, 2):
+        assert epilogue.train_step(step) | {"time": 0} == plain.train_step(step) | {"time": 0}
+
+
 def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):
     """perf.fuse_qkv fuses the networks that only run forward; the rollout's bf16 copy, fused, still
     takes the generator's weights after every step (written through the fused layers' rows)."""

@@ -278,6 +278,8 @@ def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_com
     autocast = step_throughput.variant_args("optimized-autocast", True, "aot_eager")
     assert "--perf.master_weights" not in autocast and autocast[autocast.index("--perf.rollout_weights") + 1] == "bf16"
     assert "--perf.master_weights" not in step_throughput.variant_args("optimized", False, "aot_eager")
+    assert args[args.index("--perf.gelu_epilogue") + 1] == "true"
+    assert "--perf.gelu_epilogue" not in step_throughput.variant_args("optimized", False, "aot_eager")
     run_args = step_throughput.preset_args("digits", 4) + args + ["--run_dir", str(tmp_path), "--threads", "1"]
     row = step_throughput.measure("optimized-default-mode", run_args, None, torch.device("cpu"), warmup=1, steps=1,
                                   profile=True)
@@ -388,3 +390,24 @@ def test_timed_steps_weigh_every_backward_simulation_step_alike(monkeypatch):
     assert numbers == sorted(numbers) and numbers[0] > 10 and len(set(numbers)) == 8
     timed = [{"k": k, "seconds": s} for k, s in [(0, 1.0), (2, 3.0), (2, 3.2), (3, 4.0), (0, 1.2), (0, 9.0)]]
     assert step_throughput.mean_over_k(timed) == pytest.approx((1.2 + 3.1 + 4.0) / 3)
+
+
+def test_a_variant_may_set_options_for_an_ab_run_in_one_process(monkeypatch):
+    """NAME+section.option=value: NAME's arguments, then the settings, which win; the file-name form has
+    none of '+', '=', '.'; a bad base or setting is refused naming it and what would be valid."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    from fastdmd.config import parse_args
+
+    name = "optimized-default-mode+perf.gelu_epilogue=false+perf.fuse_qkv=false"
+    args = step_throughput.variant_args(name, True, "aot_eager")
+    assert args[:-4] == step_throughput.variant_args("optimized-default-mode", True, "aot_eager")
+    assert args[-4:] == ["--perf.gelu_epilogue", "false", "--perf.fuse_qkv", "false"]
+    cfg = parse_args(step_throughput.preset_args("digits", 4) + args)
+    assert not cfg.perf.gelu_epilogue and not cfg.perf.fuse_qkv and cfg.perf.master_weights
+    assert step_throughput.variant_slug(name) == "optimized-default-mode-perf-gelu_epilogue-false-perf-fuse_qkv-false"
+    with pytest.raises(ValueError, match=r"unknown variant 'fast'; expected one of naive, optimized"):
+        step_throughput.variant_args("fast+perf.fuse_qkv=false", True, "aot_eager")
+    with pytest.raises(ValueError, match=r"'perf.fuse_qkv' is not section.option=value"):
+        step_throughput.variant_args("optimized+perf.fuse_qkv", True, "aot_eager")

@@ -17,6 +17,14 @@ itself once `fuse_projections()` has run. The separate layers are removed after 
 copy of the weights); `fuse_qkv` returns, for each removed parameter, its rows of the fused one, so
 that code which writes weights by their original names (the rollout copy's per-step sync) writes
 into the fused layers.
+
+GELU in the matmul's epilogue (`perf.gelu_epilogue`): the feed-forwards of SD3 and FLUX start with
+diffusers' `GELU` (a Linear, then tanh-approximate GELU). Compiled, that is a matmul and a Triton
+kernel that adds the bias and applies GELU, which reads and writes the 4x-wide activation once more.
+Where nothing needs its gradient (the rollout, the DMD scores: most forwards of a step),
+`GELUEpilogue` asks cuBLASLt for the whole (torch._addmm_activation: bias and tanh GELU applied to the
+fp32 accumulator before the one rounding; inductor calls it as it is). On CUDA only: on CPU that op
+computes the exact GELU, not SD3's tanh form, so there the module runs diffusers' two steps.
 """
 
 from __future__ import annotations
@@ -114,3 +122,46 @@ def fuse_qkv(net: nn.Module) -> dict[str, torch.Tensor]:
             for part in parts:
                 delattr(module, part)
     return views
+
+
+def _gelu_base():
+    from diffusers.models.activations import GELU
+
+    return GELU
+
+
+class GELUEpilogue(nn.Module):
+    """Mixed into diffusers' GELU (use_gelu_epilogue): its forward, with bias and GELU in the matmul's
+    epilogue where the op allows it and no autograd records the call."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        proj = self.proj
+        if (self.approximate == "tanh" and hidden_states.is_cuda and type(proj) is nn.Linear and proj.bias is not None
+                and hidden_states.dtype == proj.weight.dtype
+                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, proj.weight,
+                                                                                    proj.bias)))):
+            rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+            out = torch._addmm_activation(proj.bias, rows, proj.weight.t(), use_gelu=True)
+            return out.view(*hidden_states.shape[:-1], out.shape[-1])
+        return super().forward(hidden_states)
+
+
+_EPILOGUE_CLASSES: dict[type, type] = {}
+
+
+def use_gelu_epilogue(net: nn.Module) -> int:
+    """Give every tanh-GELU feed-forward projection of `net` (diffusers' GELU, approximate='tanh') the
+    epilogue form, in place (its class only: parameters, names and state dict unchanged); returns how
+    many `net` has in that form. Nothing to change in the digits UNet."""
+    base = _gelu_base()
+    count = 0
+    for module in net.modules():
+        if not isinstance(module, base) or module.approximate != "tanh":
+            continue
+        if not isinstance(module, GELUEpilogue):
+            cls = type(module)
+            if cls not in _EPILOGUE_CLASSES:
+                _EPILOGUE_CLASSES[cls] = type(f"{cls.__name__}Epilogue", (GELUEpilogue, cls), {})
+            module.__class__ = _EPILOGUE_CLASSES[cls]
+        count += 1
+    return count
