@@ -32,7 +32,10 @@
 #            15's GELU epilogue); ~100 s per variant with --profile in session 14 (since then 8 timed steps
 #            and a second profiled step each: some seconds more); results in
 #            OUTDIR/step_throughput_sd3-medium-d12.{json,md}. (Until session 15 a second process ran naive +
-#            optimized-default-mode.)
+#            optimized-default-mode.) Candidates not yet measured, if the call has time for one more
+#            variant: optimized+perf.inductor_options=triton.multi_kernel=1 (inductor also builds persistent
+#            forms of its reductions, the adaLN layer norms' among them, 9 ms of "red" kernels per step in
+#            session 14, and picks the faster by timing both).
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #

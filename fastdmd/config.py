@@ -9,6 +9,7 @@ bad value and what would be valid.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import os
 import sys
@@ -213,6 +214,9 @@ class PerfConfig:
                             "under torchrun); the rollout and the DMD scores, where perf.cuda_graph_rollout / "
                             "cuda_graph_scores capture them whole, call a second, default-mode compile of the blocks",
                             choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"))
+    inductor_options: str = opt("", "torch.compile options of every compiled block (inductor), as name=value pairs "
+                                 "separated by commas, names from torch._inductor.config (e.g. triton.multi_kernel=1 or "
+                                 "coordinate_descent_tuning=true), on top of perf.compile_mode's; empty: none")
     activation_checkpointing: bool = opt(False, "recompute each block's activations in backward (diffusers' "
                                          "gradient checkpointing)")
     mixed_precision: str = opt("fp32", "bf16: FSDP2 MixedPrecisionPolicy (bf16 params, fp32 reduce) under torchrun, "
@@ -373,7 +377,48 @@ class Config:
             raise ConfigError(f"perf.compile_mode = {self.perf.compile_mode!r} is a mode of the inductor backend: it needs "
                               f"perf.compile true and perf.compile_backend inductor (got {self.perf.compile} and "
                               f"{self.perf.compile_backend!r})")
+        if self.perf.inductor_options:
+            if not (self.perf.compile and self.perf.compile_backend == "inductor"):
+                raise ConfigError(f"perf.inductor_options = {self.perf.inductor_options!r} are options of the inductor "
+                                  f"backend: they need perf.compile true and perf.compile_backend inductor (got "
+                                  f"{self.perf.compile} and {self.perf.compile_backend!r})")
+            parse_inductor_options(self.perf.inductor_options)
         return self
+
+
+def parse_inductor_options(text: str) -> dict:
+    """perf.inductor_options ("name=value,name=value") as torch.compile's options: each name one of
+    torch._inductor.config's, each value read as that option's type (bool: true/false/1/0)."""
+    import torch._inductor.config as inductor_config
+
+    known = inductor_config.get_config_copy()
+    options = {}
+    for pair in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, value = (part.strip() for part in pair.partition("="))
+        if not sep or not name or not value:
+            raise ConfigError(f"perf.inductor_options: {pair!r} is not name=value (e.g. triton.multi_kernel=1)")
+        if name not in known:
+            close = difflib.get_close_matches(name, list(known), n=3)
+            raise ConfigError(f"perf.inductor_options: {name!r} is not an option of torch._inductor.config"
+                              + (f" (similar: {', '.join(close)})" if close else ""))
+        if name == "triton.cudagraphs":  # the trainer must know (twins, graph pools): the mode says so
+            raise ConfigError("perf.inductor_options: CUDA graphs of the compiled blocks are perf.compile_mode "
+                              "reduce-overhead, not triton.cudagraphs")
+        kind = type(known[name])
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                options[name] = value.lower() in ("true", "1")
+            elif kind in (int, float, str):
+                options[name] = kind(value)
+            else:
+                raise ConfigError(f"perf.inductor_options: {name!r} takes a {kind.__name__}, which this option does "
+                                  "not set; only bool, int, float and str options")
+        except ValueError:
+            raise ConfigError(f"perf.inductor_options: {name}={value!r} is not of {name}'s type, "
+                              f"{kind.__name__}") from None
+    return options
 
 
 def per_rank_batch(cfg: Config, world_size: int) -> int:

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from fastdmd.config import parse_inductor_options
 from fastdmd.rollout.graphs import add_twin
 
 
@@ -98,10 +99,17 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
         # mode compiles its own variant of the same block code; past dynamo's default of 8 per code object
         # the rest would run eagerly, with only a log line to say so.
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+        # torch.compile takes a mode or options, not both: with perf.inductor_options the mode goes in as its options
+        options = parse_inductor_options(perf.inductor_options)
+        if options:
+            from torch._inductor import list_mode_options
+            compile_args = dict(options={**(list_mode_options(mode) if mode else {}), **options})
+        else:
+            compile_args = dict(mode=mode)
         for block in blocks:
-            block.compile(backend=perf.compile_backend, mode=mode, dynamic=False)  # static shapes: no symbolic recompiles
+            block.compile(backend=perf.compile_backend, dynamic=False, **compile_args)  # static shapes: no symbolic recompiles
             if mode == "reduce-overhead":  # the whole-call CUDA graphs (rollout, DMD scores) capture its twin
-                add_twin(block, perf.compile_backend)
+                add_twin(block, perf.compile_backend, options)
     if not world.distributed:
         return net
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -698,7 +698,8 @@ class Trainer:
         if self.world.distributed:
             print("  weights: " + ("read by rank 0 alone and broadcast to the others (perf.load_on_rank0)"
                                    if p.load_on_rank0 else "read by every rank (perf.load_on_rank0 false)"))
-        compile_desc = f"per block ({p.compile_backend}" + (f", {p.compile_mode})" if p.compile_mode != "default" else ")")
+        compile_desc = (f"per block ({p.compile_backend}" + (f", {p.compile_mode}" if p.compile_mode != "default" else "")
+                        + (f", options {p.inductor_options}" if p.inductor_options else "") + ")")
         print(f"  compile={compile_desc if p.compile else 'off'} "
               f"activation_checkpointing={'per block' if p.activation_checkpointing else 'off'} "
               f"precision={p.mixed_precision} rollout={'CUDA graph' if self.rollout.active else self.rollout.reason}"

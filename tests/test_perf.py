@@ -44,6 +44,32 @@ def test_per_block_compile_wraps_every_block_and_keeps_the_losses(tmp_path, plai
         assert got == pytest.approx(want, rel=1e-4, abs=1e-7)
 
 
+def test_inductor_options_reach_every_block_compile_on_top_of_the_mode(tmp_path, monkeypatch):
+    """perf.inductor_options go to each block's torch.compile as options, the mode's own options under them
+    (torch.compile takes a mode or options, not both); a bad one is refused, naming it, before any work."""
+    from fastdmd.config import ConfigError
+
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append(kwargs))
+    cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.compile", "true", "--perf.compile_mode",
+                             "max-autotune-no-cudagraphs", "--perf.inductor_options",
+                             "coordinate_descent_tuning=false, triton.multi_kernel=1"])
+    Trainer(cfg, World())
+    assert calls and all(c == dict(backend="inductor", dynamic=False, options={
+        "max_autotune": True, "coordinate_descent_tuning": False, "triton.multi_kernel": 1}) for c in calls)
+    calls.clear()
+    Trainer(parse_args(TINY + ["--run_dir", str(tmp_path / "plain"), "--perf.compile", "true"]), World())
+    assert calls and all(c == dict(backend="inductor", dynamic=False, mode=None) for c in calls)
+    for options, message in (("triton.multi=1", r"'triton.multi' is not an option .*similar: triton.multi_kernel"),
+                             ("triton.multi_kernel=yes", r"triton.multi_kernel='yes' is not of .* type, int"),
+                             ("max_autotune", r"'max_autotune' is not name=value"),
+                             ("triton.cudagraphs=true", r"perf.compile_mode reduce-overhead, not triton.cudagraphs")):
+        with pytest.raises(ConfigError, match=message):
+            parse_args(TINY + ["--perf.compile", "true", "--perf.inductor_options", options])
+    with pytest.raises(ConfigError, match=r"need perf.compile true and perf.compile_backend inductor"):
+        parse_args(TINY + ["--perf.inductor_options", "triton.multi_kernel=1"])
+
+
 def test_bf16_autocast_runs_the_forwards_in_bf16(tmp_path, plain, monkeypatch):
     seen = []
     from fastdmd import ops

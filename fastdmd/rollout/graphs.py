@@ -54,14 +54,15 @@ def shared_pool() -> tuple:
     return _pool
 
 
-def add_twin(block: torch.nn.Module, backend: str = "inductor") -> None:
+def add_twin(block: torch.nn.Module, backend: str = "inductor", options: dict | None = None) -> None:
     """Give `block`, compiled (nn.Module.compile) in a mode with CUDA graphs of its own, a twin compiled in
-    inductor's default mode (the same kernels, no graphs), for `twins_in_place`. torch.compile builds the
-    twin's code on its first call, in a capture's warm-up. The twin is kept on the block, as its own
-    compiled call is (a reference cycle, freed with the block; a table keyed by blocks would hold them)."""
+    inductor's default mode (the same kernels, no graphs) with `options` (perf.inductor_options), for
+    `twins_in_place`. torch.compile builds the twin's code on its first call, in a capture's warm-up. The
+    twin is kept on the block, as its own compiled call is (a reference cycle, freed with the block; a
+    table keyed by blocks would hold them)."""
     if block._compiled_call_impl is None:
         raise ValueError(f"add_twin: {type(block).__name__} is not compiled; call block.compile(...) first")
-    block._fastdmd_twin_call = torch.compile(block._call_impl, backend=backend, dynamic=False)
+    block._fastdmd_twin_call = torch.compile(block._call_impl, backend=backend, dynamic=False, options=options or None)
     _twinned.add(block)
 
 
