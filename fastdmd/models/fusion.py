@@ -32,6 +32,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from diffusers.models.activations import GELU
 
 SEPARATE = {"to_qkv": ("to_q", "to_k", "to_v"), "to_added_qkv": ("add_q_proj", "add_k_proj", "add_v_proj")}
 
@@ -124,15 +125,9 @@ def fuse_qkv(net: nn.Module) -> dict[str, torch.Tensor]:
     return views
 
 
-def _gelu_base():
-    from diffusers.models.activations import GELU
-
-    return GELU
-
-
-class GELUEpilogue(nn.Module):
-    """Mixed into diffusers' GELU (use_gelu_epilogue): its forward, with bias and GELU in the matmul's
-    epilogue where the op allows it and no autograd records the call."""
+class GELUEpilogue(GELU):
+    """diffusers' GELU whose forward, where no autograd records the call and the op allows it, is one
+    matmul with bias and tanh GELU in its epilogue (use_gelu_epilogue)."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         proj = self.proj
@@ -146,22 +141,13 @@ class GELUEpilogue(nn.Module):
         return super().forward(hidden_states)
 
 
-_EPILOGUE_CLASSES: dict[type, type] = {}
-
-
 def use_gelu_epilogue(net: nn.Module) -> int:
     """Give every tanh-GELU feed-forward projection of `net` (diffusers' GELU, approximate='tanh') the
     epilogue form, in place (its class only: parameters, names and state dict unchanged); returns how
     many `net` has in that form. Nothing to change in the digits UNet."""
-    base = _gelu_base()
     count = 0
     for module in net.modules():
-        if not isinstance(module, base) or module.approximate != "tanh":
-            continue
-        if not isinstance(module, GELUEpilogue):
-            cls = type(module)
-            if cls not in _EPILOGUE_CLASSES:
-                _EPILOGUE_CLASSES[cls] = type(f"{cls.__name__}Epilogue", (GELUEpilogue, cls), {})
-            module.__class__ = _EPILOGUE_CLASSES[cls]
-        count += 1
+        if type(module) in (GELU, GELUEpilogue) and module.approximate == "tanh":
+            module.__class__ = GELUEpilogue
+            count += 1
     return count
