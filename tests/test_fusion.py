@@ -8,7 +8,7 @@ import pytest
 import torch
 from diffusers import FluxTransformer2DModel, SD3Transformer2DModel
 
-from fastdmd.models.fusion import GELUEpilogue, fuse_qkv, use_gelu_epilogue
+from fastdmd.models.fusion import GELUEpilogue, LinearGELUEpilogue, fuse_qkv, use_gelu_epilogue
 
 
 def sd3_net():
@@ -96,9 +96,12 @@ def test_the_attention_backend_report_knows_which_networks_take_one(name, takes)
 
 
 def tanh_gelus(net) -> int:
+    """diffusers' GELU modules with tanh GELU, and FLUX's single blocks (proj_mlp, then act_mlp: nn.GELU)."""
     from diffusers.models.activations import GELU
 
-    return sum(isinstance(m, GELU) and m.approximate == "tanh" for m in net.modules())
+    return sum((isinstance(m, GELU) and m.approximate == "tanh")
+               or (isinstance(getattr(m, "act_mlp", None), torch.nn.GELU) and m.act_mlp.approximate == "tanh")
+               for m in net.modules())
 
 
 @pytest.mark.parametrize("name", NETS)
@@ -111,7 +114,8 @@ def test_gelu_epilogue_changes_the_class_only_and_on_cpu_nothing_else(name, monk
     count = use_gelu_epilogue(patched)
     assert count == tanh_gelus(net) > 0
     assert use_gelu_epilogue(patched) == count and use_gelu_epilogue(copy.deepcopy(patched)) == count
-    assert sum(isinstance(m, GELUEpilogue) for m in patched.modules()) == count
+    assert sum(isinstance(m, (GELUEpilogue, LinearGELUEpilogue)) for m in patched.modules()) == count
+    assert not any(isinstance(m, torch.nn.GELU) for m in patched.modules())  # FLUX's act_mlp: in proj_mlp now
     assert list(patched.state_dict()) == list(net.state_dict())
     monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: pytest.fail("the epilogue ran on CPU"))
     with torch.no_grad():

@@ -19,10 +19,11 @@ that code which writes weights by their original names (the rollout copy's per-s
 into the fused layers.
 
 GELU in the matmul's epilogue (`perf.gelu_epilogue`): the feed-forwards of SD3 and FLUX start with
-diffusers' `GELU` (a Linear, then tanh-approximate GELU). Compiled, that is a matmul and a Triton
-kernel that adds the bias and applies GELU, which reads and writes the 4x-wide activation once more.
-Where nothing needs its gradient (the rollout, the DMD scores: most forwards of a step),
-`GELUEpilogue` asks cuBLASLt for the whole (torch._addmm_activation: bias and tanh GELU applied to the
+diffusers' `GELU` (a Linear, then tanh-approximate GELU), and FLUX's single blocks with proj_mlp and
+act_mlp, the same two steps. Compiled, that is a matmul and a Triton kernel that adds the bias and
+applies GELU, which reads and writes the 4x-wide activation once more. Where nothing needs its
+gradient (the rollout, the DMD scores: most forwards of a step), `GELUEpilogue` and
+`LinearGELUEpilogue` ask cuBLASLt for the whole (torch._addmm_activation: bias and tanh GELU applied to the
 fp32 accumulator before the one rounding; inductor calls it as it is). On CUDA only: on CPU that op
 computes the exact GELU, not SD3's tanh form, so there the module runs diffusers' two steps.
 """
@@ -125,29 +126,54 @@ def fuse_qkv(net: nn.Module) -> dict[str, torch.Tensor]:
     return views
 
 
+def _epilogue_applies(hidden_states: torch.Tensor, proj: nn.Module) -> bool:
+    """Whether cuBLASLt's bias + tanh GELU epilogue computes this call: on CUDA, a plain Linear with bias in
+    the input's dtype, and no autograd recording (the op has no derivative)."""
+    return (hidden_states.is_cuda and type(proj) in (nn.Linear, LinearGELUEpilogue) and proj.bias is not None
+            and hidden_states.dtype == proj.weight.dtype
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, proj.weight, proj.bias))))
+
+
+def _linear_gelu_epilogue(hidden_states: torch.Tensor, proj: nn.Module) -> torch.Tensor:
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])
+    out = torch._addmm_activation(proj.bias, rows, proj.weight.t(), use_gelu=True)
+    return out.view(*hidden_states.shape[:-1], out.shape[-1])
+
+
 class GELUEpilogue(GELU):
-    """diffusers' GELU whose forward, where no autograd records the call and the op allows it, is one
-    matmul with bias and tanh GELU in its epilogue (use_gelu_epilogue)."""
+    """diffusers' GELU (SD3's and FLUX's feed-forwards: a Linear, then tanh GELU) with the epilogue where
+    _epilogue_applies."""
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        proj = self.proj
-        if (self.approximate == "tanh" and hidden_states.is_cuda and type(proj) is nn.Linear and proj.bias is not None
-                and hidden_states.dtype == proj.weight.dtype
-                and not (torch.is_grad_enabled() and any(t.requires_grad for t in (hidden_states, proj.weight,
-                                                                                    proj.bias)))):
-            rows = hidden_states.reshape(-1, hidden_states.shape[-1])
-            out = torch._addmm_activation(proj.bias, rows, proj.weight.t(), use_gelu=True)
-            return out.view(*hidden_states.shape[:-1], out.shape[-1])
+        if self.approximate == "tanh" and _epilogue_applies(hidden_states, self.proj):
+            return _linear_gelu_epilogue(hidden_states, self.proj)
         return super().forward(hidden_states)
 
 
+class LinearGELUEpilogue(nn.Linear):
+    """A Linear and the tanh GELU after it in one module: FLUX's single blocks' proj_mlp, whose act_mlp
+    (nn.GELU) becomes an Identity. The epilogue where _epilogue_applies, else the two steps."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if _epilogue_applies(hidden_states, self):
+            return _linear_gelu_epilogue(hidden_states, self)
+        return F.gelu(super().forward(hidden_states), approximate="tanh")
+
+
 def use_gelu_epilogue(net: nn.Module) -> int:
-    """Give every tanh-GELU feed-forward projection of `net` (diffusers' GELU, approximate='tanh') the
-    epilogue form, in place (its class only: parameters, names and state dict unchanged); returns how
-    many `net` has in that form. Nothing to change in the digits UNet."""
+    """Give every tanh-GELU feed-forward projection of `net` the epilogue form, in place: diffusers' GELU
+    modules (approximate='tanh'), and the proj_mlp + act_mlp (nn.GELU, tanh) pairs of FLUX's single blocks.
+    Classes change (and act_mlp becomes an Identity), parameters, names and state dict do not. Returns how
+    many projections `net` has in that form; the digits UNet has none."""
     count = 0
     for module in net.modules():
         if type(module) in (GELU, GELUEpilogue) and module.approximate == "tanh":
             module.__class__ = GELUEpilogue
+            count += 1
+        proj, act = getattr(module, "proj_mlp", None), getattr(module, "act_mlp", None)
+        if type(proj) is nn.Linear and type(act) is nn.GELU and act.approximate == "tanh":
+            proj.__class__ = LinearGELUEpilogue
+            module.act_mlp = nn.Identity()
+        if type(proj) is LinearGELUEpilogue:
             count += 1
     return count
