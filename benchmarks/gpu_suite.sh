@@ -60,7 +60,7 @@
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
-#   FASTDMD_STEP_TIMEOUT=120 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
+#   FASTDMD_STEP_TIMEOUT=150 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
 #   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput
 #   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
