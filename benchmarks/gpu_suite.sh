@@ -56,13 +56,17 @@
 # MasterAdamW without exp_avg (bench_master_adamw's triton against triton_exp_avg; throughput's peak
 # memory, ~8 GB less), the GELU epilogue (throughput's optimized against optimized+perf.gelu_epilogue=false,
 # and the gputests' test_gelu_epilogue_on_cuda_*), and session 14's pool fix (gputests'
-# test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode):
+# test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode), dmd_target's forward cut
+# into chunks of two bf16 blocks (onepass: still the two-pass bits; bench_dmd_target: the launcher's
+# choice against triton_one_pass_one_block_chunks, the cut before):
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
-#   FASTDMD_STEP_TIMEOUT=80 FASTDMD_PYTEST_ARGS='-k master_adamw' bash $S $O/t tests &
+#   FASTDMD_STEP_TIMEOUT=100 FASTDMD_PYTEST_ARGS='-n 6' bash $S $O/t tests &
+#   FASTDMD_STEP_TIMEOUT=60 bash $S $O/o onepass &
 #   FASTDMD_STEP_TIMEOUT=150 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
-#   FASTDMD_STEP_TIMEOUT=300 bash $S $O/p throughput
-#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=260 bash $S $O/p throughput
+#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw
+#   FASTDMD_STEP_TIMEOUT=100 bash $S $O/d bench_dmd_target"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
 # with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by

@@ -85,6 +85,18 @@ def test_multi_block_chunks(dtype):
         assert_matches_reference(make_inputs((3, 300), dtype, weights=True, noise=True), dtype)
 
 
+def test_forward_chunks_read_one_fp32_blocks_bytes_and_the_backward_keeps_one_block():
+    """The forward's cut of a sample: chunks of two bf16 / fp16 blocks, one fp32 block, MAX_CHUNKS at most,
+    whatever the batch; the backward's: one block per chunk (an elementwise pass: more programs)."""
+    image, video = 16 * 128 * 128, 336 * 60 * 104  # 128 and 1024 blocks of 2048
+    cut = dmd_target_triton.forward_chunks
+    assert (cut(image, 2).num_chunks, cut(image, 2).blocks_per_chunk) == (64, 2)
+    assert (cut(image, 4).num_chunks, cut(image, 4).blocks_per_chunk) == (128, 1)
+    assert (cut(video, 2).num_chunks, cut(video, 2).blocks_per_chunk) == (256, 4)  # MAX_CHUNKS decides
+    assert cut(3, 2).num_chunks == 1 and cut(3 * 2048, 2).num_chunks == 2  # the last chunk partly empty
+    assert sample_chunks_module.sample_chunks(image).num_chunks == 128
+
+
 @pytest.mark.filterwarnings("ignore:.* encountered in divide:RuntimeWarning")  # interpreter's numpy
 def test_zero_normalizer():
     # x0 parametrization (a=0, b=1) with real_cond = x0: x0_real == x0 exactly, p_real == 0.
@@ -290,7 +302,7 @@ def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, monkeypatch)
         out.loss.backward()
         return out, x0.grad
 
-    chunks = dmd_target_triton.sample_chunks(math.prod(shape[1:])).num_chunks
+    chunks = dmd_target_triton.forward_chunks(math.prod(shape[1:]), torch.bfloat16.itemsize).num_chunks
     if not dmd_target_triton.one_pass_fits(DEVICE, chunks):  # e.g. the video latent's 256 on an H100
         pytest.skip(f"{chunks} programs per sample exceed this GPU's SMs: the launcher keeps two passes")
     for seed in range(3):
@@ -344,16 +356,24 @@ def test_benchmark_variants_set_the_kernels_knobs_for_their_call_only(monkeypatc
     import bench_dmd_target
 
     def knobs(**inputs):
-        return dmd_target_triton.ONE_PASS, dmd_target_triton.sample_chunks(inputs["x0"][0].numel()).num_chunks
+        x0 = inputs["x0"]
+        return dmd_target_triton.ONE_PASS, dmd_target_triton.forward_chunks(x0[0].numel(), x0.element_size()).num_chunks
 
-    before = dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS
-    x0 = torch.zeros(2, 16, 128, 128)  # 128 blocks of 2048 per sample
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass"](knobs)(x0=x0) == (False, 128)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_two_pass_32_chunks"](knobs)(x0=x0) == (False, 32)
+    def state():
+        return dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES
+
+    before = state()
+    x0 = torch.zeros(2, 16, 128, 128)  # 128 blocks of 2048 per sample: one fp32 block is 8 KB
+    bf16 = x0.to(torch.bfloat16)  # two bf16 blocks per chunk
+    variants = bench_dmd_target.KERNEL_VARIANTS
+    assert variants["triton_two_pass"](knobs)(x0=x0) == (False, 128)
+    assert variants["triton_two_pass"](knobs)(x0=bf16) == (False, 64)
+    assert variants["triton_two_pass_32_chunks"](knobs)(x0=x0) == (False, 32)
     monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: chunks <= 132)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass_32_chunks"](knobs)(x0=x0) == (True, 32)
-    assert bench_dmd_target.KERNEL_VARIANTS["triton_one_pass"](knobs)(x0=x0) == (True, 128)
+    assert variants["triton_one_pass_32_chunks"](knobs)(x0=bf16) == (True, 32)
+    assert variants["triton_one_pass"](knobs)(x0=x0) == (True, 128)
+    assert variants["triton_one_pass_one_block_chunks"](knobs)(x0=bf16) == (True, 128)
     monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: False)
     with pytest.raises(RuntimeError, match="one pass does not apply: 128 programs per sample"):
-        bench_dmd_target.KERNEL_VARIANTS["triton_one_pass"](knobs)(x0=x0)
-    assert (dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS) == before
+        variants["triton_one_pass"](knobs)(x0=x0)
+    assert state() == before

@@ -6,7 +6,7 @@ generator output x0 into the DMD2 target, the loss whose gradient for x0 is w * 
 per-sample statistics GNDM and GDMD consume. The math, and its spec, is
 fastdmd.ops.reference.dmd_target; this file is the same thing in three Triton kernels:
 
-  1. _p_real_abs_sum_kernel, one program per (sample, chunk) (see sample_chunks.py): partial sums
+  1. _p_real_abs_sum_kernel, one program per (sample, chunk) (forward_chunks): partial sums
      of |p_real| = |x0 - x0_real|. The normalizer mean |p_real| is a full-sample reduction that
      every element of pass 2 needs, hence a split reduction first.
   2. _dmd_elementwise_kernel, same grid, visited in reverse: adds its sample's partial sums into the
@@ -70,6 +70,13 @@ _FINALIZE_TILE = 4096
 # One launch for passes 1 and 2 (_dmd_one_pass_kernel) instead of two: None chooses by size
 # (one_pass_enabled); True or False forces it wherever it fits, or never (benchmarks and tests).
 ONE_PASS: Optional[bool] = None
+# The forward's chunks are at least MIN_CHUNK_ELEMENT_BYTES // E blocks long (E: x0's element size), so that
+# each reads as many bytes per input as one fp32 block: two blocks for bf16 and fp16, one for fp32. A one-pass
+# program waits once per chunk, and a longer chunk spreads that wait over more bytes: on an H100, bf16
+# 64x16x128x128 forward 107.5 us with 64 chunks of 2 blocks against 117.7 with 128 of one (fp32: 187 us either
+# way; 2026-11-26, session 12). The backward, a plain elementwise pass, keeps one-block chunks: there fewer,
+# longer programs were slower. 0: one-block chunks everywhere.
+MIN_CHUNK_ELEMENT_BYTES = 4
 # The one-pass kernel's wait gives up after this many polls of its sample's counter (about a second):
 # a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
 # a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
@@ -331,6 +338,13 @@ def one_pass_enabled(device: torch.device, num_chunks: int, pass_one_bytes: int)
     return one_pass_fits(device, num_chunks) and pass_one_bytes > torch.cuda.get_device_properties(device).L2_cache_size
 
 
+def forward_chunks(numel_per_sample: int, element_size: int):
+    """The forward's cut of a sample (passes 1 and 2, one or two launches alike, so their sums agree bit
+    for bit): sample_chunks with chunks of at least MIN_CHUNK_ELEMENT_BYTES // element_size blocks. It
+    depends on the sample's size and dtype only, never on the batch."""
+    return sample_chunks(numel_per_sample, max(1, MIN_CHUNK_ELEMENT_BYTES // element_size))
+
+
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
     """[B] coefficients as contiguous fp32; a placeholder pointer for an absent optional input."""
     return placeholder if t is None else t.to(torch.float32).contiguous()
@@ -341,7 +355,7 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
     """The kernels' launches; one_pass None: one_pass_enabled (compile_check forces either)."""
     batch = x0.shape[0]
     numel_per_sample = x0.numel() // batch
-    chunks = sample_chunks(numel_per_sample)
+    chunks = forward_chunks(numel_per_sample, x0.element_size())
     flags = dict(HAS_UNCOND=real_uncond is not None, HAS_NOISE=noise is not None)
     pass_one_bytes = sum(t.numel() * t.element_size() for t in (x0, x_t, real_cond, real_uncond, noise)
                          if t is not None)

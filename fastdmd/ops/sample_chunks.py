@@ -31,10 +31,12 @@ class SampleChunks(NamedTuple):
     num_warps: int
 
 
-def sample_chunks(numel_per_sample: int) -> SampleChunks:
+def sample_chunks(numel_per_sample: int, min_blocks_per_chunk: int = 1) -> SampleChunks:
+    """The cut of one sample: chunks of whole blocks, at most MAX_CHUNKS of them, each of at least
+    `min_blocks_per_chunk` blocks where the sample has that many."""
     block = min(BLOCK, triton.next_power_of_2(numel_per_sample))
     blocks = triton.cdiv(numel_per_sample, block)
-    blocks_per_chunk = triton.cdiv(blocks, MAX_CHUNKS)
+    blocks_per_chunk = min(blocks, max(triton.cdiv(blocks, MAX_CHUNKS), min_blocks_per_chunk))
     num_chunks = triton.cdiv(blocks, blocks_per_chunk)
     num_warps = max(1, min(8, block // 256))
     return SampleChunks(block, blocks_per_chunk, num_chunks, triton.next_power_of_2(num_chunks),
