@@ -248,7 +248,8 @@ class PerfConfig:
                                "fused pass (FSDP2's bf16 policy does the like under torchrun). Autocast then casts no "
                                "weight at each forward; the rollout runs on the generator's copy. Memory: 2 B/param per "
                                "trained network for its copy, against autocast's saved weight casts and fp32 "
-                               "gradients (memory_plan --master-weights)")
+                               "gradients, and 4 B/param less at adam_beta1 0, where MasterAdamW keeps no first "
+                               "moment (memory_plan --master-weights)")
     fuse_qkv: bool = opt(False, "one q/k/v projection of three times the width in each attention of the networks "
                          "whose parameter names nothing keeps (the teacher, the rollout's bf16 copy and, with "
                          "master_weights, the trained networks' bf16 copies, forward and backward): one matmul for "
