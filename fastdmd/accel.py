@@ -42,7 +42,8 @@ def takes_attention_backend(net: nn.Module) -> bool:
 
 
 def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[torch.optim.Optimizer, str]:
-    """(optimizer, description): apex FusedAdam when asked and importable, else torch AdamW (fused or not)."""
+    """(optimizer, description): apex FusedAdam when asked and importable, else torch AdamW (fused or not;
+    fused at beta1 0, DMD2's, as fastdmd.optim.NoMomentumAdamW: the same update without exp_avg)."""
     params = list(params)
     if perf.optimizer == "apex":
         try:
@@ -60,6 +61,11 @@ def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[tor
                 note = "apex FusedAdam needs CUDA; "
     else:
         note = ""
+    if perf.fused_optimizer and betas[0] == 0:  # DMD2's beta1: the same fused update, no exp_avg kept
+        from fastdmd.optim import NoMomentumAdamW
+
+        return (NoMomentumAdamW(params, lr=lr, betas=betas, weight_decay=weight_decay),
+                note + "torch AdamW (fused; beta1 0: no exp_avg kept)")
     if perf.fused_optimizer:
         opt = torch.optim.AdamW(params, lr=lr, betas=betas, weight_decay=weight_decay, fused=True)
         return opt, note + "torch AdamW (fused)"

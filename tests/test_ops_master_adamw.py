@@ -17,7 +17,7 @@ import torch
 from fastdmd.ops import master_adamw_triton, reference
 from fastdmd.ops.master_adamw_triton import master_adamw_
 from fastdmd.ops.testing import default_device
-from fastdmd.optim import MasterAdamW
+from fastdmd.optim import MasterAdamW, NoMomentumAdamW
 
 DEVICE = default_device()
 IMPLS = pytest.mark.parametrize("impl", [reference.master_adamw_, master_adamw_], ids=["reference", "triton"])
@@ -442,3 +442,44 @@ def test_a_skip_flag_of_more_than_one_value_is_refused(impl):
     with pytest.raises(ValueError, match=r"skip must hold one value"):
         impl(s["masters"], grads_for(SHAPES[:1], torch.bfloat16, 1), s["exp_avgs"], s["exp_avg_sqs"], s["copies"],
              step=1, skip=torch.zeros(2, dtype=torch.bool, device=DEVICE), **HYPER)
+
+
+def test_no_momentum_adamw_is_torch_fused_adamw_at_beta1_zero_without_exp_avg():
+    """The same bits as torch.optim.AdamW(fused=True) at beta1 0 (weights and second moments, three steps, one
+    parameter left without a gradient at step 2), no exp_avg in its states, torch AdamW's state dict (zeros
+    for exp_avg) loading into torch's AdamW and back; beta1 > 0 refused, naming it."""
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(s, generator=gen).to(DEVICE) for s in SHAPES]
+    plain = [w.clone().requires_grad_() for w in weights]
+    ours = [w.clone().requires_grad_() for w in weights]
+    hyper = dict(lr=1e-2, betas=(0.0, 0.99), weight_decay=0.1)
+    torch_opt, opt = torch.optim.AdamW(plain, fused=True, **hyper), NoMomentumAdamW(ours, **hyper)
+    for step in range(3):
+        grads = [torch.randn(w.shape, generator=gen).to(DEVICE) for w in weights]
+        for i, (p, q, g) in enumerate(zip(plain, ours, grads)):
+            p.grad = q.grad = None if (step == 1 and i == 0) else g.clone()
+        torch_opt.step()
+        opt.step()
+    for p, q in zip(plain, ours):
+        assert torch.equal(p, q) and torch.equal(torch_opt.state[p]["exp_avg_sq"], opt.state[q]["exp_avg_sq"])
+        assert float(torch_opt.state[p]["step"]) == float(opt.state[q]["step"])
+        assert opt.state[q].keys() == {"step", "exp_avg_sq"}
+    saved = copy.deepcopy(opt.state_dict())
+    assert saved["param_groups"][0].keys() == torch_opt.state_dict()["param_groups"][0].keys()
+    assert all(list(s) == ["step", "exp_avg", "exp_avg_sq"] and not s["exp_avg"].any() for s in saved["state"].values())
+    resumed = [q.detach().clone().requires_grad_() for q in ours]
+    torch_again = torch.optim.AdamW(resumed, fused=True, **hyper)
+    torch_again.load_state_dict(saved)
+    back = NoMomentumAdamW([p.detach().clone().requires_grad_() for p in plain], **hyper)
+    back.load_state_dict(copy.deepcopy(torch_opt.state_dict()))
+    assert all(s.keys() == {"step", "exp_avg_sq"} for s in back.state.values())
+    grads = [torch.randn(w.shape, generator=gen).to(DEVICE) for w in weights]
+    for group in (resumed, back.param_groups[0]["params"], ours):  # on CUDA: the kernel with exp_avgs = grads
+        for p, g in zip(group, grads):
+            p.grad = g.clone()
+    torch_again.step()
+    back.step()
+    opt.step()
+    assert all(torch.equal(a, b) and torch.equal(a, c) for a, b, c in zip(resumed, back.param_groups[0]["params"], ours))
+    with pytest.raises(ValueError, match=r"needs beta1 = 0, got betas \(0.9, 0.999\)"):
+        NoMomentumAdamW(ours, lr=1e-3, betas=(0.9, 0.999))

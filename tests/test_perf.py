@@ -86,7 +86,8 @@ def test_missing_accelerators_fall_back_and_say_so(tmp_path, capsys):
     cfg = parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.attention", "flash", "--perf.optimizer", "apex"])
     trainer = Trainer(cfg, World())
     assert trainer.attention.startswith("torch SDPA (")
-    assert "apex FusedAdam" in trainer.optimizer_name and trainer.optimizer_name.endswith("torch AdamW (fused)")
+    assert "apex FusedAdam" in trainer.optimizer_name
+    assert trainer.optimizer_name.endswith("torch AdamW (fused; beta1 0: no exp_avg kept)")
     assert trainer.opt_g.defaults["fused"] is True
     naive = Trainer(parse_args(TINY + ["--run_dir", str(tmp_path), "--perf.fused_optimizer", "false"]), World())
     assert naive.optimizer_name == "torch AdamW (default)" and not naive.opt_g.defaults["fused"]
@@ -406,6 +407,36 @@ def test_gradient_clipping_gives_clip_grad_norm_numbers(tmp_path, norm):
     trainer._clip(list(module.parameters()), norm, float(norm))  # torch AdamW: in place
     assert float(norm) == float(want_norm)
     assert all(torch.equal(p.grad, r.grad) for p, r in zip(module.parameters(), reference))
+
+
+def test_fsdp2_dtensor_parameters_step_without_exp_avg_as_torch_fused_adamw_does():
+    """At beta1 0 make_adamw gives NoMomentumAdamW, which steps FSDP2's sharded (DTensor) parameters as
+    torch's fused AdamW does, bit for bit, and keeps its second moment as a DTensor (DCP saves it sharded)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+
+    from fastdmd.accel import make_adamw
+    from fastdmd.config import PerfConfig
+    from fastdmd.optim import NoMomentumAdamW
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        start = torch.randn(6, 3, generator=torch.Generator().manual_seed(0))
+        ours, plain = (torch.nn.Parameter(distribute_tensor(start.clone(), mesh, [Shard(0)])) for _ in range(2))
+        opt, name = make_adamw([ours], 1e-2, (0.0, 0.999), 0.1, PerfConfig())
+        assert isinstance(opt, NoMomentumAdamW) and name == "torch AdamW (fused; beta1 0: no exp_avg kept)"
+        torch_opt = torch.optim.AdamW([plain], lr=1e-2, betas=(0.0, 0.999), weight_decay=0.1, fused=True)
+        for seed in (1, 2):
+            grad = distribute_tensor(torch.randn(6, 3, generator=torch.Generator().manual_seed(seed)), mesh, [Shard(0)])
+            ours.grad, plain.grad = grad.clone(), grad.clone()
+            opt.step()
+            torch_opt.step()
+        assert torch.equal(ours.full_tensor(), plain.full_tensor())
+        assert isinstance(opt.state[ours]["exp_avg_sq"], DTensor) and "exp_avg" not in opt.state[ours]
+    finally:
+        dist.destroy_process_group()
 
 
 def test_apex_is_not_handed_fsdp2_dtensors(monkeypatch):

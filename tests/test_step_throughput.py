@@ -22,7 +22,7 @@ def test_digits_preset_side_by_side(tmp_path):
     record = json.loads((tmp_path / "st.json").read_text())
     naive, optimized = record["variants"]
     assert (naive["variant"], optimized["variant"]) == ("naive", "optimized")
-    assert naive["optimizer"] == "torch AdamW (default)" and optimized["optimizer"] == "torch AdamW (fused)"
+    assert naive["optimizer"] == "torch AdamW (default)" and optimized["optimizer"] == "torch AdamW (fused; beta1 0: no exp_avg kept)"
     assert "--perf.compile" in optimized["args"] and "--perf.compile" not in naive["args"]
     for v in (naive, optimized):
         assert v["flop_per_step_counted"] > 1e9 and v["s_per_step"] > 0 and v["peak_memory_bytes"] > 0
