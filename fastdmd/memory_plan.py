@@ -2,9 +2,11 @@
 --resolution 512 --world-size 8 --precision bf16 --activation-checkpointing`.
 
 What it counts, per rank (W ranks, FSDP2 shards everything that is sharded evenly):
-- generator: fp32 master weights, AdamW's two fp32 states, the fp32 EMA: 16 B/param / W
-- critic: weights and AdamW states: 12 B/param / W (a LoRA critic: its adapters only)
-  With --master-weights, 4 B/param less each: MasterAdamW keeps no first moment at DMD2's beta1 = 0
+- generator: fp32 master weights, AdamW's fp32 second moment, the fp32 EMA: 12 B/param / W
+- critic: weights and AdamW's second moment: 8 B/param / W (a LoRA critic: its adapters only)
+  At DMD2's beta1 = 0 the fused optimizers (NoMomentumAdamW, MasterAdamW) keep no first moment;
+  --adam-first-moment counts it (4 B/param more each): torch's unfused AdamW
+  (perf.fused_optimizer false, the naive benchmark step's) or beta1 > 0
 - gradients: fp32, of one network at a time (the generator's are freed before the critic's
   backward, zero_grad(set_to_none=True)): 4 B/param of the larger / W; bf16 (2 B/param) with
   --master-weights, whose MasterAdamW reads the bf16 copies' gradients as they are
@@ -159,7 +161,7 @@ def saved_activation_bytes(net: nn.Module, kwargs: dict, dtype: torch.dtype) -> 
 def plan(preset: str, batch: int, resolution: int, world_size: int, precision: str, checkpointing: bool,
          gpu_gib: float, depth: int | None = None, teacher_dtype: str = "bfloat16", shard_teacher: bool = True,
          critic_lora_params: int = 0, model_path: str = "", rollout_copy: bool = False,
-         master_weights: bool = False) -> Plan:
+         master_weights: bool = False, first_moment: bool = False) -> Plan:
     net, make_inputs = build_meta_network(preset, depth, model_path)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
     net.to(compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
@@ -169,8 +171,8 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
     shard = 1 / world_size
     teacher_bytes = {"bfloat16": 2, "float32": 4}[teacher_dtype]
     critic_params = critic_lora_params or params
-    adamw = "AdamW (exp_avg_sq only)" if master_weights else "AdamW"  # MasterAdamW at beta1 = 0: no exp_avg
-    moments = 4 if master_weights else 8
+    adamw = "AdamW" if first_moment else "AdamW (exp_avg_sq only)"
+    moments = 8 if first_moment else 4
     items = {
         f"generator weights + {adamw} + EMA (fp32)": (8 + moments) * params * shard,
         f"critic weights + {adamw} (fp32)": (4 + moments) * critic_params * shard + (teacher_bytes * params * shard
@@ -214,6 +216,9 @@ def main(argv: list[str] | None = None) -> Plan:
     p.add_argument("--gpu-memory", type=float, default=80.0, help="GiB per GPU")
     p.add_argument("--rollout-weights", default="master", choices=("master", "bf16"),
                    help="perf.rollout_weights: bf16 adds the rollout's bf16 copy of the generator")
+    p.add_argument("--adam-first-moment", action="store_true",
+                   help="count AdamW's exp_avg: torch's unfused AdamW (perf.fused_optimizer false, the naive "
+                        "benchmark step's) or trainer.adam_beta1 > 0; at DMD2's 0 the fused optimizers keep none")
     p.add_argument("--master-weights", action="store_true",
                    help="perf.master_weights: bf16 compute copies of the generator and critic (one process, bf16) "
                         "instead of autocast's weight copies")
@@ -227,7 +232,7 @@ def main(argv: list[str] | None = None) -> Plan:
     result = plan(args.preset, args.batch, args.resolution, args.world_size, args.precision,
                   args.activation_checkpointing, args.gpu_memory, args.depth, args.teacher_dtype,
                   model_path=args.model_path, rollout_copy=args.rollout_weights == "bf16",
-                  master_weights=args.master_weights)
+                  master_weights=args.master_weights, first_moment=args.adam_first_moment)
     print(f"memory plan: {args.preset}" + (f" depth {args.depth}" if args.depth else "") +
           f", batch {args.batch}/rank" + ("" if args.preset == "digits" else f", {args.resolution}px") +
           f", {args.world_size} rank(s), {args.precision}, "
