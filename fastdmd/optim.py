@@ -21,7 +21,35 @@ import torch
 from fastdmd import ops
 
 
-class MasterAdamW(torch.optim.Optimizer):
+class TorchAdamWState:
+    """Mixed into fastdmd's AdamW optimizers (before torch.optim.Optimizer): their state dict is torch AdamW's,
+    so that a checkpoint loads into either (DCP loads only the keys the loading side has, and needs them all),
+    and a load keeps no exp_avg where beta1 = 0 never reads it."""
+
+    def state_dict(self) -> dict:
+        """Optimizer.state_dict's, with torch AdamW's param_group keys (at their defaults where missing: what
+        these optimizers do), each parameter's own step count (MasterAdamW's stepped-together states share one,
+        which torch's AdamW would add to once per parameter) and zeros for an exp_avg not kept (new tensors,
+        this call's only: the optimizer's own states stay as they are)."""
+        state_dict = super().state_dict()
+        adamw_group = _torch_adamw_defaults()
+        for group in state_dict["param_groups"]:
+            group.update({key: value for key, value in adamw_group.items() if key not in group})
+        for index, state in state_dict["state"].items():
+            exp_avg = state["exp_avg"] if "exp_avg" in state else torch.zeros_like(state["exp_avg_sq"])
+            state_dict["state"][index] = {"step": state["step"].clone(), "exp_avg": exp_avg,
+                                          "exp_avg_sq": state["exp_avg_sq"]}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            if group["betas"][0] == 0:
+                for p in group["params"]:
+                    self.state.get(p, {}).pop("exp_avg", None)
+
+
+class MasterAdamW(TorchAdamWState, torch.optim.Optimizer):
     """AdamW (torch's fused AdamW math) on fp32 `params`, whose gradients come from `copies` (same order
     and shapes, bf16; a copy may be rows of a fused weight, see copy_grad): a copy's gradient wins; a
     parameter's own .grad is used when its copy has none (torch.distributed.checkpoint initializes
@@ -43,14 +71,9 @@ class MasterAdamW(torch.optim.Optimizer):
         self._grad_sources.clear()
         self._plans.clear()
 
-    def state_dict(self) -> dict:
-        """torch AdamW's state dict (as_torch_adamw_state_dict)."""
-        return as_torch_adamw_state_dict(super().state_dict())
-
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)  # new state tensors: the plans hold the old ones
         self._plans.clear()
-        drop_unread_first_moments(self)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         super().zero_grad(set_to_none)
@@ -235,11 +258,11 @@ class MasterAdamW(torch.optim.Optimizer):
         return by_step
 
 
-class NoMomentumAdamW(torch.optim.Optimizer):
+class NoMomentumAdamW(TorchAdamWState, torch.optim.Optimizer):
     """torch's fused AdamW at beta1 = 0 (DMD2's) keeping no exp_avg: the first moment is the gradient, so
     the gradient tensors serve as torch._fused_adamw_'s exp_avgs (it writes g there, where g is already).
     The same update, bit for bit, as torch.optim.AdamW(fused=True), with 4 B/param less memory; the state
-    dict is torch AdamW's (as_torch_adamw_state_dict). The default AdamW of fastdmd's fp32-weight runs,
+    dict is torch AdamW's (TorchAdamWState). The default AdamW of fastdmd's fp32-weight runs,
     FSDP2's sharded (DTensor) parameters included, at trainer.adam_beta1 0 (accel.make_adamw)."""
 
     def __init__(self, params, lr: float, betas=(0.0, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
@@ -273,43 +296,10 @@ class NoMomentumAdamW(torch.optim.Optimizer):
                                     beta2=group["betas"][1], weight_decay=group["weight_decay"], eps=group["eps"],
                                     amsgrad=False, maximize=False)
 
-    def state_dict(self) -> dict:
-        """torch AdamW's state dict (as_torch_adamw_state_dict)."""
-        return as_torch_adamw_state_dict(super().state_dict())
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        super().load_state_dict(state_dict)
-        drop_unread_first_moments(self)
-
 
 def _torch_adamw_defaults() -> dict:
     """torch.optim.AdamW's param_group keys and defaults, as this torch has them."""
     return dict(torch.optim.AdamW([torch.zeros(1, requires_grad=True)]).defaults)
-
-
-def as_torch_adamw_state_dict(state_dict: dict) -> dict:
-    """An optimizer's state dict (torch.optim.Optimizer.state_dict's) made torch AdamW's, so that a checkpoint
-    loads into either (DCP loads only the keys the loading side has, and needs them all): torch AdamW's
-    param_group keys (at their defaults where missing: what MasterAdamW and NoMomentumAdamW do), each
-    parameter's own step count (MasterAdamW's stepped-together states share one, which torch's AdamW would
-    add to once per parameter) and zeros for an exp_avg not kept (beta1 = 0; new tensors, this call's only:
-    the optimizer's own states stay as they are)."""
-    adamw_group = _torch_adamw_defaults()
-    for group in state_dict["param_groups"]:
-        group.update({key: value for key, value in adamw_group.items() if key not in group})
-    for index, state in state_dict["state"].items():
-        exp_avg = state["exp_avg"] if "exp_avg" in state else torch.zeros_like(state["exp_avg_sq"])
-        state_dict["state"][index] = {"step": state["step"].clone(), "exp_avg": exp_avg,
-                                      "exp_avg_sq": state["exp_avg_sq"]}
-    return state_dict
-
-
-def drop_unread_first_moments(optimizer: torch.optim.Optimizer) -> None:
-    """After a load: no exp_avg in the states of groups at beta1 = 0, where it is never read."""
-    for group in optimizer.param_groups:
-        if group["betas"][0] == 0:
-            for p in group["params"]:
-                optimizer.state.get(p, {}).pop("exp_avg", None)
 
 
 def first_moments(states: list[dict], beta1: float) -> list[torch.Tensor] | None:
