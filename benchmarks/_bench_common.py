@@ -35,8 +35,9 @@ TRITON_ON_CPU_NOTE = ("triton: skipped on CPU (the Triton interpreter's timings 
                       "run on a CUDA device for kernel timings)")
 
 
-def parse_args(description: str) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=description)
+def parse_args(doc: str) -> argparse.Namespace:
+    """The benchmarks' shared options; --help describes the benchmark by its module docstring's first paragraph."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--small", dest="small", action="store_true", default=None,
                       help="small shapes, seconds on CPU (default without CUDA)")

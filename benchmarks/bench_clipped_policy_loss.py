@@ -48,6 +48,6 @@ def cases(args):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     run_benchmark(args, reference.clipped_policy_loss, cases(args),
                   ["bytes = 2 E n (forward), 5 E n (forward+backward); E = element size, n = x_prev.numel()"])

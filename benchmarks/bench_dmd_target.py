@@ -93,7 +93,7 @@ KERNEL_VARIANTS = {
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "

@@ -38,7 +38,7 @@ def cases(args):
 
 
 if __name__ == "__main__":
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     run_benchmark(args, reference.group_advantages, cases(args),
                   ["bytes = N K E + 5 N + 8 G K (rewards in; advantages, valid, group mean/std out)",
                    "target: triton under 15 us on an H100"])

@@ -75,7 +75,7 @@ def fused(impl, s):
 
 
 def main():
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     device = args.device
     name, shapes = parameter_shapes(args.small)
     params = sum(torch.Size(s).numel() for s in shapes)

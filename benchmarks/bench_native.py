@@ -33,7 +33,7 @@ def implementations(op: str, device) -> dict:
 
 
 def main() -> None:
-    args = parse_args(__doc__.splitlines()[0])
+    args = parse_args(__doc__)
     device = args.device
     try:
         native.load()

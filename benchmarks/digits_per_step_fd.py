@@ -10,8 +10,8 @@ sample. Used to find that the default's last step made samples worse (digits_dmd
 
 from __future__ import annotations
 
+import argparse
 import copy
-import sys
 
 import torch
 
@@ -38,9 +38,12 @@ def truncated(x0_fn, sigmas, stop: int):
 
 
 def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("runs", nargs="+", metavar="RUN", help="`teacher`, or a run directory of the digits family")
+    args = p.parse_args()
     teacher, classifier, _ = load_digits_assets()
     test = load_digits("test")
-    for path in sys.argv[1:]:
+    for path in args.runs:
         if path == "teacher":
             x0_fn, sigmas = Generator(copy.deepcopy(teacher), DigitsFlowAdapter()), SIGMAS
         else:

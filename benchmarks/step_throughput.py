@@ -84,7 +84,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _bench_common import cuda_graphed, median_seconds, synchronize
-from fastdmd.config import parse_args
+from fastdmd.config import ConfigError, parse_args
 from fastdmd.distributed import World
 from fastdmd.profiling import PHASES, phase_times
 from fastdmd.rollout import sample_with_draws
@@ -118,6 +118,16 @@ def split_variant(name: str) -> tuple[str, list[str]]:
 def variant_slug(name: str) -> str:
     """The variant's name as it may appear in a file name (no '+', '=' or '.')."""
     return "".join(c if c.isalnum() or c in "-_" else "-" for c in name)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
 
 
 def _variant_type(name: str) -> str:
@@ -692,13 +702,13 @@ def sample_batch1_ms(trainer: Trainer, device: torch.device) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="digits", choices=("digits", "sd3-medium", "flux-dev"))
-    p.add_argument("--depth", type=int, default=None, help="transformer blocks (sd3-medium: 24; flux-dev: 19 "
+    p.add_argument("--depth", type=_positive_int, default=None, help="transformer blocks (sd3-medium: 24; flux-dev: 19 "
                    "double-stream, with twice as many single-stream)")
-    p.add_argument("--batch", type=int, default=None, help="samples per step (digits 64, sd3-medium 2)")
-    p.add_argument("--resolution", type=int, default=1024, help="sd3-medium: image resolution in pixels")
-    p.add_argument("--warmup", type=int, default=3, help="warm-up steps at least (on CUDA, until every "
+    p.add_argument("--batch", type=_positive_int, default=None, help="samples per step (digits 64, sd3-medium 2)")
+    p.add_argument("--resolution", type=_positive_int, default=1024, help="sd3-medium: image resolution in pixels")
+    p.add_argument("--warmup", type=_positive_int, default=3, help="warm-up steps at least (on CUDA, until every "
                    "backward-simulation step k has come twice)")
-    p.add_argument("--steps", type=int, default=8, help="timed steps (and as many phase-timed ones); their "
+    p.add_argument("--steps", type=_positive_int, default=8, help="timed steps (and as many phase-timed ones); their "
                    "backward-simulation steps k cycle through 0..K-1: a multiple of K (4 for the presets) weighs "
                    "every k alike")
     p.add_argument("--compile-backend", default="inductor", choices=("inductor", "aot_eager", "eager"))
@@ -711,7 +721,14 @@ def main() -> None:
                    "time (in all and per phase), top ops, Chrome trace <out>_<variant>_trace.json.gz")
     args = p.parse_args()
     device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: this torch ({torch.__version__}) sees no CUDA device; use --device cpu")
     batch = args.batch or (64 if args.preset == "digits" else 2)
+    for name in args.variants:  # every variant's settings checked before the first one runs
+        try:
+            parse_args(preset_args(args.preset, batch) + variant_args(name, device.type == "cuda", args.compile_backend))
+        except ConfigError as e:
+            p.error(f"--variants {name}: {e}")
     family = build_family(args.preset, args.depth, args.resolution, device)
     peak, peak_dtype = matmul_peak(device)
     out = args.out or os.path.join(RESULTS, f"step_throughput_{args.preset}_{device.type}")
@@ -749,6 +766,9 @@ def main() -> None:
             f.write(report(record))
         release_variant()
     print(report(record))
+    failed = [v["variant"] for v in record["variants"] if "error" in v]
+    if failed:
+        raise SystemExit(f"step_throughput: {len(failed)} variant(s) failed: {', '.join(failed)} (their rows say why)")
 
 
 def add_ratios(record: dict) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import sys
 import tomllib
@@ -21,6 +22,10 @@ from typing import Any
 RECIPES_DIR = os.path.join(os.path.dirname(__file__), "recipes")
 METHODS = ("dmd2", "dmdr", "gdmd", "gndm", "gndmr", "rtdmd", "drpo")
 GROUP_METHODS = ("gndm", "gndmr", "rtdmd", "drpo")  # methods that draw groups of samples per class
+# Where a run goes and whether it continues: the command line's to say, so a --config file (a run's
+# config.json included, which records them) does not set them.
+RUN_PLACE_KEYS = ("run_dir", "resume")
+DM_REWARD_METHODS = ("gdmd", "gndm", "gndmr")  # methods that score samples with the DMD op's statistics at hand
 REWARD_NAMES = ("classifier_log_prob", "jpeg", "distribution_matching", "clip_score", "pickscore", "hpsv2")
 CLIP_REWARD_NAMES = ("clip_score", "pickscore", "hpsv2")  # each reads its folder from reward.<name>_path
 
@@ -119,6 +124,11 @@ class RewardConfig:
     micro_batch: int = opt(32, "images per forward of the CLIP-family reward models", min=1)
     device: str = opt("", "device of the CLIP-family reward models, e.g. cuda:1 (empty = the training device)")
 
+    @property
+    def name_list(self) -> list[str]:
+        """reward.names as a list, blanks dropped (a trailing comma names no reward)."""
+        return [n.strip() for n in self.names.split(",") if n.strip()]
+
 
 @dataclass
 class DMDRConfig:
@@ -174,12 +184,14 @@ class RTDMDConfig:
     eta: float = opt(0.9, "CPS noise of the rollout and of the AC-DMD steps", min=0.01, max=1.0)
     consistency_weight: float = opt(0.01, "critic consistency regularizer (0 disables)", min=0.0)
     consistency_max_delta: float = opt(0.2, "largest sigma gap t - t' of the consistency pair", min=0.001, max=0.5)
-    clip_range: float = opt(1e-3, "PPO clip of stage 2 (published: 1e-5 at lr 3e-6)", min=0.0)
+    clip_range: float = opt(1e-3, "PPO clip of stage 2 (published: 1e-5 at lr 3e-6; 1e-3 is our digits "
+                            "setting)", min=0.0)
     subgrpo_trained: int = opt(2, "stochastic steps trained per step (SubGRPO; the others share noise per group)",
                                min=1)
     last_step_dmd_weight: float = opt(1.0, "stage 2: AC-DMD weight on the deterministic last step (published 1e-3 "
                                       "against their loss scales; 1 keeps stage 1's strength on digits)", min=0.0)
-    reward_backprop_weight: float = opt(0.1, "stage 2: weight of mean(relu(margin - reward)) through the last step",
+    reward_backprop_weight: float = opt(0.1, "stage 2: weight of mean(relu(margin - reward)) through the last step "
+                                        "(published 1e-4 next to last_step_dmd_weight 1e-3: the same ratio 0.1 to it)",
                                         min=0.0)
     reward_margin: float = opt(0.0, "stage 2: the reward margin of relu(margin - reward) "
                                "(classifier log-prob <= 0, so 0 means 'until certain')")
@@ -312,7 +324,7 @@ class Config:
         sig = self.dmd.generator_sigmas
         if not sig or any(not 0.0 < s <= 1.0 for s in sig) or any(a <= b for a, b in zip(sig, sig[1:])):
             raise ConfigError(f"dmd.generator_sigmas must be strictly decreasing values in (0, 1], got {sig}")
-        names = [n.strip() for n in self.reward.names.split(",") if n.strip()]
+        names = self.reward.name_list
         unknown = [n for n in names if n not in REWARD_NAMES]
         if not names or unknown:
             raise ConfigError(f"reward.names = {self.reward.names!r}: unknown reward(s) {unknown}; "
@@ -325,6 +337,14 @@ class Config:
         if self.reward.weights and len(self.reward.weights) != len(names):
             raise ConfigError(f"reward.weights has {len(self.reward.weights)} values for {len(names)} rewards "
                               f"{names}; give one weight per reward")
+        if "distribution_matching" in names and self.method not in ("dmd2", *DM_REWARD_METHODS):  # dmd2 scores nothing
+            raise ConfigError(f"reward distribution_matching (R_dm) reads the DMD statistics of the samples it scores, "
+                              f"which method {self.method} does not compute; use it with one of {list(DM_REWARD_METHODS)}, "
+                              f"or choose other rewards from {[n for n in REWARD_NAMES if n != 'distribution_matching']}")
+        last_profiled = self.profile.start + self.profile.steps - 1
+        if (self.profile.trace or self.profile.memory) and last_profiled > self.trainer.steps:
+            raise ConfigError(f"the profiled steps {self.profile.start}..{last_profiled} (profile.start, profile.steps) "
+                              f"run past trainer.steps = {self.trainer.steps}: lower profile.start or profile.steps")
         if self.trainer.tensorboard == "on":
             from fastdmd.tensorboard_log import tensorboard_off_reason  # it imports this module
             tensorboard_off_reason("on")  # fails here, before any work, when TensorBoard is missing
@@ -341,7 +361,7 @@ class Config:
             if not self.model.prompts:
                 raise ConfigError(f"model.family {self.model.family} needs model.prompts: a text file with one "
                                   f"prompt per line")
-            digits_only = [n for n in ("classifier_log_prob",) if n in self.reward.names] if self.method != "dmd2" else []
+            digits_only = [n for n in ("classifier_log_prob",) if n in names] if self.method != "dmd2" else []
             if digits_only or self.method == "drpo":
                 raise ConfigError(f"reward {digits_only or 'drpo features'} needs the digits classifier; on "
                                   f"{self.model.family} use the CLIP-family rewards (reward.names) or method dmd2")
@@ -355,8 +375,8 @@ class Config:
             raise ConfigError("trainer.critic_samples = 'fresh' draws a random backward-simulation step, which RTDMD's "
                               "critic (trained at the step's own sigma s) cannot use; use step or fresh_last")
         if self.trainer.critic_samples != "step" and self.method == "drpo":
-            raise ConfigError(f"trainer.critic_samples = {self.trainer.critic_samples!r}: method drpo has no critic; "
-                              "leave it at step")
+            raise ConfigError(f"trainer.critic_samples = {self.trainer.critic_samples!r} (recipe {self.recipe}'s unless "
+                              f"set): method drpo has no critic; use --recipe digits-drpo, or set it to step")
         if self.method in GROUP_METHODS and self.trainer.batch_size % self.reward.group_size:
             raise ConfigError(f"method {self.method} draws groups of reward.group_size = {self.reward.group_size} "
                               f"samples; trainer.batch_size = {self.trainer.batch_size} is not a multiple of it")
@@ -482,19 +502,28 @@ def _coerce(key: str, tp, value):
         if tp is float:
             if isinstance(value, bool):
                 raise ValueError
-            return float(value)
+            return _finite(key, float(value))
         if tp is str:
             if not isinstance(value, str):
                 raise ValueError
             return value
         if tp is tuple:
             items = value.split(",") if isinstance(value, str) else list(value)
-            return tuple(float(v) for v in items)
+            return tuple(_finite(key, float(v)) for v in items)
+    except ConfigError:
+        raise
     except (TypeError, ValueError):
         pass
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
             tuple: "a comma-separated list of numbers"}[tp]
     raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind}")
+
+
+def _finite(key: str, number: float) -> float:
+    """NaN would pass every range check (each comparison is False) and surface steps later as skipped updates."""
+    if not math.isfinite(number):
+        raise ConfigError(f"{key} = {number!r} is not a finite number")
+    return number
 
 
 def _set(cfg: Config, key: str, value) -> None:
@@ -553,9 +582,19 @@ def _load_config_file(path: str) -> dict:
     return _load_toml(path, "config file")
 
 
-def help_text() -> str:
+def _shown(value) -> str:
+    """A value as the command line takes it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, tuple):
+        return ",".join(f"{v:g}" for v in value)
+    return str(value)
+
+
+def help_text(recipe: str = Config.recipe) -> str:
     lines = ["usage: python -m fastdmd.train [--recipe NAME] [--config FILE.toml] [--key.sub VALUE ...]",
-             "", f"recipes: {', '.join(recipe_names())}", "", "options (default in brackets):"]
+             "", f"recipes: {', '.join(recipe_names())}", "",
+             f"options (in brackets: recipe {recipe}'s value; `--recipe NAME --help` shows another recipe's):"]
 
     def walk(node, prefix):
         for f in dataclasses.fields(node):
@@ -569,17 +608,30 @@ def help_text() -> str:
                 rng = f" one of {list(m['choices'])}"
             elif m.get("min") is not None or m.get("max") is not None:
                 rng = f" range [{m.get('min', '-inf')}, {m.get('max') if m.get('max') is not None else 'inf'}]"
-            lines.append(f"  --{prefix}{f.name} [{value}]  {m['help']}{rng}")
+            lines.append(f"  --{prefix}{f.name} [{_shown(value)}]  {m['help']}{rng}")
 
-    walk(Config(), "")
+    walk(_recipe_config(recipe), "")
     return "\n".join(lines)
+
+
+def _recipe_config(recipe: str) -> Config:
+    """The dataclass defaults with the recipe's values over them (not validated)."""
+    if recipe not in recipe_names():
+        raise ConfigError(f"unknown recipe {recipe!r}; available: {recipe_names()}")
+    cfg = Config()
+    for key, value in _flatten(_load_toml(os.path.join(RECIPES_DIR, recipe + ".toml"), "recipe")):
+        _set(cfg, key, value)
+    cfg.recipe = recipe
+    return cfg
 
 
 def parse_args(argv: list[str] | None = None) -> Config:
     """Build the run's Config from defaults, the recipe, an optional file and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print(help_text())
+        named = [a.partition("=")[2] or (argv[i + 1] if i + 1 < len(argv) else "")
+                 for i, a in enumerate(argv) if a == "--recipe" or a.startswith("--recipe=")]
+        print(help_text(*named[-1:]))
         raise SystemExit(0)
     pairs: list[tuple[str, str]] = []
     i = 0
@@ -600,7 +652,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
     given = dict(pairs)
     saved = os.path.join(given.get("run_dir", ""), "config.json")
     cfg = Config()
-    if given.get("resume", "false").lower() in ("1", "true", "yes", "on") and os.path.exists(saved):
+    resumed = given.get("resume", "false").lower() in ("1", "true", "yes", "on") and os.path.exists(saved)
+    if resumed:
         # Resuming continues the saved run; the command line may still change e.g. trainer.steps.
         try:
             for key, value in _flatten(_load_config_file(saved)):
@@ -609,19 +662,21 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"--resume: cannot read the run's saved settings ({e}); restore {saved}, or delete "
                               f"it and pass the run's original options again with --resume") from None
     else:
-        recipe = given.get("recipe", cfg.recipe)
-        if recipe not in recipe_names():
-            raise ConfigError(f"unknown recipe {recipe!r}; available: {recipe_names()}")
-        for key, value in _flatten(_load_toml(os.path.join(RECIPES_DIR, recipe + ".toml"), "recipe")):
-            _set(cfg, key, value)
-        cfg.recipe = recipe
+        cfg = _recipe_config(given.get("recipe", cfg.recipe))
     for key, value in pairs:
         if key == "config":
+            if value == "true":  # a bare --config
+                raise ConfigError("--config needs a file: --config FILE.toml (or a run's config.json)")
             for k, v in _flatten(_load_config_file(value)):
-                _set(cfg, k, v)
+                if k not in RUN_PLACE_KEYS:
+                    _set(cfg, k, v)
     for key, value in pairs:
+        if key in ("recipe", "method") and resumed and value != getattr(cfg, key):
+            raise ConfigError(f"--{key} {value} differs from the resumed run's {key} {getattr(cfg, key)!r}, whose "
+                              f"checkpoints it saved; leave --{key} out, or start a new run without --resume")
         if key == "recipe" and value != cfg.recipe:
-            raise ConfigError(f"--recipe {value} differs from the resumed run's recipe {cfg.recipe!r}")
+            raise ConfigError(f"--recipe {value} differs from the recipe {cfg.recipe!r} that --config "
+                              f"{given.get('config')} sets; leave one of them out")
         if key not in ("config", "recipe"):
             _set(cfg, key, value)
     return cfg.validate()

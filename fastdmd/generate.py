@@ -1,4 +1,4 @@
-"""Sample digits from a trained generator:
+"""Sample from a trained generator (digits classes, or SD3 / FLUX prompts):
 `python -m fastdmd.generate RUN_OR_EXPORT --label 3 [--label 7 ...] [--num 8] [--steps 4] [--seed 0] --out DIR`.
 
 RUN_OR_EXPORT is a run directory (the latest checkpoint's generator, EMA weights when present) or a
@@ -90,7 +90,13 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
     new = [p for p in prompts if p not in known]
     if new:  # encode the prompts the run did not train on (needs the text encoders)
         load_encoder = {"sd3": sd3.text_encoder, "flux": flux.text_encoder}[family.name]
-        embeds, pooled = encode_all(load_encoder(model.path, torch.device("cpu")), new, model.max_sequence_length)
+        try:
+            encoder = load_encoder(model.path, torch.device("cpu"))
+        except FileNotFoundError as e:
+            raise UsageError(f"--prompt {new[0]!r} is not one of the run's prompts {family.condition_names}, and "
+                             f"encoding a new one needs the pipeline's text encoders: {e}".replace(
+                                 ", or give model.prompt_cache a precomputed file", "")) from None
+        embeds, pooled = encode_all(encoder, new, model.max_sequence_length)
         adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
         adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])
         known |= {p: adapter.prompt_embeds.shape[0] - len(new) + i for i, p in enumerate(new)}
@@ -118,15 +124,19 @@ def main(argv: list[str] | None = None) -> list[str]:
     labels = list(dict.fromkeys(args.label))  # each class once, in the order given
     prompts = list(dict.fromkeys(args.prompt))
     with cli_errors("fastdmd.generate"):
+        if os.path.exists(args.out) and not os.path.isdir(args.out):
+            raise UsageError(f"--out {args.out} is a file; give a folder for the PNGs (created if missing)")
         gen = load_generator(args.source)
         sigmas = sampling_sigmas(gen.sigmas, args.steps)
         if gen.family == "digits":
-            if not labels:
-                raise UsageError("give at least one --label (a digit 0..9) for a digits run")
+            if not labels or prompts:
+                raise UsageError("a digits run draws classes: give --label (a digit 0..9), repeated for several"
+                                 + (", and no --prompt" if prompts else ""))
             images, y = sample(gen, labels, args.num, sigmas, args.seed)
         else:
-            if not prompts:
-                raise UsageError(f"give at least one --prompt for a {gen.family} run")
+            if not prompts or labels:
+                raise UsageError(f"a {gen.family} run draws prompts: give --prompt, repeated for several"
+                                 + (", and no --label" if labels else ""))
             images, y = sample_prompts(gen, prompts, args.num, sigmas, args.seed)
             labels = list(range(len(prompts)))
     print(f"generator: {gen.describe()}")

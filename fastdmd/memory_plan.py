@@ -29,6 +29,7 @@ batch 4, 512 px, one process, bf16): see benchmarks/results/memory_plan_sd3_medi
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from unittest import mock
 
@@ -203,10 +204,12 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
 
 
 def main(argv: list[str] | None = None) -> Plan:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(prog="python -m fastdmd.memory_plan", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="sd3-medium", choices=("digits", "sd3-medium", "flux-dev"))
     p.add_argument("--model-path", default="", help="read the transformer config from this diffusers directory")
-    p.add_argument("--depth", type=int, default=None)
+    p.add_argument("--depth", type=int, default=None, help="transformer blocks (default: the model's own; flux-dev: "
+                   "double-stream blocks, with twice as many single-stream)")
     p.add_argument("--batch", type=int, default=4, help="samples per rank")
     p.add_argument("--resolution", type=int, default=1024)
     p.add_argument("--world-size", type=int, default=1)
@@ -226,6 +229,13 @@ def main(argv: list[str] | None = None) -> Plan:
     if args.world_size < 1 or args.batch < 1 or args.resolution < 16:
         p.error(f"need --world-size >= 1, --batch >= 1, --resolution >= 16; got {args.world_size}, {args.batch}, "
                 f"{args.resolution}")
+    if args.depth is not None and args.depth < 1:
+        p.error(f"--depth {args.depth}: give a number of blocks >= 1, or leave it out for the model's own depth")
+    if args.preset == "digits" and args.model_path:
+        p.error("--model-path reads an SD3 or FLUX transformer's config; the digits preset has none")
+    if args.model_path and not os.path.isfile(os.path.join(args.model_path, "transformer", "config.json")):
+        p.error(f"--model-path {args.model_path}: no transformer/config.json there; expected a local diffusers "
+                f"directory (as the pipeline's save_pretrained writes it)")
     if args.master_weights and (args.world_size > 1 or args.precision != "bf16" or args.rollout_weights == "bf16"):
         p.error(f"--master-weights is one process in bf16 with the rollout on the generator's copy: got "
                 f"--world-size {args.world_size}, --precision {args.precision}, --rollout-weights {args.rollout_weights}")

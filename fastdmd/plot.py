@@ -24,10 +24,12 @@ def _to_unit(images: torch.Tensor) -> torch.Tensor:
 
 def _tile(images: torch.Tensor, labels: torch.Tensor, classes: list[int], per_class: int) -> torch.Tensor:
     """One row per class in `classes`, `per_class` samples each, as one [H*rows, W*per_class] image in
-    [0, 1] (grayscale), or [H*rows, W*per_class, 3] for RGB samples."""
+    [0, 1] (grayscale), or [H*rows, W*per_class, 3] for RGB samples. A class with fewer samples
+    (eval.num_samples not a multiple of the classes) leaves its row's last cells black."""
     rows = []
     for c in classes:
         picked = _to_unit(images[labels == c][:per_class])
+        picked = torch.cat([picked, picked.new_zeros((per_class - len(picked), *picked.shape[1:]))])
         pictures = picked[:, 0] if picked.shape[1] != 3 else picked.permute(0, 2, 3, 1)
         rows.append(torch.cat(list(pictures), dim=1))
     return torch.cat(rows, dim=0)
@@ -110,15 +112,17 @@ def _bars(ax, names: list[str], values: list[float], title: str) -> None:
 def plot_curves(run_dir: str, out: str) -> dict[str, list[str]]:
     """One PNG: each loss_* key against step (own panel, own scale: loss_dmd is orders of magnitude
     below loss_critic), throughput and learning rate, and when summary.json exists the FD and class
-    accuracy of each sampler. Returns panel row -> what it shows."""
+    accuracy of each sampler (digits; an SD3 / FLUX summary has none). Returns panel row -> what it shows."""
     rows = read_metrics(run_dir)
     keys = sorted({k for r in rows for k in r})
     shown = {"losses": [k for k in keys if k.startswith("loss_")],
              "throughput and learning rate": ["samples_per_s"] + [k for k in keys if k.startswith("lr_")]}
     summary_path = os.path.join(run_dir, "summary.json")
+    samplers = {}
     if os.path.exists(summary_path):
         with open(summary_path) as f:
-            samplers = json.load(f)["samplers"]
+            samplers = json.load(f).get("samplers", {})  # families with a metric model (digits) score samplers
+    if samplers:
         shown["FD and accuracy"] = list(samplers)
     fig = plt.figure(figsize=(13, 3.4 * len(shown)), layout="constrained")
     panels = dict(zip(shown, fig.subfigures(len(shown), 1, squeeze=False)[:, 0]))

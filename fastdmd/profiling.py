@@ -86,13 +86,16 @@ class StepProfiler:
     of the steps [start, start + steps), written to run_dir/profile/ on rank 0 (each rank writes its
     own trace file, named by rank)."""
 
-    def __init__(self, cfg, run_dir: str, rank: int, device: torch.device):
+    def __init__(self, cfg, run_dir: str, rank: int, device: torch.device, done_steps: int = 0):
         self.cfg, self.rank, self.device = cfg, rank, device
         self.out = os.path.join(run_dir, "profile")
         self.memory = cfg.memory and device.type == "cuda"
         self.notes = []
         if cfg.memory and not self.memory:
             self.notes.append("profile.memory needs CUDA: no memory snapshot on " + device.type)
+        if (cfg.trace or self.memory) and done_steps >= cfg.start:
+            self.notes.append(f"profile: this run resumes after step {done_steps}, past profile.start = {cfg.start}: "
+                              f"nothing is profiled (set profile.start above {done_steps})")
         self.profiler = None
         self.written: list[str] = []
 

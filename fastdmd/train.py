@@ -56,6 +56,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 def prepare_run_dir(run_dir: str, resume: bool, world: World) -> None:
     """Check and tidy the run directory before the models are built (rank 0 writes, all ranks wait)."""
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UsageError(f"--run_dir {run_dir} is a file; give a folder (new, or a run's to --resume)")
     saved = broadcast_object(complete_checkpoints(run_dir), world)  # every rank acts on rank 0's view
     if saved and not resume:
         raise UsageError(f"run directory {run_dir} already holds checkpoints up to step {saved[-1][0]}; continue "

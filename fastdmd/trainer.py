@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from fastdmd import ops
 from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
-from fastdmd.config import Config, to_dict
+from fastdmd.config import Config, ConfigError, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.accel import make_adamw, set_attention
@@ -46,6 +46,7 @@ from fastdmd.generate import load_generator
 from fastdmd.plot import save_grids
 from fastdmd.profiling import StepProfiler, phase
 from fastdmd.roles import Generator, build_roles
+from fastdmd.runs import UsageError
 from fastdmd.rollout import euler_sample, few_step_sample, linear_sigmas, renoise_draws, sample_with_draws
 from fastdmd.rollout.graphs import CudaGraphs, GraphedRollout, graph_blocker
 from fastdmd.tensorboard_log import TensorBoardLog
@@ -247,7 +248,7 @@ class Trainer:
             error = None
             if reads_weights:  # the others take the weights from rank 0 with the rest
                 try:
-                    self.generator.net.load_state_dict(load_generator(cfg.model.init_generator).net.state_dict())
+                    self._init_generator_from(cfg.model.init_generator)
                 except Exception as e:  # noqa: BLE001 - raised by stop_together, once every rank knows
                     error = e
             stop_together(error, world)
@@ -367,6 +368,21 @@ class Trainer:
         return family or load_family(cfg.model, world.device, weights)
 
     # ----- state -------------------------------------------------------------------------------
+    def _init_generator_from(self, path: str) -> None:
+        """model.init_generator: the generator's weights from a run or export of the same family and model."""
+        trained = load_generator(path)
+        if trained.family != self.cfg.model.family:
+            raise UsageError(f"model.init_generator {path} holds a {trained.family} generator; this run's model.family is "
+                             f"{self.cfg.model.family}: give a run or export of the same family")
+        theirs, ours = trained.net.state_dict(), self.generator.net.state_dict()
+        misfits = sorted(ours.keys() ^ theirs.keys()) + \
+            sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
+        if misfits:
+            raise UsageError(f"model.init_generator {path}: its weights do not fit this run's {trained.family} "
+                             f"generator (another model.path's?): {len(misfits)} tensors missing, extra or of "
+                             f"another shape, e.g. {misfits[0]}")
+        self.generator.net.load_state_dict(theirs)
+
     def checkpoint_state(self) -> dict:
         state = {"generator": RoleState(self.generator, self.opt_g)}
         if self.fake is not None:
@@ -387,6 +403,9 @@ class Trainer:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
         self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        if self.step > self.cfg.trainer.steps:
+            raise ConfigError(f"--resume: {path} is at step {self.step}, past trainer.steps = {self.cfg.trainer.steps}; "
+                              f"give --trainer.steps {self.step} or more")
         for copy_pairs in (self._generator_copy, self._fake_copy, self._rollout_copy):
             self._refill(copy_pairs)
         for sched in filter(None, (self.sched_g, self.sched_c)):
@@ -613,7 +632,7 @@ class Trainer:
             self._print_header()
         barrier(world)
         metrics_path = os.path.join(self.run_dir, "metrics.jsonl")
-        self.profiler = StepProfiler(cfg.profile, self.run_dir, world.rank, world.device)
+        self.profiler = StepProfiler(cfg.profile, self.run_dir, world.rank, world.device, self.step)
         if world.is_main:
             for note in self.profiler.notes:
                 print(f"  {note}")
@@ -858,7 +877,7 @@ class Trainer:
         student = self._student_grid(gen, noise, labels, e.seed)
         if noise.is_cuda:
             torch.cuda.synchronize(noise.device)
-        speed = share / (time.perf_counter() - start)  # per GPU (rank 0's share, with the gather)
+        speed = share / (time.perf_counter() - start)  # per rank (rank 0's share, with the gather)
         teacher = self._shared_sampling(lambda z, y, d: euler_sample(
             lambda x, s: self.real.velocity(x, s, y, g), z, linear_sigmas(e.teacher_steps)), noise, labels)
         if not self.world.is_main:
@@ -872,7 +891,7 @@ class Trainer:
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per GPU; grids (rows = prompts {summary['rows']}) in "
+        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per {'GPU' if noise.is_cuda else 'process'}; grids (rows = prompts {summary['rows']}) in "
               f"{self.run_dir}/samples_final.png")
         return summary
 

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from fastdmd.config import ConfigError, help_text, parse_args
+from fastdmd.config import ConfigError, help_text, parse_args, to_dict
 
 
 def test_defaults_come_from_the_digits_recipe():
@@ -31,6 +31,10 @@ def test_config_file_then_cli(tmp_path):
     (["--trainer.steps", "ten"], "trainer.steps = 'ten' has the wrong type; expected an integer"),
     (["--trainer.steps", "0"], "trainer.steps = 0 is out of range; it must be >= 1"),
     (["--trainer.adam_beta1", "1.5"], "it must be <= 0.999"),
+    (["--profile.trace", "true", "--trainer.steps", "4"],
+     "the profiled steps 3..5 (profile.start, profile.steps) run past trainer.steps = 4"),
+    (["--trainer.lr_generator", "nan"], "trainer.lr_generator = nan is not a finite number"),
+    (["--dmd.generator_sigmas", "1,inf"], "dmd.generator_sigmas = inf is not a finite number"),
     (["--ops.backend", "cuda"], "choose one of ['auto', 'triton', 'reference', 'native']"),
     (["--recipe", "nope"], "unknown recipe 'nope'"),
     (["--dmd.sigma_min", "0.99"], "must be below dmd.sigma_max"),
@@ -41,6 +45,8 @@ def test_config_file_then_cli(tmp_path):
     (["--recipe", "digits-rtdmd", "--trainer.critic_samples", "fresh"], "trainer.critic_samples = 'fresh' draws a random"),
     (["--recipe", "digits-drpo", "--model.init_generator", "runs/dmd2", "--trainer.critic_samples", "fresh_last"],
      "method drpo has no critic"),
+    (["--recipe", "digits-rtdmd", "--reward.names", "distribution_matching"],
+     "reward distribution_matching (R_dm) reads the DMD statistics of the samples it scores, which method rtdmd"),
 ])
 def test_bad_values_name_key_value_and_valid_range(argv, message):
     with pytest.raises(ConfigError) as err:
@@ -65,6 +71,23 @@ def test_resume_starts_from_the_saved_config(tmp_path):
     assert cfg.trainer.batch_size == 4 and cfg.trainer.steps == 20
 
 
+def test_a_runs_config_json_replays_its_settings_into_a_new_run(tmp_path):
+    run = tmp_path / "r1"
+    run.mkdir()
+    saved = to_dict(parse_args(["--run_dir", str(run), "--resume", "--trainer.steps", "7", "--method", "gdmd"]))
+    (run / "config.json").write_text(json.dumps(saved))
+    cfg = parse_args(["--config", str(run / "config.json")])
+    assert cfg.trainer.steps == 7 and cfg.method == "gdmd"
+    assert cfg.run_dir == "" and cfg.resume is False  # where and whether: the command line's to say
+    with pytest.raises(ConfigError, match="--recipe digits-rtdmd differs from the recipe 'digits-dmd2' that --config"):
+        parse_args(["--recipe", "digits-rtdmd", "--config", str(run / "config.json")])
+    with pytest.raises(ConfigError, match="--method dmd2 differs from the resumed run's method 'gdmd'"):
+        parse_args(["--resume", "--run_dir", str(run), "--method", "dmd2"])
+    assert parse_args(["--resume", "--run_dir", str(run), "--method", "gdmd"]).method == "gdmd"
+    with pytest.raises(ConfigError, match="--config needs a file"):
+        parse_args(["--config"])
+
+
 def test_help_lists_every_key(capsys):
     text = help_text()
     for key in ("--trainer.steps", "--dmd.guidance_scale", "--eval.num_samples", "--ops.backend", "--resume"):
@@ -73,3 +96,12 @@ def test_help_lists_every_key(capsys):
         parse_args(["--help"])
     assert done.value.code == 0
     assert "--trainer.critic_updates" in capsys.readouterr().out
+
+
+def test_help_shows_the_chosen_recipes_values_as_the_command_line_takes_them(capsys):
+    assert "--trainer.critic_samples [fresh_last]" in help_text()  # digits-dmd2's, not the dataclass default
+    assert "--dmd.generator_sigmas [1,0.75,0.5,0.25]" in help_text() and "--resume [false]" in help_text()
+    with pytest.raises(SystemExit):
+        parse_args(["--recipe=sd3-dmd2", "--help"])
+    out = capsys.readouterr().out
+    assert "recipe sd3-dmd2's value" in out and "--model.family [sd3]" in out

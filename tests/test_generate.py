@@ -64,6 +64,19 @@ def test_label_outside_0_to_9_names_it_and_the_range(sources, tmp_path, capsys, 
     assert not os.path.exists(tmp_path / "x")
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", "a red square"], "a digits run draws classes: give --label (a digit 0..9), repeated for several"),
+    (["--label", "3", "--prompt", "a red square"], "give --label (a digit 0..9), repeated for several, and no --prompt"),
+    (["--label", "3", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file; give a folder"),
+], ids=["prompt-for-digits", "both", "out-is-a-file"])
+def test_what_a_digits_run_cannot_draw_is_refused(sources, tmp_path, capsys, args, message):
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(SystemExit) as exit_info:
+        main([sources["run"], "--out", str(tmp_path / "x"), *(a.format(tmp=tmp_path) for a in args)])
+    assert exit_info.value.code == 2
+    assert message.format(tmp=tmp_path) in capsys.readouterr().err
+
+
 def test_neither_run_nor_export_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tmp_path), "--label", "3", "--out", str(tmp_path / "x")])

@@ -82,6 +82,17 @@ def test_fits_verdict_and_cli(capsys):
         main(["--preset", "digits", "--master-weights", "--world-size", "2"])
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--depth", "0"], "--depth 0: give a number of blocks >= 1"),
+    (["--model-path", "/nonexistent"], "--model-path /nonexistent: no transformer/config.json there"),
+    (["--preset", "digits", "--model-path", "."], "the digits preset has none"),
+])
+def test_bad_model_arguments_are_named_before_any_work(capsys, argv, message):
+    with pytest.raises(SystemExit) as done:
+        main(argv)
+    assert done.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_torchrun_start_up_host_memory_is_the_whole_networks(capsys):
     """Under torchrun rank 0 holds the whole teacher (bf16) and fp32 generator and critic in host
     memory until their shards are sent out: 10 bytes per parameter; the other ranks none."""

@@ -1,6 +1,7 @@
 """The six methods on the shared loop: each runs through `python -m fastdmd.train`'s code path, and the
 piece of math that makes it that method is checked on its own."""
 
+import dataclasses
 import json
 import math
 import os
@@ -18,6 +19,10 @@ from fastdmd.objectives.rtdmd import cps_back_coeffs
 from fastdmd.roles import LoraRealScore
 from fastdmd.rollout.sde import cps_step
 from fastdmd.train import main
+from fastdmd import trainer as trainer_module
+from fastdmd.generate import load_generator
+from fastdmd.models.digits import build_digits_unet
+from fastdmd.runs import UsageError
 from fastdmd.trainer import Trainer, step_generator
 
 TINY = ["--trainer.batch_size", "8", "--reward.group_size", "4", "--trainer.log_every", "1",
@@ -77,7 +82,7 @@ def test_each_recipe_trains_from_the_teacher(tmp_path, recipe, keys):
         assert "loss_policy" in log[1] and "loss_policy" not in log[0]
 
 
-def test_drpo_needs_a_distilled_start_and_trains_without_critic(tmp_path, dmd2_run):
+def test_drpo_needs_a_distilled_start_and_trains_without_critic(tmp_path, dmd2_run, monkeypatch):
     with pytest.raises(ConfigError, match="model.init_generator"):
         parse_args(["--recipe", "digits-drpo"])
     trainer = trainer_for(tmp_path, "--recipe", "digits-drpo", "--model.init_generator", str(dmd2_run),
@@ -89,6 +94,12 @@ def test_drpo_needs_a_distilled_start_and_trains_without_critic(tmp_path, dmd2_r
     trainer.train_step(1)
     assert not all(torch.equal(a, b) for a, b in zip(start, trainer.generator.parameters()))
     assert all(torch.equal(a, b) for a, b in zip(start, base.parameters()))  # the base stays frozen
+
+    other = dataclasses.replace(load_generator(str(dmd2_run)), net=build_digits_unet(block_out_channels=(16, 32)))
+    monkeypatch.setattr(trainer_module, "load_generator", lambda path: other)
+    with pytest.raises(UsageError, match=r"its weights do not fit this run's digits generator .* tensors missing, "
+                                         r"extra or of another shape, e\.g\. "):
+        trainer._init_generator_from(str(dmd2_run))
 
 
 def test_dmdr_reward_switches_on_after_the_cold_start(tmp_path):
@@ -225,6 +236,14 @@ def test_gndmr_importance_sampling_ratios_and_adaptive_fusion(tmp_path):
     flat_second[:, 1] = 0.5 * flat_second[:, 1]  # reward 1's groups separate half as much as usual
     w = fusion.fusion_weights(flat_second, base)
     assert w[1] < w[0] and w.sum() == pytest.approx(2.0)
+
+
+def test_gndmr_fusion_state_has_one_entry_per_named_reward(tmp_path):
+    names = "distribution_matching,classifier_log_prob,"  # a trailing comma names no third reward
+    trainer = trainer_for(tmp_path, "--recipe", "digits-gndmr", "--reward.names", names)
+    assert trainer.reward.names == ("distribution_matching_grad_sq", "classifier_log_prob")
+    assert trainer.objective.spread_ema.shape == (2,)
+    next(trainer.objective.generator_updates(first_batch(trainer)))  # the fusion weights take their shape from it
 
 
 def test_gndmr_dm_loss_at_the_backward_simulation_step(tmp_path, monkeypatch):

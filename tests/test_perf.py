@@ -9,6 +9,7 @@ import torch
 
 from fastdmd.config import parse_args
 from fastdmd.distributed import World, blocks_of
+from fastdmd.profiling import StepProfiler
 from fastdmd.train import main
 from fastdmd.trainer import Trainer
 
@@ -373,6 +374,13 @@ def test_uncached_autocast_keeps_the_callers_state_and_cache():
         assert torch.is_autocast_cache_enabled() and torch.is_autocast_enabled("cpu")
     with uncached_autocast("cpu"):
         assert not torch.is_autocast_enabled("cpu")
+
+
+def test_a_resume_past_the_profiled_window_says_so(tmp_path):
+    cfg = parse_args(["--profile.trace", "true", "--profile.start", "3"]).profile
+    assert StepProfiler(cfg, str(tmp_path), 0, torch.device("cpu"), done_steps=2).notes == []
+    note, = StepProfiler(cfg, str(tmp_path), 0, torch.device("cpu"), done_steps=3).notes
+    assert "resumes after step 3, past profile.start = 3: nothing is profiled" in note
 
 
 def test_profile_trace_covers_the_window_and_names_the_phases(tmp_path, capsys):

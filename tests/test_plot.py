@@ -1,5 +1,6 @@
 """Pictures of a run: the training-curves CLI (fastdmd.plot) and sample grids of a few classes."""
 
+import json
 import os
 import shutil
 
@@ -7,16 +8,17 @@ import matplotlib.pyplot as plt
 import pytest
 import torch
 
-from fastdmd.plot import main, save_grids
+from fastdmd.plot import _tile, main, save_grids
 from fastdmd.train import main as train
 
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
-    """Three logged steps and a (tiny) final evaluation, so summary.json exists."""
+    """Three logged steps and a (tiny) final evaluation, so summary.json exists; 25 samples do not divide
+    over the 10 classes, and the final grids have short rows."""
     path = str(tmp_path_factory.mktemp("plot") / "run")
     train(["--trainer.steps", "3", "--trainer.batch_size", "4", "--trainer.log_every", "1",
-           "--trainer.sample_every", "0", "--eval.num_samples", "20", "--eval.batch_size", "20",
+           "--trainer.sample_every", "0", "--eval.num_samples", "25", "--eval.batch_size", "25",
            "--eval.teacher_steps", "2", "--eval.cache_teacher", "false", "--run_dir", path])
     return path
 
@@ -35,8 +37,12 @@ def test_curves_png_shows_losses_speed_and_scores(run_dir, capsys):
     assert os.path.getsize(path) > 30_000
 
 
-def test_without_summary_only_the_curves(run_dir, tmp_path, capsys):
+@pytest.mark.parametrize("summary", [None, {"recipe": "sd3-dmd2", "family": "sd3", "student_samples_per_s": 1.0}],
+                         ids=["no-summary", "sd3-summary-without-scores"])
+def test_without_scores_only_the_curves(run_dir, tmp_path, capsys, summary):
     shutil.copy(os.path.join(run_dir, "metrics.jsonl"), tmp_path)
+    if summary is not None:
+        (tmp_path / "summary.json").write_text(json.dumps(summary))
     main([str(tmp_path), "--out", str(tmp_path / "c.png")])
     out = capsys.readouterr().out
     assert "FD and accuracy" not in out and "losses: loss_critic, loss_dmd" in out
@@ -64,3 +70,11 @@ def test_grid_of_a_few_classes_has_one_row_each(tmp_path):
     save_grids({"two classes": (images, labels)}, str(tmp_path / "g.png"), per_class=3)
     height, width = plt.imread(tmp_path / "g.png").shape[:2]
     assert height < width  # 2 rows of 3, not the 10 x 10 grid of the trainer
+
+
+def test_a_class_short_of_samples_leaves_black_cells():
+    images = torch.ones(5, 1, 4, 4)  # white samples
+    labels = torch.tensor([0, 0, 0, 1, 1])  # eval.num_samples 15 gives such counts over 10 classes
+    grid = _tile(images, labels, [0, 1], per_class=3)
+    assert grid.shape == (8, 12)
+    assert (grid[:4] == 1).all() and (grid[4:, :8] == 1).all() and (grid[4:, 8:] == 0).all()

@@ -88,6 +88,16 @@ def test_trains_checkpoints_and_resumes_through_the_cli(sd3_dir, tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
+def test_a_generator_of_another_family_is_refused_as_init_generator(sd3_dir, tmp_path, capsys):
+    main(args_for(sd3_dir, tmp_path / "sd3", "--trainer.steps", "1", "--eval.at_end", "false"))
+    with pytest.raises(SystemExit) as done:
+        main(["--recipe", "digits-drpo", "--model.init_generator", str(tmp_path / "sd3"), "--trainer.steps", "1",
+              "--run_dir", str(tmp_path / "drpo"), "--threads", "1"])
+    assert done.value.code == 2
+    assert (f"model.init_generator {tmp_path / 'sd3'} holds a sd3 generator; this run's model.family is digits"
+            in capsys.readouterr().err)
+
+
 def test_prompt_cache_for_other_prompts_is_refused(sd3_dir, tmp_path):
     other = tmp_path / "other.txt"
     other.write_text("a yellow star\n")
@@ -107,6 +117,9 @@ def test_without_cache_or_text_encoders_the_error_says_what_to_add(sd3_dir, tmp_
     (lambda root: ["--model.path", str(root / "vae")], "transformer/config.json"),
     (lambda root: ["--model.prompts", str(root / "nothing.txt")], "one prompt per line"),
     (lambda root: ["--model.prompts", str(root / "vae" / "config.json")], "made for other prompts"),
+    (lambda root: ["--model.resolution", "1024"], "model.resolution = 1024 does not fit this model (VAE scale 2 x "
+                                                  "patch 2, pos_embed_max_size 8); use multiples of 4 up to 32 px"),
+    (lambda root: ["--model.resolution", "18"], "model.resolution = 18 does not fit this model"),
 ])
 def test_bad_paths_fail_with_one_line_naming_what_is_expected(sd3_dir, tmp_path, capsys, change, message):
     with pytest.raises(SystemExit) as exit_info:
@@ -521,7 +534,9 @@ def test_generate_draws_the_runs_prompts_as_rgb_images(sd3_dir, tmp_path, capsys
     assert matplotlib.image.imread(paths[1]).shape[:2] == (16, 16)  # decoded by the tiny VAE (2x)
     with pytest.raises(SystemExit):  # a prompt the run never saw needs the text encoders, which this dir lacks
         generate_main([str(tmp_path / "run"), "--prompt", "a purple hexagon", "--out", str(tmp_path / "png2")])
-    assert "text_encoder" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--prompt 'a purple hexagon' is not one of the run's prompts {PROMPTS}" in err and "text_encoder" in err
+    assert "model.prompt_cache" not in err  # an option of training, not of generate
 
 
 def test_the_exported_directory_runs_in_diffusers_sd3_pipeline_as_fastdmd_generate_does(sd3_dir, tmp_path):

@@ -40,22 +40,33 @@ def test_digits_preset_side_by_side(tmp_path):
     assert "| phase | naive | optimized |" in (tmp_path / "st.md").read_text()
 
 
-def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path):
-    """optimized with its CUDA arguments (torch.compile's reduce-overhead mode, CUDA only) on CPU: the config
-    refuses it, and the record keeps that error beside the naive variant's figures."""
-    out = tmp_path / "st"
+def _run_main(tmp_path, *argv, script=""):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import step_throughput as st; cuda_args = st.variant_args; "
-              "st.variant_args = lambda name, cuda, backend: cuda_args(name, name == 'optimized', backend); "
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import step_throughput as st; " + script +
               "sys.argv = ['step_throughput.py'] + sys.argv[2:]; st.main()")
-    done = subprocess.run([sys.executable, "-c", script, os.path.join(ROOT, "benchmarks"), "--batch", "8",
-                           "--warmup", "1", "--steps", "1", "--variants", "naive", "optimized", "--out", str(out)],
+    return subprocess.run([sys.executable, "-c", script, os.path.join(ROOT, "benchmarks"), *argv],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_a_failing_variant_is_recorded_and_the_others_still_run(tmp_path):
+    """A variant that fails while it runs (here: a CUDA error, injected) keeps its error beside the naive
+    variant's figures, and the exit status says that one failed."""
+    fail = ("measure = st.measure; st.measure = lambda name, *a, **k: measure(name, *a, **k) if name == 'naive' "
+            "else (_ for _ in ()).throw(RuntimeError('CUDA error: an illegal memory access was encountered')); ")
+    done = _run_main(tmp_path, "--batch", "8", "--warmup", "1", "--steps", "1", "--variants", "naive", "optimized",
+                     "--out", str(tmp_path / "st"), script=fail)
+    assert done.returncode == 1 and "1 variant(s) failed: optimized" in done.stderr, done.stderr[-2000:]
     naive, optimized = json.loads((tmp_path / "st.json").read_text())["variants"]
     assert naive["s_per_step"] > 0 and "error" not in naive
-    assert "reduce-overhead" in optimized["error"] and "CUDA" in optimized["error"]
+    assert optimized["error"] == "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert "| optimized | failed:" in (tmp_path / "st.md").read_text()
+
+
+def test_a_variant_the_config_refuses_stops_the_run_before_any_is_measured(tmp_path):
+    done = _run_main(tmp_path, "--variants", "naive", "optimized+perf.gelu_epilogu=true", "--out", str(tmp_path / "st"))
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert "error: --variants optimized+perf.gelu_epilogu=true: unknown config key 'perf.gelu_epilogu'" in done.stderr
+    assert not (tmp_path / "st.json").exists()
 
 
 def test_an_extra_that_fails_leaves_the_timing(tmp_path, monkeypatch):

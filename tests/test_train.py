@@ -65,6 +65,11 @@ def _broken_toml(run_dir, monkeypatch):
         f.write("[trainer\nsteps = 3\n")
 
 
+def _file_in_its_place(run_dir, monkeypatch):
+    with open(run_dir, "w") as f:
+        f.write("not a run\n")
+
+
 def _three_ranks(run_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
 
@@ -78,12 +83,17 @@ def _three_ranks(run_dir, monkeypatch):
     (_drop_meta, ["--resume", "--trainer.steps", "3"], "no complete checkpoint under"),
     (_corrupt_config, ["--resume", "--trainer.steps", "3"],
      "--resume: cannot read the run's saved settings (config file {run}/config.json is not valid JSON"),
+    (_trained, ["--resume", "--trainer.steps", "1"],
+     "--resume: {run}/checkpoints/step_0000002 is at step 2, past trainer.steps = 1; give --trainer.steps 2 or more"),
     (_trained, ["--trainer.steps", "3"],
      "run directory {run} already holds checkpoints up to step 2; continue that run with --resume, or choose a new"),
+    (_file_in_its_place, [], "--run_dir {run} is a file; give a folder"),
+    (_file_in_its_place, ["--resume"], "--run_dir {run} is a file; give a folder"),
     (_three_ranks, ["--trainer.global_batch_size", "8"],
      "trainer.global_batch_size = 8 does not divide over 3 ranks; use a multiple of 3 (e.g. 6 or 9)"),
 ], ids=["resume-nothing", "missing-assets", "unknown-recipe", "malformed-config-file", "truncated-checkpoint",
-        "checkpoint-without-meta", "corrupted-run-config", "fresh-run-over-checkpoints", "world-size-vs-batch"])
+        "checkpoint-without-meta", "corrupted-run-config", "resume-past-the-end", "fresh-run-over-checkpoints", "run-dir-is-a-file",
+        "resume-from-a-file", "world-size-vs-batch"])
 def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, monkeypatch, damage, args, message):
     run_dir = str(tmp_path / "run")
     if damage:

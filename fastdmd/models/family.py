@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from fastdmd.config import ConfigError
 from fastdmd.models.flow import FlowAdapter
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -76,11 +77,13 @@ def _text_to_image(cfg, device, weights: bool) -> Family:
     if cfg.family == "sd3":
         adapter = sd3.SD3Adapter(embeds.to(device), pooled.to(device))
         channels = teacher.config.in_channels
-        size = cfg.resolution // scale if cfg.resolution else teacher.config.sample_size
+        size = _latent_size(cfg.resolution, scale, teacher.config.patch_size, teacher.config.pos_embed_max_size) \
+            if cfg.resolution else teacher.config.sample_size
     else:
         adapter = flux.FluxAdapter(embeds.to(device), pooled.to(device), cfg.flux_guidance)
         channels = teacher.config.in_channels // 4  # 2x2 patches packed into the channels
-        size = cfg.resolution // scale if cfg.resolution else 2 * 16  # FLUX has no sample_size: 256 px by default
+        # FLUX has no sample_size: 256 px by default
+        size = _latent_size(cfg.resolution, scale, 2, None) if cfg.resolution else 2 * 16
     shape = (channels, size, size)
 
     def decode(latents: torch.Tensor) -> torch.Tensor:
@@ -90,6 +93,18 @@ def _text_to_image(cfg, device, weights: bool) -> Family:
         return vae.to(latents.device).decode(z).sample.float().clamp(-1, 1)
 
     return Family(cfg.family, teacher, adapter, shape, names, lambda: type(teacher).from_config(teacher.config), decode)
+
+
+def _latent_size(resolution: int, vae_scale: int, patch: int, max_patches: int | None) -> int:
+    """model.resolution in latent pixels, or a ConfigError that names the resolutions the model takes: whole
+    patches (FLUX packs 2x2 latent pixels), and for SD3 no more than its positional embedding covers."""
+    step = vae_scale * patch
+    largest = max_patches * step if max_patches else None
+    if resolution % step or (largest and resolution > largest):
+        valid = f"multiples of {step}" + (f" up to {largest}" if largest else "")
+        why = f"VAE scale {vae_scale} x patch {patch}" + (f", pos_embed_max_size {max_patches}" if largest else "")
+        raise ConfigError(f"model.resolution = {resolution} does not fit this model ({why}); use {valid} px")
+    return resolution // vae_scale
 
 
 SD3_MEDIUM = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,

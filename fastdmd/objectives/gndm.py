@@ -59,7 +59,7 @@ class GNDM(Objective):
         super().__init__(cfg, roles)
         self.group_size = cfg.reward.group_size
         # NaN until the first GNDMR step; a tensor from the start so that a resume loads it in place.
-        self.spread_ema = torch.full((len(cfg.reward.names.split(",")),), float("nan"))
+        self.spread_ema = torch.full((len(cfg.reward.name_list),), float("nan"))
 
     def dm_loss(self, x0: torch.Tensor, labels: torch.Tensor, rng) -> tuple[torch.Tensor, ops.DMDTarget]:
         """The group-normalized DMD loss and the op's per-sample statistics (unweighted)."""

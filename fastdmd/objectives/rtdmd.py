@@ -5,7 +5,8 @@ Target p_tilde ~ p_teacher * exp(beta r); two stages switched by `rtdmd.stage1_s
 Stage 1, AC-DMD: the generator runs its few-step schedule as CPS steps (eta) and stops after k + 1
 steps (k: the step's shared backward-simulation draw); x_s is its actual state at the sigma s
 after that step (s = 0 after the last step), the last step taken with grad. x_s is renoised to
-t ~ U[max(s + 0.01, 0.02), 0.98]: x_t = a x_s + sigma_ts eps, a = (1 - t)/(1 - s),
+t ~ U[max(s + 0.01, 0.02), 0.98] (our reading of "U[ts + 10, 1000] clamped to [20, 980]": the range is
+clamped, not each draw, so no draws pile up at 0.98): x_t = a x_s + sigma_ts eps, a = (1 - t)/(1 - s),
 sigma_ts = sqrt(t^2 - a^2 s^2). Teacher (CFG) and critic each take one CPS step from t back to s
 with shared noise xi; that step is affine in the velocity, x_s_pred = A x_t + B v + C xi, so the
 fused `ops.dmd_target` (with its noise/c term) gives grad = (xs_fake - xs_real) / mean|x_s -
@@ -21,7 +22,8 @@ the rewards (summed first, then standardized, as flow-GRPO's code does); PPO
 clipped loss on the SubGRPO-trained stochastic steps (the untrained ones use noise shared within a
 group, seeded from the class, the step and the run seed); the deterministic last step gets AC-DMD
 (`last_step_dmd_weight`) plus reward backprop `reward_backprop_weight * mean(relu(margin - sum_k
-w_k r_k(x0)))`. The critic keeps training on the rollouts' samples (s = 0).
+w_k r_k(x0)))`. The critic keeps training on the rollouts' samples (s = 0). The critic is the full
+network, as in DMD2 (ours: the public code trains a rank-32 LoRA of it at lr 3e-5).
 With `trainer.critic_samples = "fresh_last"` (ours) the critic trains on fresh full 4-step samples
 (s = 0) in both stages: AC-DMD's critic is conditioned on t only, and for t > s the renoised x_s of
 a self-consistent generator has the same marginal as its renoised final samples.

@@ -44,8 +44,7 @@ def build_reward(cfg, classifier, prompts=None, device="cpu", decode=None) -> Co
 
     The CLIP-family rewards read their folder from reward.<name>_path and score against `prompts`
     (the family's condition names), on reward.device or else `device` (the training device)."""
-    names = [n.strip() for n in cfg.names.split(",") if n.strip()]
-    return CombinedReward([_make_reward(n, cfg, classifier, prompts, device) for n in names],
+    return CombinedReward([_make_reward(n, cfg, classifier, prompts, device) for n in cfg.name_list],
                           list(cfg.weights) or None, decode=decode)
 
 
