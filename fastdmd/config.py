@@ -111,7 +111,7 @@ class RewardConfig:
                      "transformers: clip_score, pickscore, hpsv2 (differentiable; folder in reward.<name>_path)")
     weights: tuple = opt(None, "one weight per reward (default 1 each)", factory=tuple)
     group_size: int = opt(8, "samples per group (same class) for group-normalized advantages", min=2)
-    clip: float = opt(5.0, "advantages are clipped to [-clip, clip]", min=0.0)
+    clip: float = opt(5.0, "advantages are clipped to [-clip, clip] (> 0: at 0 every advantage would be 0)", min=1e-6)
     dm_proxy: str = opt("grad_sq", "distribution_matching: the per-sample stand-in for R_dm (fastdmd/rewards/"
                         "distribution_matching.py): grad_sq, disagreement or alignment",
                         choices=("grad_sq", "disagreement", "alignment"))

@@ -168,6 +168,16 @@ def test_gradients(dtype, chunked):
         assert_no_worse_than_torch(name, k, e, l, dtype)
 
 
+@pytest.mark.parametrize("name", ["fake", "real_cond", "x_t", "a", "noise"])
+def test_inputs_without_a_gradient_give_a_loss_without_one(name):
+    """Only x0 and the weights get gradients; an input that merely requires grad (a score network's output
+    not detached) leaves the loss a constant, as in the reference, so a backward fails loudly."""
+    inputs = make_inputs((2, 40), weights=True, noise=True)
+    inputs[name] = inputs[name].detach().requires_grad_()
+    for impl in (dmd_target, reference.dmd_target):
+        assert not impl(**inputs).loss.requires_grad, impl
+
+
 def test_no_residual_saved_without_grad():
     inputs = make_inputs((2, 40), weights=True)
     args = [inputs[k] for k in ("x0", "x_t", "real_cond", "real_uncond", "fake", "a", "b")]

@@ -11,6 +11,7 @@ import os
 if not os.path.exists("/dev/nvidia0"):
     os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the first import of triton
 
+import numpy as np
 import pytest
 import torch
 
@@ -188,7 +189,9 @@ BAD_INPUTS = {
     "group ids length": (dict(group_size=None, group_ids=torch.zeros(5, dtype=torch.int64)), r"group_ids must have shape \(6,\), got \(5,\)"),
     "weights length": (dict(weights=torch.ones(3)), r"weights must have shape \(2,\), got \(3,\)"),
     "weights device": (dict(weights=torch.ones(2, device="meta")), r"weights is on meta but the other inputs are on"),
-    "negative clip": (dict(clip=-1.0), r"clip must be >= 0, got -1.0"),
+    "negative clip": (dict(clip=-1.0), r"clip must be > 0, got -1.0"),
+    "zero clip": (dict(clip=0.0), r"clip must be > 0, got 0.0"),  # every advantage would be 0
+    "zero eps": (dict(eps=0.0), r"eps must be > 0, got 0.0"),  # a reward constant in a group: 0 / 0
     "eps inf": (dict(eps=float("inf")), r"eps must be a finite number, got inf"),
 }
 
@@ -201,6 +204,20 @@ def test_bad_inputs_raise(impl, change, message):
               for k, v in kwargs.items()}
     with pytest.raises(ValueError, match=message):
         impl(**kwargs)
+
+
+@IMPLS
+def test_a_numpy_integer_group_size_is_a_group_size(impl):
+    rewards = random_rewards(6, 2, torch.float32)
+    torch.testing.assert_close(impl(rewards, group_size=np.int64(3)).advantages, impl(rewards, group_size=3).advantages)
+
+
+def test_a_group_over_one_programs_tile_is_refused_before_launch():
+    rows = (1 << 18) + 1  # next_pow2 2^19 rows x 4 (3 rewards, padded) = 2^21 elements
+    rewards = torch.zeros(1, 3, device=DEVICE).expand(rows, 3)
+    with pytest.raises(ValueError, match=r"a group of 262145 samples with 3 rewards needs a 524288 x 4 tile, over the "
+                                         r"1048576 elements one Triton program holds; use smaller groups"):
+        group_advantages(rewards, group_size=rows)
 
 
 @pytest.mark.gpu

@@ -193,6 +193,12 @@ def test_nothing_to_update_is_no_error(impl):
     (lambda a: a.update(emas=[m.clone() for m in a["masters"]], ema_weight=1.5),
      r"ema_weight \(1 - EMA decay\) must be in \[0, 1\], got 1.5"),
     (lambda a: a.update(masters=3), r"masters must be a list of tensors \(one per parameter\), got int"),
+    (lambda a: a["exp_avgs"].__setitem__(0, a["exp_avg_sqs"][0]), r"exp_avgs\[0\] shares memory with exp_avg_sqs\[0\]|"
+                                                                  r"exp_avg_sqs\[0\] shares memory with exp_avgs\[0\]"),
+    (lambda a: a.update(masters=[a["masters"][0]] * 2, grads=[a["grads"][0]] * 2, exp_avgs=a["exp_avgs"][:1] * 2,
+                        exp_avg_sqs=a["exp_avg_sqs"][:1] * 2, copies=a["copies"][:1] * 2),
+     r"masters\[1\] shares memory with masters\[0\]|copies\[1\] shares memory with copies\[0\]|"
+     r"exp_avgs\[1\] shares memory with exp_avgs\[0\]|exp_avg_sqs\[1\] shares memory"),
 ])
 def test_bad_inputs_raise_a_value_error_that_names_them(impl, change, message):
     s = state(SHAPES[:2])

@@ -44,14 +44,16 @@ def check_per_sample(name: str, value, batch: int, device, dtypes) -> None:
                          f"got shape {tuple(value.shape)}")
 
 
-def check_number(name: str, value, *, minimum=None, allow_none=False) -> None:
-    """A finite Python/NumPy real number, optionally >= minimum."""
+def check_number(name: str, value, *, minimum=None, positive=False, allow_none=False) -> None:
+    """A finite Python/NumPy real number, optionally >= minimum, or > 0."""
     if value is None and allow_none:
         return
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
         raise ValueError(f"{name} must be a finite number, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
 
 
 def _check_batched(name: str, value, dtypes) -> None:
@@ -95,7 +97,7 @@ def check_group_advantages_inputs(rewards, group_size, group_ids, weights, eps, 
                          f"per sample), got group_size={group_size!r} and "
                          f"group_ids={'None' if group_ids is None else 'a tensor'}")
     if group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral) or group_size < 1:
             raise ValueError(f"group_size must be a positive int, got {group_size!r}")
         if n % group_size:
             raise ValueError(f"the number of samples N={n} must be a multiple of group_size={group_size}")
@@ -104,8 +106,9 @@ def check_group_advantages_inputs(rewards, group_size, group_ids, weights, eps, 
                      device=rewards.device)
     if weights is not None:
         check_tensor("weights", weights, dtypes=REFERENCE_DTYPES, shape=(k,), device=rewards.device)
-    check_number("eps", eps, minimum=0)
-    check_number("clip", clip, minimum=0, allow_none=True)
+    # eps = 0 would make a reward that is constant within a group 0 / 0; clip = 0 would zero every advantage
+    check_number("eps", eps, positive=True)
+    check_number("clip", clip, positive=True, allow_none=True)
 
 
 def check_clipped_policy_loss_inputs(x_prev, mean, std, old_log_prob, advantages, clip_range, *,
@@ -141,6 +144,20 @@ def check_master_adamw_tensors(masters, exp_avgs, exp_avg_sqs, copies, emas) -> 
     device = masters[0].device
     if not _tensor_lists_fit(lists, device):  # then find the first bad tensor and name it
         _check_each_tensor(lists, device)
+    if device.type != "meta":
+        _check_no_shared_memory(lists)
+
+
+def _check_no_shared_memory(lists: dict) -> None:
+    """Each tensor an update writes in place has its own memory: a parameter listed twice (tied weights) or a
+    moment aliasing another would be read and written by two programs at once. The tensors are contiguous,
+    so each is one span of addresses; sorted by start, any overlap shows between neighbours."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), f"{name}[{i}]")
+                   for name, tensors in lists.items() for i, t in enumerate(tensors) if t.numel())
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:]):
+        if start < end:
+            raise ValueError(f"{second} shares memory with {first}; every tensor an update writes needs its own "
+                             f"(list a tied parameter once)")
 
 
 def check_master_adamw_update(grads, shapes, device, *, lr, beta1, beta2, eps, weight_decay, step, grad_scale,

@@ -58,7 +58,7 @@ import triton.language as tl
 
 from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_kernel_device, interpreted
 from fastdmd.ops.op_contracts import (
-    dmd_target_backward, dmd_target_backward_fake, dmd_target_fake, dmd_target_setup_context,
+    dmd_target_backward, dmd_target_backward_fake, dmd_target_constants, dmd_target_fake, dmd_target_setup_context,
 )
 from fastdmd.ops.reference import DMDTarget
 from fastdmd.ops.sample_chunks import sample_chunks
@@ -456,6 +456,8 @@ def dmd_target(
                             noise, c, eps, dtypes=KERNEL_DTYPES)
     check_kernel_device(_dmd_elementwise_kernel, x0.device)
     save_residual = torch.is_grad_enabled() and x0.requires_grad
+    x_t, real_cond, real_uncond, fake, a, b, noise, c = dmd_target_constants(x_t, real_cond, real_uncond, fake, a, b,
+                                                                              noise, c)
     loss, target, normalizer, grad_sq, cosine, _, _ = _dmd_target_op(
         x0, x_t, real_cond, real_uncond, fake, a, b, float(guidance_scale), weights, noise, c,
         float(eps), save_residual)

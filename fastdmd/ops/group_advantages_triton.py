@@ -18,8 +18,9 @@ Group layout:
     torch ops and one device synchronization (the number of groups and the largest group size
     decide output shape and block size); under torch.compile the number of groups is a
     data-dependent size.
-Groups are held whole by one program: fastest for the usual groups of 2 to 1024 samples; a very
-large group still works but spills registers.
+Groups are held whole by one program: fastest for the usual groups of 2 to 1024 samples. A program's
+tile, next_pow2(group size) x next_pow2(K), is at most Triton's 2^20 elements (with K = 8: groups of
+up to 131,072 samples); a larger group is refused with a ValueError (the reference has no limit).
 """
 
 from typing import Optional
@@ -84,6 +85,9 @@ def _group_advantages_kernel(
     tl.store(group_std_ptr + group * num_rewards + reward_index, std, mask=is_reward)
 
 
+MAX_TILE = tl.TRITON_MAX_TENSOR_NUMEL  # the most elements one Triton tensor may hold: 2^20
+
+
 def _group_layout(num_samples, group_size, group_ids):
     """(rows, group_starts, num_groups, largest group size): the launcher's half of the
     segmentation; rows and group_starts are None for contiguous groups."""
@@ -106,6 +110,10 @@ def _launch_group_advantages(rewards, group_size, group_ids, weights, eps, clip)
     group_std = torch.empty(num_groups, num_rewards, **fp32)
     rows_block = triton.next_power_of_2(largest_group)
     rewards_block = triton.next_power_of_2(num_rewards)
+    if rows_block * rewards_block > MAX_TILE:
+        raise ValueError(f"a group of {largest_group} samples with {num_rewards} rewards needs a "
+                         f"{rows_block} x {rewards_block} tile, over the {MAX_TILE} elements one Triton program holds; "
+                         f"use smaller groups, or ops.backend 'reference'")
     # Absent optional tensors are never read (their flag is off): rewards stands in as a pointer.
     _group_advantages_kernel[(num_groups,)](
         rewards, rewards.stride(0), rewards.stride(1),
@@ -148,5 +156,5 @@ def group_advantages(
     check_kernel_device(_group_advantages_kernel, rewards.device)
     weights = None if weights is None else weights.detach()
     return GroupAdvantages(*_group_advantages_op(
-        rewards.detach(), group_size, group_ids, weights, float(eps),
+        rewards.detach(), None if group_size is None else int(group_size), group_ids, weights, float(eps),
         None if clip is None else float(clip)))

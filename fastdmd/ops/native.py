@@ -31,7 +31,8 @@ import torch
 
 from fastdmd.ops.checks import KERNEL_DTYPES, check_dmd_target_inputs, check_group_advantages_inputs
 from fastdmd.ops.op_contracts import (
-    dmd_target_backward, dmd_target_backward_fake, dmd_target_fake, dmd_target_setup_context, group_advantages_fake,
+    dmd_target_backward, dmd_target_backward_fake, dmd_target_constants, dmd_target_fake, dmd_target_setup_context,
+    group_advantages_fake,
 )
 from fastdmd.ops.reference import DMDTarget, GroupAdvantages
 
@@ -126,6 +127,8 @@ def dmd_target(
                             noise, c, eps, dtypes=KERNEL_DTYPES)
     _check_device(x0.device)
     save_residual = torch.is_grad_enabled() and x0.requires_grad
+    x_t, real_cond, real_uncond, fake, a, b, noise, c = dmd_target_constants(x_t, real_cond, real_uncond, fake, a, b,
+                                                                              noise, c)
     loss, target, normalizer, grad_sq, cosine, _, _ = torch.ops.fastdmd_native.dmd_target(
         x0, x_t, real_cond, real_uncond, fake, a, b, float(guidance_scale), weights, noise, c,
         float(eps), save_residual)
@@ -150,7 +153,7 @@ def group_advantages(
     _check_device(rewards.device)
     weights = None if weights is None else weights.detach()
     return GroupAdvantages(*torch.ops.fastdmd_native.group_advantages(
-        rewards.detach(), group_size, group_ids, weights, float(eps),
+        rewards.detach(), None if group_size is None else int(group_size), group_ids, weights, float(eps),
         None if clip is None else float(clip)))
 
 

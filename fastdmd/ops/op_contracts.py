@@ -13,6 +13,13 @@ from typing import Callable
 import torch
 
 
+def dmd_target_constants(x_t, real_cond, real_uncond, fake, a, b, noise, c) -> tuple:
+    """dmd_target's inputs that get no gradient (the reference treats them as constants), detached: a
+    custom op's output requires grad when any input does, and backward would then run silently, with no
+    gradient to give, where the reference's loss refuses."""
+    return tuple(None if t is None else t.detach() for t in (x_t, real_cond, real_uncond, fake, a, b, noise, c))
+
+
 def dmd_target_fake(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_scale, weights, noise, c, eps,
                     save_residual):
     normalizer, grad_sq, cosine, residual_sq_sum = (
