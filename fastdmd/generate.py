@@ -73,7 +73,7 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
 
     from fastdmd.models import flux, sd3
     from fastdmd.models.family import load_family
-    from fastdmd.models.prompts import encode_all
+    from fastdmd.models.prompts import MissingTextEncoders, encode_all
     from fastdmd.roles import Generator
 
     if num < 1:
@@ -92,10 +92,10 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
         load_encoder = {"sd3": sd3.text_encoder, "flux": flux.text_encoder}[family.name]
         try:
             encoder = load_encoder(model.path, torch.device("cpu"))
-        except FileNotFoundError as e:
+        except MissingTextEncoders as e:
             raise UsageError(f"--prompt {new[0]!r} is not one of the run's prompts {family.condition_names}, and "
-                             f"encoding a new one needs the pipeline's text encoders: {e}".replace(
-                                 ", or give model.prompt_cache a precomputed file", "")) from None
+                             f"encoding a new one needs the pipeline's text encoders and tokenizers, which "
+                             f"{e.model_path} lacks: {e.missing}") from None
         embeds, pooled = encode_all(encoder, new, model.max_sequence_length)
         adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
         adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])

@@ -891,7 +891,8 @@ class Trainer:
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per {'GPU' if noise.is_cuda else 'process'}; grids (rows = prompts {summary['rows']}) in "
+        per = "GPU" if noise.is_cuda else "process"
+        print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per {per}; grids (rows = prompts {summary['rows']}) in "
               f"{self.run_dir}/samples_final.png")
         return summary
 

@@ -37,12 +37,18 @@ def read_prompts(path: str) -> list[str]:
     return prompts
 
 
+class MissingTextEncoders(FileNotFoundError):
+    def __init__(self, model_path: str, missing: list[str]):
+        super().__init__(f"no prompt cache and {model_path} lacks {missing}: add the text encoders and tokenizers "
+                         f"of the pipeline there, or give model.prompt_cache a precomputed file")
+        self.model_path, self.missing = model_path, missing
+
+
 def require_text_encoders(model_path: str, folders: tuple[str, ...]) -> None:
     """Encoding prompts needs the pipeline's text encoders and tokenizers; say which are missing."""
     missing = [d for d in folders if not os.path.isdir(os.path.join(model_path, d))]
     if missing:
-        raise FileNotFoundError(f"no prompt cache and {model_path} lacks {missing}: add the text encoders and tokenizers "
-                                f"of the pipeline there, or give model.prompt_cache a precomputed file")
+        raise MissingTextEncoders(model_path, missing)
 
 
 def default_cache_path(model_path: str, prompts: list[str], max_sequence_length: int) -> str:
