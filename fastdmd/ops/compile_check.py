@@ -174,8 +174,8 @@ def _variants():
     def master_adamw(grad_dtype, copy_dtype, ema, scale, beta1, skip=False, exp_avgs=True):
         shapes = [(3, 5), (4097,)]
         masters = [torch.randn(s) for s in shapes]
-        moments = [torch.zeros(s) for s in shapes]
-        plan = adamw.MasterAdamWPlan(masters, moments if exp_avgs else None, moments,
+        plan = adamw.MasterAdamWPlan(masters, [torch.zeros(s) for s in shapes] if exp_avgs else None,
+                                     [torch.zeros(s) for s in shapes],
                                      None if copy_dtype is None else [m.to(copy_dtype) for m in masters],
                                      [m.clone() for m in masters] if ema else None)
         return lambda: adamw._launch_master_adamw(
