@@ -499,6 +499,23 @@ def test_a_failed_capture_warns_once_and_stays_eager():
     assert len(calls) == 1  # eager, once
 
 
+def test_a_failed_captures_reason_is_the_errors_first_line(monkeypatch):
+    """A CUDA error's message goes on with lines of advice (a CUDA build of torch without a driver says
+    "CUDA driver version is insufficient ..." and then where to search): the reason, which the run header
+    and the warning show on one line, keeps the first."""
+    from fastdmd.rollout.graphs import CudaGraphs
+
+    def fail(self, tensors, constants):
+        raise RuntimeError("CUDA error: driver too old\nSearch for `cudaErrorInsufficientDriver' in the docs")
+
+    monkeypatch.setattr(CudaGraphs, "_capture", fail)
+    graphs = CudaGraphs(lambda x: 2 * x, None, "rollout")
+    with pytest.warns(RuntimeWarning) as caught:
+        torch.testing.assert_close(graphs(torch.ones(2)), torch.full((2,), 2.0))
+    assert graphs.reason == "eager: CUDA graph capture failed (RuntimeError: CUDA error: driver too old)"
+    assert [str(w.message) for w in caught] == [f"rollout: {graphs.reason}; running eagerly from now on"]
+
+
 def test_a_twin_runs_inside_twins_in_place_and_the_blocks_own_compile_outside():
     """reduce-overhead's blocks cannot record their CUDA graphs inside a whole-call capture: there they call
     a default-mode twin. Two counting backends stand for the two compiles: each is used where it should be,

@@ -282,7 +282,8 @@ def _dmd_finalize_kernel(
     slots = tl.arange(0, PARTIALS_BLOCK)
     stride = batch * num_chunks
     weighted_residual_sq = 0.0
-    for first in range(0, batch, SAMPLES_BLOCK):
+    first = 0
+    while first < batch:  # not range(0, batch, ...): triton 3.6's interpreter cannot take a runtime bound there
         samples = first + tl.arange(0, SAMPLES_BLOCK)
         in_batch = samples < batch
         index = samples[:, None] * num_chunks + slots[None, :]
@@ -298,6 +299,7 @@ def _dmd_finalize_kernel(
         if HAS_WEIGHTS:
             residual_sq = residual_sq * tl.load(weights_ptr + samples, mask=in_batch, other=0.0)
         weighted_residual_sq += tl.sum(tl.where(in_batch, residual_sq, 0.0), axis=0)
+        first += SAMPLES_BLOCK
     tl.store(loss_ptr, 0.5 * weighted_residual_sq / numel)
 
 

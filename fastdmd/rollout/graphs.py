@@ -115,7 +115,9 @@ class CudaGraphs:
             try:
                 self._graphs[key] = self._capture(tensors, constants)
             except Exception as e:  # noqa: BLE001 - any capture failure means: stay eager, say why
-                self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {e})"
+                # CUDA errors append lines of advice: the first line says what failed
+                first_line = next(iter(str(e).strip().splitlines()), "")
+                self.reason = f"eager: CUDA graph capture failed ({type(e).__name__}: {first_line})"
                 self._graphs.clear()
                 # The run header, printed before the first capture, said "CUDA graph".
                 warnings.warn(f"{self.name}: {self.reason}; running eagerly from now on", RuntimeWarning,
