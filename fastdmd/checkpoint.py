@@ -38,6 +38,15 @@ class CheckpointWriteError(CheckpointError):
     """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
 
 
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint is whole but its tensors do not fit the networks this config builds (other model
+    settings): deleting it would not help."""
+
+
+# How DCP's load planner words a checkpoint that does not fit the state it loads into
+_MISMATCH_REASONS = ("Size mismatch between saved", "Missing key in checkpoint state_dict")
+
+
 _PARTIAL_SUFFIXES = (".tmp", ".deleting")
 DISK_FULL = (errno.ENOSPC, errno.EDQUOT)  # errnos of a full disk or an exhausted quota
 
@@ -144,20 +153,31 @@ def save_checkpoint(run_dir: str, step: int, state: dict, world: World, keep: in
 
 
 def _write_failure(e: BaseException) -> tuple[bool, str]:
-    """(disk full?, one-line reason) of a failed save. DCP wraps each rank's exception, and a full disk
-    surfaces from its tensor writer as a RuntimeError whose context is OSError(ENOSPC): look through
-    the per-rank failures and every exception's cause and context."""
+    """(disk full?, one-line reason) of a failed save. A full disk surfaces from DCP's tensor writer as a
+    RuntimeError whose context is OSError(ENOSPC)."""
+    causes = _causes(e)
+    full = next((c for c in causes if isinstance(c, OSError) and c.errno in DISK_FULL), None)
+    if full is not None:
+        return True, os.strerror(full.errno)
+    return False, _root_reason(causes, e)
+
+
+def _causes(e: BaseException) -> list[BaseException]:
+    """e, the per-rank exceptions DCP wraps in a CheckpointException, and every cause and context of those."""
     pending, seen = [e, *(exc for exc, _ in getattr(e, "failures", {}).values())], []
     while pending:
         exc = pending.pop()
         if exc is None or any(exc is s for s in seen):
             continue
-        if isinstance(exc, OSError) and exc.errno in DISK_FULL:
-            return True, os.strerror(exc.errno)
         seen.append(exc)
         pending += [exc.__cause__, exc.__context__]
-    first = next((s for s in seen if not isinstance(s, CheckpointException)), e)
-    return False, next((line for line in str(first).splitlines() if line.strip()), type(first).__name__)
+    return seen
+
+
+def _root_reason(causes: list[BaseException], e: BaseException) -> str:
+    """The first line of the first exception that is not DCP's wrapper ("CheckpointException ranks: ...")."""
+    first = next((c for c in causes if not isinstance(c, CheckpointException)), e)
+    return next((line for line in str(first).splitlines() if line.strip()), type(first).__name__)
 
 
 def how_to_continue(run_dir: str) -> str:
@@ -194,7 +214,10 @@ def load_checkpoint(path: str, state: dict, world: World) -> int:
     except TypeError:  # a wrong call (say an older torch's dcp.load), not a damaged checkpoint: no advice to delete
         raise
     except (Exception, CheckpointException) as e:  # DCP's own exception is a BaseException
-        reason = next((line for line in str(e).splitlines() if line.strip()), type(e).__name__)
+        reason = _root_reason(_causes(e), e)
+        if reason.startswith(_MISMATCH_REASONS):
+            raise CheckpointMismatch(f"checkpoint {path} does not fit the networks this config builds ({reason}); "
+                                     f"it is intact: load it with the model settings of the run that wrote it") from e
         raise CheckpointError(f"could not load checkpoint {path} ({reason}); delete it to resume from the one before, "
                               f"or check that the config matches the run that wrote it") from e
     return broadcast_object(step, world)

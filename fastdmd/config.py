@@ -55,7 +55,7 @@ class ModelConfig:
     dtype: str = opt("float32", "dtype of the frozen teacher (the trained roles keep fp32 master weights)",
                      choices=("float32", "bfloat16"))
     init_generator: str = opt("", "start the generator (and the frozen base of DrPO) from a DMD2 run's final "
-                              "weights: a run directory, or its checkpoints/step_N folder (empty = the teacher)")
+                              "weights: a run directory (its latest checkpoint) or an export of one (empty = the teacher)")
 
 
 @dataclass
@@ -210,7 +210,8 @@ class DrPOConfig:
 class EvalConfig:
     num_samples: int = opt(1000, "samples per sampler for FD and accuracy (balanced classes)", min=10, max=4000)
     teacher_steps: int = opt(50, "Euler steps of the teacher's many-step baseline", min=1)
-    batch_size: int = opt(500, "evaluation batch size", min=1)
+    batch_size: int = opt(500, "samples per sampler call and per decode in evaluation and sample grids (per rank)",
+                          min=1)
     seed: int = opt(1234, "evaluation noise seed (fixed so runs compare)", min=0)
     cache_teacher: bool = opt(True, "reuse teacher baselines computed before with the same weights and settings")
     at_end: bool = opt(True, "score teacher and student at the end of the run (summary table, samples_final.png)")
@@ -361,12 +362,26 @@ class Config:
             if not self.model.prompts:
                 raise ConfigError(f"model.family {self.model.family} needs model.prompts: a text file with one "
                                   f"prompt per line")
+            if self.method == "drpo":
+                raise ConfigError(f"method drpo runs on the digits family only (its drift features, drpo.features, "
+                                  f"are the digits classifier's or the raw pixels, untried on latents); on "
+                                  f"{self.model.family} use one of {[m for m in METHODS if m != 'drpo']}")
             digits_only = [n for n in ("classifier_log_prob",) if n in names] if self.method != "dmd2" else []
-            if digits_only or self.method == "drpo":
-                raise ConfigError(f"reward {digits_only or 'drpo features'} needs the digits classifier; on "
+            if digits_only:
+                raise ConfigError(f"reward {digits_only} needs the digits classifier; on "
                                   f"{self.model.family} use the CLIP-family rewards (reward.names) or method dmd2")
             if self.dmd.gan_generator_weight > 0 or self.dmd.gan_critic_weight > 0:
                 raise ConfigError("the GAN term needs real images, which only the digits family has")
+        backprop = {"dmdr": "its reward loss", "rtdmd": "rtdmd.reward_backprop_weight > 0: the last step's reward loss"}
+        if self.method in backprop and (self.method == "dmdr" or self.rtdmd.reward_backprop_weight > 0):
+            from fastdmd.rewards import REWARD_TYPES
+
+            flat = [n for n in names if not REWARD_TYPES[n].differentiable]
+            usable = [n for n in REWARD_NAMES if REWARD_TYPES[n].differentiable
+                      and (self.model.family == "digits" or n in CLIP_REWARD_NAMES)]
+            if flat:
+                raise ConfigError(f"method {self.method} backpropagates through the reward ({backprop[self.method]}), "
+                                  f"but reward {flat} is not differentiable; choose from {usable}")
         if self.method == "drpo" and not self.model.init_generator:
             raise ConfigError("method drpo starts from a distilled generator and needs model.init_generator: run "
                               "`python -m fastdmd.train --run_dir runs/dmd2` first, then add "

@@ -9,20 +9,27 @@ Sampling is the few-step sampler the generator was trained for, at the run's dmd
 trained number. Writes DIR/grid.png (rows labelled by class) and DIR/label<c>_<i>.png per sample.
 
 SD3 / FLUX runs and their exports: `python -m fastdmd.generate RUN_OR_EXPORT --prompt "a red square"
-[--prompt ...]`. A prompt of the run's prompt file uses its cached embedding (while that file exists);
-any other prompt is encoded with the pipeline's text encoders (of the run's model directory, or of the
+[--prompt ...]`. A prompt the run trained on uses its embedding in the run's prompt cache (the cache's own
+prompt list: the run's prompt file may have been edited since); any other prompt, or every prompt once
+the cache is gone, is encoded with the pipeline's text encoders (of the run's model directory, or of the
 export). Samples are decoded by its VAE (RGB PNGs, prompt<k>_<i>.png).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import os
 
 import torch
 
+from fastdmd.config import ModelConfig
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.export import is_export_dir, load_export
+from fastdmd.models.prompts import (
+    MissingTextEncoders, cache_contents, default_cache_path, encode_all, read_prompts, save_prompt_cache,
+)
 from fastdmd.plot import save_grids, save_images
 from fastdmd.rollout import few_step_sample, linear_sigmas
 from fastdmd.runs import TrainedGenerator, UsageError, cli_errors, load_run_generator
@@ -64,38 +71,77 @@ def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[floa
     return few_step_sample(gen.x0_fn(), noise, y, sigmas, rng), y
 
 
+def _run_prompt_cache(model: ModelConfig) -> str | None:
+    """The run's prompt cache file while it is there: model.prompt_cache, or the default one, which is named
+    after the prompt file's prompts (found only while that file is as the run read it)."""
+    cache = model.prompt_cache
+    if not cache and os.path.isfile(model.prompts):
+        cache = default_cache_path(model.path, read_prompts(model.prompts), model.max_sequence_length)
+    return cache if cache and os.path.isfile(cache) else None
+
+
+def _cached_prompts(cache: str) -> list[str]:
+    """The prompts a cache holds embeddings of (its safetensors metadata): the prompts the run trained on."""
+    try:
+        names = json.loads(cache_contents(cache)[0].get("prompts", "null"))
+    except ValueError as e:
+        raise UsageError(f"prompt cache {cache} has unreadable 'prompts' metadata ({e})") from None
+    if not names:
+        raise UsageError(f"prompt cache {cache} does not list its prompts (no 'prompts' metadata, which fastdmd "
+                         f"writes); without it the cached embeddings cannot be matched to prompts")
+    return names
+
+
+def _text_encoder(model: ModelConfig, prompt: str, why: str):
+    """The pipeline's text encoders (of the run's model directory, or of the export), on the CPU."""
+    from fastdmd.models import flux, sd3
+
+    load_encoder = {"sd3": sd3.text_encoder, "flux": flux.text_encoder}[model.family]
+    try:
+        return load_encoder(model.path, torch.device("cpu"))
+    except MissingTextEncoders as e:
+        raise UsageError(f"--prompt {prompt!r} {why}, and encoding a new one needs the pipeline's text encoders and "
+                         f"tokenizers, which {e.model_path} lacks: {e.missing}") from None
+
+
+def _with_prompt_table(model: ModelConfig, prompts: list[str], tmp: str) -> ModelConfig:
+    """The model section pointed at a prompt file and a cache that agree: the run's cache with the prompts it
+    was made for, the ones the run trained on (the run's prompt file may have been edited or removed since),
+    or, where that cache is gone, a cache of the asked prompts encoded now, in `tmp`."""
+    cache = _run_prompt_cache(model)
+    if cache:
+        names = _cached_prompts(cache)
+    else:
+        names, cache = prompts, os.path.join(tmp, "prompts.safetensors")
+        encoder = _text_encoder(model, prompts[0], "has no cached embedding (the run's prompt cache is gone)")
+        embeds, pooled = encode_all(encoder, prompts + [""], model.max_sequence_length)
+        save_prompt_cache(cache, prompts, embeds, pooled, model.family, model.max_sequence_length)
+    prompt_file = os.path.join(tmp, "prompts.txt")
+    with open(prompt_file, "w") as f:
+        f.write("\n".join(names) + "\n")
+    return dataclasses.replace(model, prompts=prompt_file, prompt_cache=cache)
+
+
 def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: list[float], seed: int):
     """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1], with their prompt indices. A run samples
-    its checkpoint's transformer; an export its transformer/ (loaded as the family's network). Prompts
-    come from the run's prompt cache when its prompt file is still there, else from the text encoders."""
-    import dataclasses
+    its checkpoint's transformer; an export its transformer/ (loaded as the family's network). A prompt the
+    run trained on takes its embedding from the run's prompt cache; any other prompt, or every prompt once
+    that cache is gone, is encoded with the text encoders."""
     import tempfile
 
-    from fastdmd.models import flux, sd3
     from fastdmd.models.family import load_family
-    from fastdmd.models.prompts import MissingTextEncoders, encode_all
     from fastdmd.roles import Generator
 
     if num < 1:
         raise UsageError(f"--num must be >= 1, got {num}")
-    model = gen.model
     with tempfile.TemporaryDirectory() as tmp:
-        if not os.path.isfile(model.prompts):  # the run's prompt file is gone: encode the asked prompts
-            model = dataclasses.replace(model, prompts=os.path.join(tmp, "prompts.txt"), prompt_cache="")
-            with open(model.prompts, "w") as f:
-                f.write("\n".join(prompts) + "\n")
+        model = _with_prompt_table(gen.model, prompts, tmp)
         family = load_family(model)
     adapter = family.adapter
     known = {p: i for i, p in enumerate(family.condition_names)}
     new = [p for p in prompts if p not in known]
     if new:  # encode the prompts the run did not train on (needs the text encoders)
-        load_encoder = {"sd3": sd3.text_encoder, "flux": flux.text_encoder}[family.name]
-        try:
-            encoder = load_encoder(model.path, torch.device("cpu"))
-        except MissingTextEncoders as e:
-            raise UsageError(f"--prompt {new[0]!r} is not one of the run's prompts {family.condition_names}, and "
-                             f"encoding a new one needs the pipeline's text encoders and tokenizers, which "
-                             f"{e.model_path} lacks: {e.missing}") from None
+        encoder = _text_encoder(model, new[0], f"is not one of the run's prompts {family.condition_names}")
         embeds, pooled = encode_all(encoder, new, model.max_sequence_length)
         adapter.prompt_embeds = torch.cat([adapter.prompt_embeds, embeds.to(adapter.prompt_embeds)])
         adapter.pooled = torch.cat([adapter.pooled, pooled.to(adapter.pooled)])
@@ -122,8 +168,11 @@ def main(argv: list[str] | None = None) -> list[str]:
     parser.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
     args = parser.parse_args(argv)
     labels = list(dict.fromkeys(args.label))  # each class once, in the order given
-    prompts = list(dict.fromkeys(args.prompt))
+    prompts = list(dict.fromkeys(p.strip() for p in args.prompt))  # as the prompt file's lines are read
     with cli_errors("fastdmd.generate"):
+        if "" in prompts:
+            raise UsageError("--prompt is empty; give the text of a prompt (the empty prompt is the run's "
+                             "unconditional input)")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"--out {args.out} is a file; give a folder for the PNGs (created if missing)")
         gen = load_generator(args.source)

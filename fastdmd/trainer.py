@@ -29,7 +29,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 from tqdm import tqdm
 
 from fastdmd import ops
-from fastdmd.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
+from fastdmd.checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
 from fastdmd.config import Config, ConfigError, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
@@ -227,6 +227,8 @@ class Trainer:
         from_rank0 = world.distributed and cfg.perf.load_on_rank0
         reads_weights = world.is_main or not from_rank0
         self.family = family or self._load_family(cfg, world, weights=reads_weights)
+        if self.family.prompt_cache:  # the default one is named after the prompts: config.json keeps where it is
+            cfg.model.prompt_cache = os.path.abspath(self.family.prompt_cache)
         teacher, self.classifier, self.adapter = self.family.teacher, self.family.classifier, self.family.adapter
         # Under torchrun the networks stay in host memory until fully_shard moves each rank's shards to its
         # GPU: whole copies of the teacher, generator and critic on every GPU first would need ~10 B/param.
@@ -374,7 +376,13 @@ class Trainer:
         if trained.family != self.cfg.model.family:
             raise UsageError(f"model.init_generator {path} holds a {trained.family} generator; this run's model.family is "
                              f"{self.cfg.model.family}: give a run or export of the same family")
-        theirs, ours = trained.net.state_dict(), self.generator.net.state_dict()
+        net = trained.net
+        if net is None:  # an SD3 / FLUX export, whose trained transformer/ load_export leaves to the family loader
+            from fastdmd.models.sd3 import load_transformer
+            from fastdmd.runs import TRANSFORMERS
+
+            net = load_transformer(trained.model.path, torch.float32, TRANSFORMERS[trained.family])
+        theirs, ours = net.state_dict(), self.generator.net.state_dict()
         misfits = sorted(ours.keys() ^ theirs.keys()) + \
             sorted(k for k in ours.keys() & theirs.keys() if ours[k].shape != theirs[k].shape)
         if misfits:
@@ -402,7 +410,10 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
-        self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        try:
+            self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
+        except CheckpointMismatch as e:
+            raise CheckpointMismatch(f"{e}{self._model_changes_since_saved()}") from e
         if self.step > self.cfg.trainer.steps:
             raise ConfigError(f"--resume: {path} is at step {self.step}, past trainer.steps = {self.cfg.trainer.steps}; "
                               f"give --trainer.steps {self.step} or more")
@@ -414,6 +425,18 @@ class Trainer:
         if self.world.is_main:
             _truncate_metrics(os.path.join(self.run_dir, "metrics.jsonl"), self.step)
             print(f"resumed from {path} at step {self.step}")
+
+    def _model_changes_since_saved(self) -> str:
+        """The model settings this resume changes from the run's saved config.json, as a clause to append."""
+        try:
+            with open(os.path.join(self.run_dir, "config.json")) as f:
+                saved = json.load(f)["model"]
+        except (OSError, ValueError, KeyError):
+            return ""
+        current = to_dict(self.cfg)["model"]
+        changed = [f"model.{key} from {saved[key]!r} to {value!r}" for key, value in current.items()
+                   if key in saved and saved[key] != value]
+        return f" (this resume changes {', '.join(changed)})" if changed else ""
 
     # ----- one step ----------------------------------------------------------------------------
     def train_step(self, step: int) -> dict[str, float]:
@@ -681,10 +704,11 @@ class Trainer:
             if self.step % t.log_every == 0 or self.step == t.steps:
                 self._log(window, time.perf_counter() - window_start, metrics_path, bar)
                 window, window_start = [], time.perf_counter()
-            if t.sample_every and self.step % t.sample_every == 0:
-                self._sample_grid()
+            # the checkpoint first: a sample grid that fails (out of memory, say) then loses no training
             if t.checkpoint_every and self.step % t.checkpoint_every == 0 and self.step < t.steps:
                 self.save()
+            if t.sample_every and self.step % t.sample_every == 0:
+                self._sample_grid()
         return True
 
     def _log(self, window: list[dict], elapsed: float, metrics_path: str, bar) -> None:
@@ -776,17 +800,20 @@ class Trainer:
                 self.ema.swap(self.generator)
 
     def _shared_sampling(self, sample, noise: torch.Tensor, labels: torch.Tensor,
-                         draws: Sequence[torch.Tensor] = ()) -> torch.Tensor | None:
+                         draws: Sequence[torch.Tensor] = (), chunk: int = 0) -> torch.Tensor | None:
         """sample(noise, labels, draws) over the grid's samples (`draws`: per-sample tensors drawn for the
-        whole grid, e.g. the sampler's re-noise). Under torchrun each rank takes every world-size-th row of
-        each (every rank calls the sharded networks the same number of times, on its own share), so the
-        samples are the ones one process draws, and rank 0 gathers them back in order (None on the
-        others); a grid with fewer samples than ranks is drawn whole by every rank."""
+        whole grid, e.g. the sampler's re-noise), in calls of at most `chunk` samples (0: one call). Under
+        torchrun each rank takes every world-size-th row of each, so the samples are the ones one process
+        draws, and rank 0 gathers them back in order (None on the others). Every rank calls the sharded
+        networks the same number of times: a share one short of the largest repeats its last row, dropped
+        after. A grid with fewer samples than ranks is drawn whole by every rank."""
         world = self.world
         if not world.distributed or len(noise) < world.world_size:
-            return sample(noise, labels, draws)
+            return _in_chunks(sample, noise, labels, draws, chunk)
         r, n = world.rank, world.world_size
-        mine = sample(noise[r::n], labels[r::n], [d[r::n] for d in draws]).cpu()
+        rows = torch.arange(r, len(noise), n)
+        padded = torch.cat([rows, rows[-1:].expand(-(-len(noise) // n) - len(rows))])
+        mine = _in_chunks(sample, noise[padded], labels[padded], [d[padded] for d in draws], chunk)[:len(rows)].cpu()
         parts = [None] * n if world.is_main else None
         torch.distributed.gather_object(mine, parts, dst=0)
         if not world.is_main:
@@ -801,7 +828,12 @@ class Trainer:
         _shared_sampling)."""
         sigmas = self.cfg.dmd.generator_sigmas
         draws = renoise_draws(noise, len(sigmas) - 1, torch.Generator().manual_seed(seed))
-        return self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws)
+        return self._shared_sampling(lambda z, y, d: sample_with_draws(gen, z, y, sigmas, d), noise, labels, draws,
+                                     self.cfg.eval.batch_size)
+
+    def _decode(self, samples: torch.Tensor) -> torch.Tensor:
+        """family.decode in eval.batch_size pieces: a VAE decode at full resolution is the largest activation."""
+        return torch.cat([self.family.decode(part) for part in samples.split(self.cfg.eval.batch_size)])
 
     def _sample_grid(self) -> None:
         noise, labels = self._grid_inputs()
@@ -810,7 +842,7 @@ class Trainer:
         if self.world.is_main:
             os.makedirs(os.path.join(self.run_dir, "samples"), exist_ok=True)
             save_grids({f"student {len(self.cfg.dmd.generator_sigmas)}-step, step {self.step}":
-                        (self.family.decode(samples), labels.cpu())},
+                        (self._decode(samples), labels.cpu())},
                        os.path.join(self.run_dir, "samples", f"step_{self.step:07d}.png"))
         barrier(self.world)
 
@@ -879,12 +911,13 @@ class Trainer:
             torch.cuda.synchronize(noise.device)
         speed = share / (time.perf_counter() - start)  # per rank (rank 0's share, with the gather)
         teacher = self._shared_sampling(lambda z, y, d: euler_sample(
-            lambda x, s: self.real.velocity(x, s, y, g), z, linear_sigmas(e.teacher_steps)), noise, labels)
+            lambda x, s: self.real.velocity(x, s, y, g), z, linear_sigmas(e.teacher_steps)), noise, labels,
+            chunk=e.batch_size)
         if not self.world.is_main:
             return {}
         n_steps = len(self.cfg.dmd.generator_sigmas)
-        save_grids({f"teacher {e.teacher_steps}-step Euler": (fam.decode(teacher), labels.cpu()),
-                    f"student {n_steps}-step": (fam.decode(student), labels.cpu())},
+        save_grids({f"teacher {e.teacher_steps}-step Euler": (self._decode(teacher), labels.cpu()),
+                    f"student {n_steps}-step": (self._decode(student), labels.cpu())},
                    os.path.join(self.run_dir, "samples_final.png"))
         summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g, "family": fam.name,
                    "student_samples_per_s": speed, "rows": {str(i): fam.condition_names[i] for i in sorted(set(labels.tolist()))},
@@ -934,6 +967,14 @@ class Trainer:
                                   torch.__version__]).encode())
         root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
         return os.path.join(root, "fastdmd", "teacher_eval", digest.hexdigest()[:24] + ".json")
+
+
+def _in_chunks(sample, noise: torch.Tensor, labels: torch.Tensor, draws: Sequence[torch.Tensor], chunk: int):
+    """sample(noise, labels, draws) in calls of at most `chunk` rows (0: one call), concatenated."""
+    if not chunk or len(noise) <= chunk:
+        return sample(noise, labels, draws)
+    return torch.cat([sample(noise[i:i + chunk], labels[i:i + chunk], [d[i:i + chunk] for d in draws])
+                      for i in range(0, len(noise), chunk)])
 
 
 def summary_table(summary: dict) -> str:

@@ -47,6 +47,11 @@ def test_config_file_then_cli(tmp_path):
      "method drpo has no critic"),
     (["--recipe", "digits-rtdmd", "--reward.names", "distribution_matching"],
      "reward distribution_matching (R_dm) reads the DMD statistics of the samples it scores, which method rtdmd"),
+    (["--recipe", "digits-dmdr", "--reward.names", "jpeg"],
+     "method dmdr backpropagates through the reward (its reward loss), but reward ['jpeg'] is not differentiable; "
+     "choose from ['classifier_log_prob', 'clip_score', 'pickscore', 'hpsv2']"),
+    (["--recipe", "digits-rtdmd", "--reward.names", "classifier_log_prob,jpeg"],
+     "method rtdmd backpropagates through the reward (rtdmd.reward_backprop_weight > 0"),
 ])
 def test_bad_values_name_key_value_and_valid_range(argv, message):
     with pytest.raises(ConfigError) as err:

@@ -139,6 +139,24 @@ def test_export_runs_in_flux_pipeline_at_four_steps_and_generates(flux_dir, tmp_
     assert images.shape == (1, 3, 16, 16) and torch.isfinite(images).all()
     paths = generate_main([str(out), "--prompt", PROMPTS[0], "--num", "1", "--out", str(tmp_path / "png")])
     assert len(paths) == 2
+    assert "null_label" not in json.loads((out / "fastdmd.json").read_text())
+
+
+def test_an_export_initialises_the_generator_as_its_run_does(flux_dir, tmp_path):
+    from fastdmd.distributed import World
+    from fastdmd.export import main as export_main
+    from fastdmd.runs import load_run_generator
+    from fastdmd.trainer import Trainer
+
+    main(args_for(flux_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false",
+                  "--trainer.lr_generator", "1e-3"))
+    export_main([str(tmp_path / "run"), str(tmp_path / "out")])
+    trained = load_run_generator(str(tmp_path / "run")).net.state_dict()
+    for source in ("run", "out"):
+        cfg = parse_args(args_for(flux_dir, tmp_path / f"from_{source}", "--model.init_generator", str(tmp_path / source)))
+        weights = Trainer(cfg, World()).generator.net.state_dict()
+        assert weights.keys() == trained.keys()
+        assert all(torch.equal(weights[name], trained[name]) for name in trained), source
 
 
 @pytest.mark.gpu

@@ -88,6 +88,32 @@ def test_trains_checkpoints_and_resumes_through_the_cli(sd3_dir, tmp_path):
         assert [json.loads(line)["step"] for line in f] == [1, 2, 3]
 
 
+def test_a_resume_on_another_transformer_names_the_mismatch_and_keeps_the_checkpoint(sd3_dir, tmp_path, capsys):
+    """A checkpoint that does not fit the networks (a resume pointed at another model directory) is not
+    damaged: the error says what does not fit and which model setting changed, and does not advise
+    deleting it; the run then resumes as it was."""
+    import shutil
+
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false"))
+    other = tmp_path / "wider"
+    shutil.copytree(sd3_dir, other)
+    shutil.rmtree(other / "transformer")
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=2,
+                          attention_head_dim=8, num_attention_heads=3, joint_attention_dim=JOINT_DIM,
+                          caption_projection_dim=16, pooled_projection_dim=POOLED_DIM,
+                          pos_embed_max_size=8).save_pretrained(other / "transformer")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as done:
+        main(["--resume", "--run_dir", str(tmp_path / "run"), "--trainer.steps", "2", "--model.path", str(other)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert done.value.code == 2 and len(err) == 1, err
+    assert "step_0000001 does not fit the networks this config builds (Size mismatch between saved" in err[0]
+    assert f"this resume changes model.path from '{sd3_dir}' to '{other}'" in err[0] and "delete" not in err[0]
+    main(["--resume", "--run_dir", str(tmp_path / "run"), "--trainer.steps", "2"])
+    with open(tmp_path / "run" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2]
+
+
 def test_a_generator_of_another_family_is_refused_as_init_generator(sd3_dir, tmp_path, capsys):
     main(args_for(sd3_dir, tmp_path / "sd3", "--trainer.steps", "1", "--eval.at_end", "false"))
     with pytest.raises(SystemExit) as done:
@@ -128,11 +154,56 @@ def test_bad_paths_fail_with_one_line_naming_what_is_expected(sd3_dir, tmp_path,
     assert message in capsys.readouterr().err
 
 
+def _cache_file(path, prompts, tokens, joint_dim, pooled_dim, **recorded):
+    from fastdmd.models.prompts import save_prompt_cache
+
+    save_prompt_cache(str(path), prompts, torch.zeros(len(prompts) + 1, tokens, joint_dim),
+                      torch.zeros(len(prompts) + 1, pooled_dim), **recorded)
+    return str(path)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda d: _cache_file(d / "widths.st", PROMPTS, TOKENS, 4096, 2048),
+     "gives prompt embeddings of widths {'prompt_embeds': 4096, 'pooled': 2048}, but the transformer takes "
+     "{'prompt_embeds': 32, 'pooled': 24}"),
+    (lambda d: _cache_file(d / "flux.st", PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM, family="flux", max_sequence_length=7),
+     "was made with model.family = flux, this run has sd3; delete it to encode the prompts again"),
+    (lambda d: _cache_file(d / "length.st", PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM, family="sd3", max_sequence_length=9),
+     "was made with model.max_sequence_length = 9, this run has 77"),
+    (lambda d: (d / "cut.st").write_bytes(open(_cache_file(d / "full.st", PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM),
+                                               "rb").read()[:50]) and str(d / "cut.st"),
+     "cut.st is not a readable safetensors file ("),
+])
+def test_a_prompt_cache_of_another_model_or_length_or_a_broken_one_is_refused(sd3_dir, tmp_path, capsys, make, message):
+    """A cache given with model.prompt_cache is checked against the run before any network is loaded: what
+    it records (family, max_sequence_length) and its widths against the transformer's config (a stale cache
+    once trained with other prompt lengths, a foreign one crashed in the first matmul)."""
+    with pytest.raises(SystemExit) as exit_info:
+        main(args_for(sd3_dir, tmp_path / "run", "--model.prompt_cache", make(tmp_path),
+                      "--model.max_sequence_length", "77"))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_cache_that_records_this_runs_settings_is_used(sd3_dir, tmp_path):
+    cache = _cache_file(tmp_path / "ok.st", PROMPTS, TOKENS, JOINT_DIM, POOLED_DIM, family="sd3", max_sequence_length=77)
+    fam = load_family(parse_args(args_for(sd3_dir, "unused", "--model.prompt_cache", cache,
+                                          "--model.max_sequence_length", "77")).model)
+    assert fam.adapter.prompt_embeds.abs().sum() == 0
+
+
 def test_config_requires_path_and_prompts():
     with pytest.raises(ConfigError, match="model.path"):
         parse_args(["--recipe", "sd3-dmd2"])
     with pytest.raises(ConfigError, match="digits classifier"):
         parse_args(["--recipe", "sd3-dmd2", "--model.path", "x", "--model.prompts", "p", "--method", "dmdr"])
+    with pytest.raises(ConfigError, match=r"reward \['jpeg'\] is not differentiable; choose from \['clip_score', "):
+        parse_args(["--recipe", "sd3-dmd2", "--model.path", "x", "--model.prompts", "p", "--method", "dmdr",
+                    "--reward.names", "jpeg"])
+    with pytest.raises(ConfigError, match="method drpo runs on the digits family only"):
+        parse_args(["--recipe", "sd3-dmd2", "--model.path", "x", "--model.prompts", "p", "--method", "drpo",
+                    "--reward.names", "jpeg", "--reward.group_size", "4", "--model.init_generator", "x"])
 
 
 def _free_port() -> int:
@@ -221,6 +292,29 @@ def test_gelu_epilogue_reaches_every_network_and_on_cpu_changes_no_number(sd3_di
     assert epilogue.gelu_epilogue == f"{5 * per_net[0]} feed-forward projections (no-grad forwards on CUDA)"
     for step in (1, 2):
         assert epilogue.train_step(step) | {"time": 0} == plain.train_step(step) | {"time": 0}
+
+
+def test_grids_and_evaluation_sample_and_decode_in_pieces_of_eval_batch_size(sd3_dir, tmp_path, monkeypatch):
+    """The 30-sample grids (3 prompts) at eval.batch_size 7: no network call and no VAE decode takes more
+    than 7 samples (the teacher's cond and uncond in one forward: 14 rows), where one call once took the
+    whole grid (200 rows of the teacher for SD3's 100 samples, at 1024 px)."""
+    from fastdmd.distributed import World
+    from fastdmd.trainer import Trainer
+
+    cfg = parse_args(args_for(sd3_dir, tmp_path / "run", "--eval.batch_size", "7", "--trainer.steps", "1"))
+    trainer = Trainer(cfg, World())
+    rows, decoded = [], []
+    forward = SD3Transformer2DModel.forward
+    monkeypatch.setattr(SD3Transformer2DModel, "forward",
+                        lambda self, *args, **kwargs: rows.append(len(kwargs["hidden_states"])) or forward(self, *args, **kwargs))
+    decode = trainer.family.decode
+    trainer.family.decode = lambda latents: decoded.append(len(latents)) or decode(latents)
+    trainer._sample_grid()
+    assert decoded == [7, 7, 7, 7, 2] and max(rows) == 7
+    rows.clear(), decoded.clear()
+    trainer.evaluate()
+    assert decoded == [7, 7, 7, 7, 2] * 2 and max(rows) == 14 and len(rows) > 10
+    assert os.path.exists(tmp_path / "run" / "samples_final.png")
 
 
 def test_fused_qkv_teacher_and_rollout_copy_follow_the_trained_generator(sd3_dir, tmp_path, capsys):
@@ -472,13 +566,133 @@ def test_export_writes_a_pipeline_directory_with_the_trained_transformer(sd3_dir
     export_main([str(tmp_path / "run"), str(tmp_path / "out")])
     out = tmp_path / "out"
     assert (out / "vae" / "config.json").exists() and (out / "scheduler" / "scheduler_config.json").exists()
-    assert json.loads((out / "fastdmd.json").read_text())["family"] == "sd3"
+    # Without model_index.json, StableDiffusion3Pipeline's components: not the prompt file or cache beside them.
+    assert sorted(os.listdir(out)) == ["fastdmd.json", "scheduler", "transformer", "vae"]
+    meta = json.loads((out / "fastdmd.json").read_text())
+    assert meta["family"] == "sd3" and "null_label" not in meta and "num_classes" not in meta
     exported = SD3Transformer2DModel.from_pretrained(out, subfolder="transformer")
     trained = load_run_generator(str(tmp_path / "run")).net
     teacher = SD3Transformer2DModel.from_pretrained(sd3_dir, subfolder="transformer")
     for (name, a), b, c in zip(exported.state_dict().items(), trained.state_dict().values(), teacher.state_dict().values()):
         assert torch.equal(a, b), name
     assert any(not torch.equal(a, c) for a, c in zip(exported.state_dict().values(), teacher.state_dict().values()))
+
+
+def _teacher_copy(sd3_dir, root):
+    """A teacher directory the test may change: sd3_dir's files in `root`."""
+    import shutil
+
+    shutil.copytree(sd3_dir, root)
+    return root
+
+
+def test_a_bf16_export_copies_the_pipelines_folders_only_and_initialises_a_generator(sd3_dir, tmp_path, capsys):
+    """A teacher directory with model_index.json and stray files beside the pipeline (a single-file checkpoint,
+    a folder model_index.json does not list): the export copies model_index.json and the folders it lists, and
+    saves the transformer in the run's model.dtype; that export then starts another run's generator."""
+    from safetensors import safe_open
+
+    from fastdmd.distributed import World
+    from fastdmd.export import main as export_main
+    from fastdmd.runs import load_run_generator
+    from fastdmd.trainer import Trainer
+
+    teacher = _teacher_copy(sd3_dir, tmp_path / "teacher")
+    (teacher / "model_index.json").write_text(json.dumps({
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": [None, None]}))
+    (teacher / "sd3_medium.safetensors").write_bytes(b"\0" * 1024)
+    (teacher / "notes").mkdir()
+    run, out = tmp_path / "run", tmp_path / "out"
+    main(args_for(teacher, run, "--trainer.steps", "2", "--eval.at_end", "false", "--trainer.lr_generator", "1e-3",
+                  "--model.dtype", "bfloat16"))
+    capsys.readouterr()
+    export_main([str(run), str(out)])
+    assert "(bfloat16, the trained fp32 weights cast to the run's model.dtype)" in capsys.readouterr().out
+    assert sorted(os.listdir(out)) == ["fastdmd.json", "model_index.json", "scheduler", "transformer", "vae"]
+    assert json.loads((out / "model_index.json").read_text()) == json.loads((teacher / "model_index.json").read_text())
+    trained = load_run_generator(str(run)).net.state_dict()
+    with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == sorted(trained)
+        for name in f.keys():
+            assert torch.equal(f.get_tensor(name), trained[name].to(torch.bfloat16)), name
+
+    initialised = Trainer(parse_args(args_for(teacher, tmp_path / "next", "--model.init_generator", str(out))), World())
+    for name, weight in initialised.generator.net.state_dict().items():
+        assert weight.dtype == torch.float32 and torch.equal(weight, trained[name].to(torch.bfloat16).float()), name
+
+
+def test_an_export_of_another_shape_is_refused_as_init_generator(sd3_dir, tmp_path):
+    from fastdmd.distributed import World
+    from fastdmd.export import main as export_main
+    from fastdmd.runs import UsageError
+    from fastdmd.trainer import Trainer
+
+    main(args_for(sd3_dir, tmp_path / "run", "--trainer.steps", "1", "--eval.at_end", "false"))
+    out = tmp_path / "out"
+    export_main([str(tmp_path / "run"), str(out)])
+    SD3Transformer2DModel(sample_size=8, patch_size=2, in_channels=4, out_channels=4, num_layers=1, attention_head_dim=8,
+                          num_attention_heads=2, joint_attention_dim=JOINT_DIM, caption_projection_dim=16,
+                          pooled_projection_dim=POOLED_DIM, pos_embed_max_size=8).save_pretrained(out / "transformer")
+    cfg = parse_args(args_for(sd3_dir, tmp_path / "next", "--model.init_generator", str(out)))
+    with pytest.raises(UsageError, match=f"model.init_generator {out}: its weights do not fit this run's sd3 generator"):
+        Trainer(cfg, World())
+
+
+def test_export_into_the_teacher_or_run_directory_is_refused_with_one_line(sd3_dir, tmp_path, capsys):
+    from fastdmd.export import main as export_main
+
+    teacher = _teacher_copy(sd3_dir, tmp_path / "teacher")
+    run = tmp_path / "run"
+    main(args_for(teacher, run, "--trainer.steps", "1", "--eval.at_end", "false"))
+    before = sorted(str(p.relative_to(teacher)) for p in teacher.rglob("*"))
+    capsys.readouterr()
+    for out, message in [(teacher, f"output {teacher} is the run's teacher directory {teacher}, whose pipeline"),
+                         (teacher / "student", f"output {teacher / 'student'} is inside the run's teacher directory"),
+                         (run, f"output {run} is the run directory; give another folder, e.g. {run / 'export'}")]:
+        with pytest.raises(SystemExit) as done:
+            export_main([str(run), str(out)])
+        err = capsys.readouterr().err.strip()
+        assert done.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    assert sorted(str(p.relative_to(teacher)) for p in teacher.rglob("*")) == before
+    assert not os.path.exists(run / "fastdmd.json")
+
+
+@pytest.mark.parametrize("cache", ["given", "default"])
+def test_generate_draws_the_prompts_the_run_trained_on_after_its_prompt_file_changes(sd3_dir, tmp_path, monkeypatch,
+                                                                                    cache):
+    """The run's prompt cache lists the prompts the run trained on; generate takes them from there, not from the
+    prompt file, which may have been edited or removed since. The default cache, named after the prompts,
+    is found through the path the run's config.json records."""
+    import shutil
+
+    from fastdmd.generate import load_generator, main as generate_main, sample_prompts
+    from fastdmd.models.prompts import default_cache_path
+
+    prompt_file = tmp_path / "prompts.txt"
+    prompt_file.write_text("\n".join(PROMPTS) + "\n")
+    run = tmp_path / "run"
+    extra = []
+    if cache == "default":
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+        default = default_cache_path(str(sd3_dir), PROMPTS, 256)  # the recipe's max_sequence_length
+        os.makedirs(os.path.dirname(default))
+        shutil.copyfile(sd3_dir / CACHE, default)
+        extra = ["--model.prompt_cache", ""]
+    main(args_for(sd3_dir, run, "--trainer.steps", "1", "--eval.at_end", "false", "--model.prompts", str(prompt_file),
+                  *extra))
+    if cache == "default":
+        assert json.loads((run / "config.json").read_text())["model"]["prompt_cache"] == default
+    gen = load_generator(str(run))
+    before, _ = sample_prompts(gen, [PROMPTS[1]], 2, list(gen.sigmas), seed=3)
+    prompt_file.write_text("a yellow star\n" + "\n".join(reversed(PROMPTS)) + "\n")
+    edited, _ = sample_prompts(gen, [PROMPTS[1]], 2, list(gen.sigmas), seed=3)
+    torch.testing.assert_close(edited, before, rtol=0, atol=0)
+    assert len(generate_main([str(run), "--prompt", PROMPTS[1], "--num", "1", "--out", str(tmp_path / "png")])) == 2
+    prompt_file.unlink()
+    removed, _ = sample_prompts(gen, [PROMPTS[1]], 2, list(gen.sigmas), seed=3)
+    torch.testing.assert_close(removed, before, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("t5", [True, False], ids=["clip+t5", "clip-only"])
@@ -538,6 +752,11 @@ def test_generate_draws_the_runs_prompts_as_rgb_images(sd3_dir, tmp_path, capsys
     err = capsys.readouterr().err
     assert f"--prompt 'a purple hexagon' is not one of the run's prompts {PROMPTS}" in err and "text_encoder" in err
     assert "model.prompt_cache" not in err  # an option of training, not of generate
+    with pytest.raises(SystemExit) as done:
+        generate_main([str(tmp_path / "run"), "--prompt", " ", "--out", str(tmp_path / "png3")])
+    assert done.value.code == 2 and "--prompt is empty" in capsys.readouterr().err
+    paths = generate_main([str(tmp_path / "run"), "--prompt", f" {PROMPTS[1]} ", "--num", "1", "--out", str(tmp_path / "png4")])
+    assert len(paths) == 2  # surrounding blanks dropped, as in the prompt file: a trained prompt, no text encoder
 
 
 def test_the_exported_directory_runs_in_diffusers_sd3_pipeline_as_fastdmd_generate_does(sd3_dir, tmp_path):

@@ -244,7 +244,11 @@ def _share_worker(rank, out):
 
         me = types.SimpleNamespace(world=World(rank=rank, world_size=2))
         got = Trainer._shared_sampling(me, sample, noise, labels, draws)
-        torch.save({"got": got, "calls": calls, "want": sample(noise, labels, draws)}, f"{out}/{rank}.pt")
+        whole_calls, calls[:] = list(calls), []
+        got_in_threes = Trainer._shared_sampling(me, sample, noise, labels, draws, chunk=3)
+        threes_calls = list(calls)
+        torch.save({"got": got, "got_in_threes": got_in_threes, "calls": whole_calls, "calls_in_threes": threes_calls,
+                    "want": sample(noise, labels, draws)}, f"{out}/{rank}.pt")
     finally:
         dist.destroy_process_group()
     exit_skipping_finalization()
@@ -254,11 +258,14 @@ def _share_worker(rank, out):
 def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
     """Under torchrun each rank draws its share of a grid (every world-size-th sample, with those
     samples' rows of the per-sample draws, so a sample is the one a single process draws) and rank 0
-    reassembles them in order; the others get None."""
+    reassembles them in order; the others get None. Both ranks make the same calls (FSDP's networks
+    gather their weights in each), in pieces of eval.batch_size: the shorter share repeats its last row."""
     torch.multiprocessing.spawn(_share_worker, args=(str(tmp_path),), nprocs=2)
     zero, one = torch.load(tmp_path / "0.pt"), torch.load(tmp_path / "1.pt")
     assert torch.equal(zero["got"], zero["want"]) and one["got"] is None
-    assert zero["calls"][0] == 4 and one["calls"][0] == 3  # samples 0, 2, 4, 6 and 1, 3, 5
+    assert torch.equal(zero["got_in_threes"], zero["want"]) and one["got_in_threes"] is None
+    assert zero["calls"] == one["calls"] == [4]  # samples 0, 2, 4, 6 and 1, 3, 5, 5
+    assert zero["calls_in_threes"] == one["calls_in_threes"] == [3, 1]
 
 
 class _Net(torch.nn.Module):

@@ -32,6 +32,7 @@ class Family:
     decode: Callable[[torch.Tensor], torch.Tensor]   # samples -> images in [-1, 1] for grids and rewards
     classifier: nn.Module | None = None              # digits: FD features and the label reward
     teacher_file: str | None = None                  # digits: the weights file (teacher-eval cache key)
+    prompt_cache: str = ""                           # sd3 / flux: the prompt-embedding file read or written
 
     @property
     def num_conditions(self) -> int:
@@ -68,9 +69,11 @@ def _text_to_image(cfg, device, weights: bool) -> Family:
                         "StableDiffusion3Pipeline" if cfg.family == "sd3" else "FluxPipeline")
     dtype = DTYPES[cfg.dtype]
     names = prompts.read_prompts(cfg.prompts)
-    embeds, pooled = prompts.prompt_embeddings(cfg.path, names, cfg.prompt_cache, cfg.max_sequence_length,
-                                               module.text_encoder, device)
     cls_name = "SD3Transformer2DModel" if cfg.family == "sd3" else "FluxTransformer2DModel"
+    cache = cfg.prompt_cache or prompts.default_cache_path(cfg.path, names, cfg.max_sequence_length)
+    embeds, pooled = prompts.prompt_embeddings(cfg.path, names, cache, cfg.max_sequence_length,
+                                               module.text_encoder, device, cfg.family,
+                                               sd3.transformer_config(cfg.path, cls_name))
     teacher = sd3.load_transformer(cfg.path, dtype, cls_name, weights).eval().requires_grad_(False)
     vae = sd3.load_vae(cfg.path, dtype)
     scale = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
@@ -92,7 +95,8 @@ def _text_to_image(cfg, device, weights: bool) -> Family:
         z = latents.to(vae.dtype) / vae.config.scaling_factor + (vae.config.shift_factor or 0.0)
         return vae.to(latents.device).decode(z).sample.float().clamp(-1, 1)
 
-    return Family(cfg.family, teacher, adapter, shape, names, lambda: type(teacher).from_config(teacher.config), decode)
+    return Family(cfg.family, teacher, adapter, shape, names, lambda: type(teacher).from_config(teacher.config), decode,
+                  prompt_cache=cache)
 
 
 def _latent_size(resolution: int, vae_scale: int, patch: int, max_patches: int | None) -> int:

@@ -3,8 +3,9 @@
 Conditions are prompt indices: prompt i of `model.prompts` (a text file, one prompt per line); the
 empty prompt is appended as the unconditional input. The cache (`model.prompt_cache`, default
 ~/.cache/fastdmd/prompts/<hash of model dir, prompts, length>) is a safetensors file with
-`prompt_embeds` [P + 1, L, D] and `pooled` [P + 1, D_pooled] and the prompts in its metadata; with
-the cache present the text encoders are never loaded.
+`prompt_embeds` [P + 1, L, D] and `pooled` [P + 1, D_pooled], with the prompts, the family and
+max_sequence_length in its metadata; with the cache present the text encoders are never loaded. A cache
+that disagrees with the run (prompts, family, length, or widths against the transformer's) is refused.
 """
 
 from __future__ import annotations
@@ -57,24 +58,59 @@ def default_cache_path(model_path: str, prompts: list[str], max_sequence_length:
     return os.path.join(root, "fastdmd", "prompts", digest.hexdigest()[:24] + ".safetensors")
 
 
-def save_prompt_cache(path: str, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor) -> None:
+def save_prompt_cache(path: str, prompts: list[str], embeds: torch.Tensor, pooled: torch.Tensor, family: str = "",
+                      max_sequence_length: int = 0) -> None:
+    """The family and max_sequence_length go into the metadata beside the prompts, so that a cache reused
+    under other settings is refused rather than fed to a network it was not made for."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.{socket.gethostname()}.{os.getpid()}.tmp"  # one per writer: nodes may share the folder
-    save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp,
-              metadata={"prompts": json.dumps(prompts)})
+    metadata = {"prompts": json.dumps(prompts)}
+    if family:
+        metadata |= {"family": family, "max_sequence_length": str(max_sequence_length)}
+    save_file({"prompt_embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, tmp, metadata=metadata)
     os.replace(tmp, path)
 
 
-def load_prompt_cache(path: str, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    from safetensors import safe_open
+_REDO = "delete it to encode the prompts again, or point model.prompt_cache elsewhere"
 
-    with safe_open(path, "pt") as f:
-        cached = json.loads((f.metadata() or {}).get("prompts", "null"))
+
+def cache_contents(path: str) -> tuple[dict[str, str], set[str]]:
+    """(metadata, tensor names) of a prompt cache file, or a ConfigError that names it."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as f:
+            return f.metadata() or {}, set(f.keys())
+    except (SafetensorError, OSError) as e:
+        raise ConfigError(f"prompt cache {path} is not a readable safetensors file ({e}); {_REDO}") from None
+
+
+def load_prompt_cache(path: str, prompts: list[str], family: str = "", max_sequence_length: int = 0
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cached embeddings, or a ConfigError that names what does not match: the prompts, and where the
+    cache records them (fastdmd writes them since its caches carry them) the family and max_sequence_length."""
+    metadata, names = cache_contents(path)
+    cached = json.loads(metadata.get("prompts", "null"))
     if cached != prompts:
-        raise ConfigError(f"prompt cache {path} was made for other prompts ({cached!r:.80}); delete it or point "
-                         f"model.prompt_cache elsewhere")
+        raise ConfigError(f"prompt cache {path} was made for other prompts ({cached!r:.80}); {_REDO}")
+    for key, wanted in (("family", family), ("max_sequence_length", str(max_sequence_length))):
+        if family and key in metadata and metadata[key] != wanted:
+            raise ConfigError(f"prompt cache {path} was made with model.{key} = {metadata[key]}, this run has "
+                              f"{wanted}; {_REDO}")
+    if not {"prompt_embeds", "pooled"} <= names:
+        raise ConfigError(f"prompt cache {path} lacks {sorted({'prompt_embeds', 'pooled'} - names)}; {_REDO}")
     tensors = load_file(path)
     return tensors["prompt_embeds"], tensors["pooled"]
+
+
+def check_prompt_widths(embeds: torch.Tensor, pooled: torch.Tensor, transformer_config, source: str) -> None:
+    """The embeddings' widths against the transformer's inputs, before any training step multiplies them."""
+    expected = {"prompt_embeds": transformer_config["joint_attention_dim"],
+                "pooled": transformer_config["pooled_projection_dim"]}
+    got = {"prompt_embeds": embeds.shape[-1], "pooled": pooled.shape[-1]}
+    if got != expected:
+        raise ConfigError(f"{source} gives prompt embeddings of widths {got}, but the transformer takes {expected} "
+                          f"(joint_attention_dim, pooled_projection_dim): the embeddings are of another model")
 
 
 def encoder_part(model_path: str, cls, folder: str, device: torch.device):
@@ -98,14 +134,17 @@ def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int
 
 
 def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_sequence_length: int,
-                      load_encoder: LoadTextEncoder, device: torch.device = torch.device("cpu")
-                      ) -> tuple[torch.Tensor, torch.Tensor]:
+                      load_encoder: LoadTextEncoder, device: torch.device = torch.device("cpu"), family: str = "",
+                      transformer_config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Embeddings of prompts + [""], from the cache or computed with the text encoders (on `device`, in
     fp32 wherever they run, so that a cache does not depend on the machine that built it: T5-XXL
-    takes ~19 GB for the moment) and cached."""
+    takes ~19 GB for the moment) and cached; checked against `transformer_config`'s input widths."""
     cache = cache or default_cache_path(model_path, prompts, max_sequence_length)
     if os.path.isfile(cache):
-        return load_prompt_cache(cache, prompts)
+        embeds, pooled = load_prompt_cache(cache, prompts, family, max_sequence_length)
+        if transformer_config is not None:
+            check_prompt_widths(embeds, pooled, transformer_config, f"prompt cache {cache}")
+        return embeds, pooled
     print(f"prompt cache {cache} not found: encoding {len(prompts)} prompts with the text encoders of {model_path} "
           f"on {device}")
     encoder = load_encoder(model_path, device)
@@ -113,5 +152,7 @@ def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_seque
     del encoder
     if device.type == "cuda":  # the encoders' blocks back to the GPU before the networks come
         torch.cuda.empty_cache()
-    save_prompt_cache(cache, prompts, embeds, pooled)
+    if transformer_config is not None:  # before the cache is written: a wrong encoder's output is not kept
+        check_prompt_widths(embeds, pooled, transformer_config, f"the text encoders of {model_path}")
+    save_prompt_cache(cache, prompts, embeds, pooled, family, max_sequence_length)
     return embeds, pooled

@@ -79,6 +79,13 @@ def text_encoder(model_path: str, device: torch.device) -> TextEncoder:
     return encode
 
 
+def transformer_config(model_path: str, cls_name: str = "SD3Transformer2DModel") -> dict:
+    """model_path/transformer's config, without its weights."""
+    import diffusers
+
+    return getattr(diffusers, cls_name).load_config(model_path, subfolder="transformer", local_files_only=True)
+
+
 def load_transformer(model_path: str, dtype: torch.dtype, cls_name: str = "SD3Transformer2DModel",
                      weights: bool = True) -> nn.Module:
     """The transformer from model_path/transformer; with `weights` False, its architecture alone, on the
@@ -87,7 +94,7 @@ def load_transformer(model_path: str, dtype: torch.dtype, cls_name: str = "SD3Tr
 
     cls = getattr(diffusers, cls_name)
     if not weights:
-        config = cls.load_config(model_path, subfolder="transformer", local_files_only=True)
+        config = transformer_config(model_path, cls_name)
         with torch.device("meta"):
             net = cls.from_config(config)
         # nn.Module.to: diffusers' own .to warns against casting a built model (from_pretrained's

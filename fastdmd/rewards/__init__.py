@@ -37,6 +37,9 @@ __all__ = ["build_reward", "BackgroundReward", "ClassifierLogProb", "CLIPReward"
            "RewardScores"]
 
 CLIP_REWARDS = {cls.name: cls for cls in (CLIPScore, PickScore, HPSv2)}  # folder in reward.<name>_path
+# reward.names -> class (for what a class says of itself, e.g. `differentiable`, before any is built)
+REWARD_TYPES = {"classifier_log_prob": ClassifierLogProb, "jpeg": JpegCompressibility,
+                "distribution_matching": DistributionMatchingReward, **CLIP_REWARDS}
 
 
 def build_reward(cfg, classifier, prompts=None, device="cpu", decode=None) -> CombinedReward:
