@@ -56,9 +56,10 @@ def sampling_sigmas(trained: tuple[float, ...], steps: int | None) -> list[float
     return linear_sigmas(steps)
 
 
-def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[float],
-           seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """`num` samples of each label, in [-1, 1]; noise and re-noising draw from one stream seeded by `seed`."""
+def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[float], seed: int,
+           device: torch.device = torch.device("cpu")) -> tuple[torch.Tensor, torch.Tensor]:
+    """`num` samples of each label, in [-1, 1], on the CPU; noise and re-noising draw from one CPU stream
+    seeded by `seed`, so a seed gives the same samples on any device up to its arithmetic."""
     bad = [c for c in labels if not 0 <= c < NUM_CLASSES]
     if bad:
         raise UsageError(f"label {bad[0]} is not a digit class; valid labels are 0..{NUM_CLASSES - 1}")
@@ -68,7 +69,25 @@ def sample(gen: TrainedGenerator, labels: list[int], num: int, sigmas: list[floa
     rng = torch.Generator().manual_seed(seed)
     c, size = gen.net.config.in_channels, gen.net.config.sample_size
     noise = torch.randn((len(y), c, size, size), generator=rng)
-    return few_step_sample(gen.x0_fn(), noise, y, sigmas, rng), y
+    gen.net.to(device)
+    return few_step_sample(gen.x0_fn(), noise.to(device), y.to(device), sigmas, rng).cpu(), y
+
+
+def sampling_device(name: str | None) -> torch.device:
+    """--device, checked: a CUDA device needs CUDA here and an index below the device count."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"--device {name!r} is not a device; give cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {name!r}: fastdmd.generate samples on cpu or cuda")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {name!r}: CUDA is not available here; use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise UsageError(f"--device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def _run_prompt_cache(model: ModelConfig) -> str | None:
@@ -122,9 +141,11 @@ def _with_prompt_table(model: ModelConfig, prompts: list[str], tmp: str) -> Mode
     return dataclasses.replace(model, prompts=prompt_file, prompt_cache=cache)
 
 
-def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: list[float], seed: int):
-    """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1], with their prompt indices. A run samples
-    its checkpoint's transformer; an export its transformer/ (loaded as the family's network). A prompt the
+def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: list[float], seed: int,
+                   device: torch.device = torch.device("cpu")):
+    """SD3 / FLUX: `num` decoded samples per prompt, in [-1, 1] on the CPU, with their prompt indices, drawn
+    and decoded on `device`. A run samples its checkpoint's transformer (the teacher's weights are not read);
+    an export its transformer/ (loaded as the family's network). A prompt the
     run trained on takes its embedding from the run's prompt cache; any other prompt, or every prompt once
     that cache is gone, is encoded with the text encoders."""
     import tempfile
@@ -136,7 +157,7 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
         raise UsageError(f"--num must be >= 1, got {num}")
     with tempfile.TemporaryDirectory() as tmp:
         model = _with_prompt_table(gen.model, prompts, tmp)
-        family = load_family(model)
+        family = load_family(model, device, weights=gen.net is None)
     adapter = family.adapter
     known = {p: i for i, p in enumerate(family.condition_names)}
     new = [p for p in prompts if p not in known]
@@ -149,8 +170,9 @@ def sample_prompts(gen: TrainedGenerator, prompts: list[str], num: int, sigmas: 
     y = torch.tensor([known[p] for p in prompts]).repeat_interleave(num)
     rng = torch.Generator().manual_seed(seed)
     noise = torch.randn((len(y), *family.sample_shape), generator=rng)
-    latents = few_step_sample(Generator(gen.net if gen.net is not None else family.teacher, adapter), noise, y, sigmas, rng)
-    return family.decode(latents), torch.arange(len(prompts)).repeat_interleave(num)
+    net = (gen.net if gen.net is not None else family.teacher).to(device)
+    latents = few_step_sample(Generator(net, adapter), noise.to(device), y.to(device), sigmas, rng)
+    return family.decode(latents).cpu(), torch.arange(len(prompts)).repeat_interleave(num)
 
 
 def main(argv: list[str] | None = None) -> list[str]:
@@ -166,6 +188,8 @@ def main(argv: list[str] | None = None) -> list[str]:
                         help="sampler steps (default: the trained number; others use linearly spaced sigmas)")
     parser.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     parser.add_argument("--out", required=True, help="folder for the PNGs (created if missing)")
+    parser.add_argument("--device", default=None,
+                        help="where to sample: cpu, cuda or cuda:N (default: cuda when available, else cpu)")
     args = parser.parse_args(argv)
     labels = list(dict.fromkeys(args.label))  # each class once, in the order given
     prompts = list(dict.fromkeys(p.strip() for p in args.prompt))  # as the prompt file's lines are read
@@ -175,20 +199,21 @@ def main(argv: list[str] | None = None) -> list[str]:
                              "unconditional input)")
         if os.path.exists(args.out) and not os.path.isdir(args.out):
             raise UsageError(f"--out {args.out} is a file; give a folder for the PNGs (created if missing)")
+        device = sampling_device(args.device)
         gen = load_generator(args.source)
         sigmas = sampling_sigmas(gen.sigmas, args.steps)
         if gen.family == "digits":
             if not labels or prompts:
                 raise UsageError("a digits run draws classes: give --label (a digit 0..9), repeated for several"
                                  + (", and no --prompt" if prompts else ""))
-            images, y = sample(gen, labels, args.num, sigmas, args.seed)
+            images, y = sample(gen, labels, args.num, sigmas, args.seed, device)
         else:
             if not prompts or labels:
                 raise UsageError(f"a {gen.family} run draws prompts: give --prompt, repeated for several"
                                  + (", and no --label" if labels else ""))
-            images, y = sample_prompts(gen, prompts, args.num, sigmas, args.seed)
+            images, y = sample_prompts(gen, prompts, args.num, sigmas, args.seed, device)
             labels = list(range(len(prompts)))
-    print(f"generator: {gen.describe()}")
+    print(f"generator: {gen.describe()}, sampling on {device}")
     if sigmas != list(gen.sigmas):
         print(f"note: trained for {len(gen.sigmas)} steps at sigmas {list(gen.sigmas)}; sampling {len(sigmas)} steps "
               f"at linearly spaced sigmas {sigmas}, which it never saw in training")

@@ -26,7 +26,7 @@ def test_run_and_export_give_identical_pngs(sources, tmp_path, capsys):
     args = ["--label", "3", "--label", "7", "--num", "4", "--seed", "5"]
     written = {name: main([path, *args, "--out", str(tmp_path / name)]) for name, path in sources.items()}
     out = capsys.readouterr().out
-    assert out.count("generator: EMA weights from") == 2
+    assert out.count("generator: EMA weights from") == 2 and out.count("sampling on cpu") == 2
     assert f"wrote {tmp_path / 'run' / 'grid.png'}" in out
     names = [os.path.basename(p) for p in written["run"]]
     assert names == ["grid.png"] + [f"label{c}_{i:03d}.png" for c in (3, 7) for i in range(4)]
@@ -68,7 +68,9 @@ def test_label_outside_0_to_9_names_it_and_the_range(sources, tmp_path, capsys, 
     (["--prompt", "a red square"], "a digits run draws classes: give --label (a digit 0..9), repeated for several"),
     (["--label", "3", "--prompt", "a red square"], "give --label (a digit 0..9), repeated for several, and no --prompt"),
     (["--label", "3", "--out", "{tmp}/afile"], "--out {tmp}/afile is a file; give a folder"),
-], ids=["prompt-for-digits", "both", "out-is-a-file"])
+    (["--label", "3", "--device", "gpu0"], "--device 'gpu0' is not a device; give cpu, cuda or cuda:N"),
+    (["--label", "3", "--device", "cuda:64"], "--device 'cuda:64': "),
+], ids=["prompt-for-digits", "both", "out-is-a-file", "bad-device", "missing-cuda-device"])
 def test_what_a_digits_run_cannot_draw_is_refused(sources, tmp_path, capsys, args, message):
     (tmp_path / "afile").write_text("")
     with pytest.raises(SystemExit) as exit_info:
