@@ -8,8 +8,9 @@ vae/; no stray files such as a single-file checkpoint beside them) and model_ind
 transformer in transformer/, in the run's model.dtype (the fp32 master weights cast, as one ships them), and
 the few-step scheduler in scheduler/:
 `SD3Transformer2DModel.from_pretrained(OUT_DIR, subfolder="transformer")`, or the whole
-`StableDiffusion3Pipeline.from_pretrained(OUT_DIR)(prompt, num_inference_steps=4, guidance_scale=1.0)`
-when the teacher directory had every component (guidance_scale 1: the student needs no CFG).
+`StableDiffusion3Pipeline.from_pretrained(OUT_DIR)(prompt, sigmas=<fastdmd.json's generator_sigmas>,
+guidance_scale=1.0)` when the teacher directory had every component (guidance_scale 1: the student needs
+no CFG; `num_inference_steps=4` gives the trained sigmas only when they are evenly spaced from 1, below).
 OUT_DIR/fastdmd.json  what the weights alone do not say: the few-step sigmas, the guidance scale the
                     teacher used during distillation, the null label (digits), where the weights came from
 
