@@ -144,7 +144,7 @@ def save_checkpoint(run_dir: str, step: int, state: dict, world: World, keep: in
     if failed is not None:
         if world.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # a partial write is never loaded; removing it frees its space
-        raise CheckpointWriteError(_write_failure_message(run_dir, final, *failed))
+        raise CheckpointWriteError(_write_failure_message(run_dir, final, world.world_size, *failed))
     if world.is_main:
         for _, old in complete_checkpoints(run_dir)[:-keep]:
             _discard(old)
@@ -180,20 +180,40 @@ def _root_reason(causes: list[BaseException], e: BaseException) -> str:
     return next((line for line in str(first).splitlines() if line.strip()), type(first).__name__)
 
 
-def how_to_continue(run_dir: str) -> str:
-    """The command that continues a stopped run: --resume when it saved a checkpoint, else a fresh start."""
+def launch_command(world_size: int = 1) -> str:
+    """How a run of `world_size` ranks starts: torchrun with as many ranks (on as many nodes) when several."""
+    if world_size <= 1:
+        return "python -m fastdmd.train"
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    if per_node >= world_size:
+        return f"torchrun --nproc_per_node {world_size} -m fastdmd.train"
+    return f"torchrun --nnodes {world_size // per_node} --nproc_per_node {per_node} <rendezvous options> -m fastdmd.train"
+
+
+def how_to_continue(run_dir: str, world_size: int = 1) -> str:
+    """The command that continues a stopped run: --resume when it saved a checkpoint, else a fresh start; on
+    as many ranks (a resume on another number changes the batch unless trainer.global_batch_size is set)."""
     if latest_checkpoint(run_dir) is None:
         return (f"start it again with its original options (it saved no checkpoint to resume from): "
-                f"python -m fastdmd.train --run_dir {run_dir} ...")
-    return f"resume with: python -m fastdmd.train --resume --run_dir {run_dir}"
+                f"{launch_command(world_size)} --run_dir {run_dir} ...")
+    return f"resume with: {launch_command(world_size)} --resume --run_dir {run_dir}"
 
 
-def _write_failure_message(run_dir: str, path: str, disk_full: bool, reason: str) -> str:
+def checkpoint_world_size(path: str) -> int | None:
+    """The number of ranks that wrote a complete checkpoint (None for one written before meta.json said)."""
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            return json.load(f).get("world_size")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def _write_failure_message(run_dir: str, path: str, world_size: int, disk_full: bool, reason: str) -> str:
     previous = latest_checkpoint(run_dir)
     kept = f"the previous checkpoint {previous} is intact" if previous else "no earlier checkpoint exists"
     fix = f"Free space on the disk that holds {run_dir}" if disk_full else f"Check that {run_dir} is writable"
     return f"could not write checkpoint {path} ({reason}); {kept} and the partial write was removed. " \
-           f"{fix}, then {how_to_continue(run_dir)}"
+           f"{fix}, then {how_to_continue(run_dir, world_size)}"
 
 
 def load_checkpoint(path: str, state: dict, world: World) -> int:

@@ -55,7 +55,8 @@ def score_sampler(
     labels = balanced_labels(num_samples)
     noise = torch.randn((num_samples, *real_images.shape[1:]), generator=torch.Generator().manual_seed(seed))
     start = time.perf_counter()
-    images = torch.cat([sample_fn(noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).cpu()
+    # .float(): networks sharded with a bf16 policy return bf16 samples; the classifier is fp32
+    images = torch.cat([sample_fn(noise[i:i + batch_size].to(device), labels[i:i + batch_size].to(device)).float().cpu()
                         for i in range(0, num_samples, batch_size)])
     elapsed = time.perf_counter() - start
     feats, logits = [], []

@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> dict:
         if e.errno not in DISK_FULL:
             raise
         print(f"fastdmd: error: {os.strerror(e.errno).lower()} while writing {e.filename or cfg.run_dir}; free space "
-              f"on the disk that holds {cfg.run_dir}, then {how_to_continue(cfg.run_dir)}", file=sys.stderr)
+              f"on the disk that holds {cfg.run_dir}, then {how_to_continue(cfg.run_dir, world.world_size)}",
+              file=sys.stderr)
         raise SystemExit(2) from None
     finally:
         shutdown(world)

@@ -29,7 +29,10 @@ from torch.distributed.checkpoint.stateful import Stateful
 from tqdm import tqdm
 
 from fastdmd import ops
-from fastdmd.checkpoint import CheckpointMismatch, latest_checkpoint, load_checkpoint, save_checkpoint, write_atomically
+from fastdmd.checkpoint import (
+    CheckpointMismatch, checkpoint_world_size, latest_checkpoint, launch_command, load_checkpoint, save_checkpoint,
+    write_atomically,
+)
 from fastdmd.config import Config, ConfigError, to_dict
 from fastdmd.data import load_digits
 from fastdmd.data.digits import NUM_CLASSES
@@ -410,6 +413,12 @@ class Trainer:
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
+        ranks, t = checkpoint_world_size(path), self.cfg.trainer
+        if ranks and ranks != self.world.world_size and not t.global_batch_size:
+            raise ConfigError(f"--resume: {path} was written by {ranks} ranks of trainer.batch_size {t.batch_size} "
+                              f"({ranks * t.batch_size} samples per step); on {self.world.world_size} it would be "
+                              f"{self.world.world_size * t.batch_size}: add --trainer.global_batch_size "
+                              f"{ranks * t.batch_size} to keep the batch (or the one you want), or resume on {ranks} ranks")
         try:
             self.step = load_checkpoint(path, self.checkpoint_state(), self.world)
         except CheckpointMismatch as e:
@@ -673,7 +682,7 @@ class Trainer:
         if not finished:
             if world.is_main:
                 print(f"stopped by SIGTERM after step {self.step}; checkpoint saved. Resume with:\n"
-                      f"  python -m fastdmd.train --resume --run_dir {self.run_dir}")
+                      f"  {launch_command(world.world_size)} --resume --run_dir {self.run_dir}")
             return {}
         return self.evaluate() if cfg.eval.at_end else {}
 
@@ -712,12 +721,16 @@ class Trainer:
         return True
 
     def _log(self, window: list[dict], elapsed: float, metrics_path: str, bar) -> None:
-        """One metrics.jsonl line per window: means across steps and ranks; skip counts summed."""
+        """One metrics.jsonl line per window: means across steps and ranks; skip and non-finite counts summed
+        over the steps, non-finite counts over the ranks too."""
         t, world = self.cfg.trainer, self.world
         summed = ("skipped_", "nonfinite_")
         row = {k: float(np.sum([w[k] for w in window]) if k.startswith(summed) else np.mean([w[k] for w in window]))
                for k in window[0]}
         row = mean_across_ranks(row, world)
+        # a non-finite count counts each rank's own samples: summed over ranks (the skip counts are every rank's
+        # same decisions)
+        row |= {k: v * world.world_size for k, v in row.items() if k.startswith("nonfinite_")}
         row |= {"step": self.step, "lr_generator": self.sched_g.get_last_lr()[0],
                 "samples_per_s": len(window) * t.batch_size * world.world_size / elapsed}
         if world.is_main:
@@ -964,7 +977,8 @@ class Trainer:
         with open(self.family.teacher_file, "rb") as f:
             digest.update(f.read())
         digest.update(json.dumps([EVAL_VERSION, name, self.cfg.dmd.guidance_scale, e.num_samples, e.batch_size, e.seed,
-                                  torch.__version__]).encode())
+                                  torch.__version__, self.cfg.model.dtype, self.cfg.perf.mixed_precision,
+                                  self.world.world_size]).encode())
         root = os.environ.get("XDG_CACHE_HOME", os.path.join(os.path.expanduser("~"), ".cache"))
         return os.path.join(root, "fastdmd", "teacher_eval", digest.hexdigest()[:24] + ".json")
 

@@ -70,6 +70,13 @@ def _file_in_its_place(run_dir, monkeypatch):
         f.write("not a run\n")
 
 
+def _written_by_two_ranks(run_dir, monkeypatch):
+    _trained(run_dir, monkeypatch)
+    meta = os.path.join(run_dir, "checkpoints", "step_0000002", "meta.json")
+    with open(meta, "w") as f:
+        json.dump({"step": 2, "world_size": 2}, f)  # as torchrun --nproc_per_node 2 would have saved it
+
+
 def _three_ranks(run_dir, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")  # as torchrun --nproc_per_node=3 sets it
 
@@ -91,9 +98,12 @@ def _three_ranks(run_dir, monkeypatch):
     (_file_in_its_place, ["--resume"], "--run_dir {run} is a file; give a folder"),
     (_three_ranks, ["--trainer.global_batch_size", "8"],
      "trainer.global_batch_size = 8 does not divide over 3 ranks; use a multiple of 3 (e.g. 6 or 9)"),
+    (_written_by_two_ranks, ["--resume", "--trainer.steps", "3"],
+     "--resume: {run}/checkpoints/step_0000002 was written by 2 ranks of trainer.batch_size 8 (16 samples per step); "
+     "on 1 it would be 8: add --trainer.global_batch_size 16 to keep the batch"),
 ], ids=["resume-nothing", "missing-assets", "unknown-recipe", "malformed-config-file", "truncated-checkpoint",
         "checkpoint-without-meta", "corrupted-run-config", "resume-past-the-end", "fresh-run-over-checkpoints", "run-dir-is-a-file",
-        "resume-from-a-file", "world-size-vs-batch"])
+        "resume-from-a-file", "world-size-vs-batch", "resume-on-fewer-ranks"])
 def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, monkeypatch, damage, args, message):
     run_dir = str(tmp_path / "run")
     if damage:
@@ -106,6 +116,24 @@ def test_bad_inputs_fail_before_work_with_one_clear_line(tmp_path, capsys, monke
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message.format(tmp=tmp_path, run=run_dir) in err[0] and "Traceback" not in err[0], err
     assert (sorted(os.listdir(run_dir)) if os.path.isdir(run_dir) else None) == before  # nothing was written
+
+
+def test_a_resume_on_another_number_of_ranks_keeps_the_global_batch_it_is_given(tmp_path, capsys, monkeypatch):
+    run_dir = str(tmp_path / "run")
+    _written_by_two_ranks(run_dir, monkeypatch)
+    main(TINY + ["--run_dir", run_dir, "--resume", "--trainer.steps", "3", "--trainer.global_batch_size", "16"])
+    assert "batch=16x1 ranks" in capsys.readouterr().out
+    assert json.loads(open(os.path.join(run_dir, "config.json")).read())["trainer"]["global_batch_size"] == 16
+
+
+def test_the_command_to_continue_names_torchrun_with_the_runs_ranks(monkeypatch):
+    from fastdmd.checkpoint import launch_command
+
+    assert launch_command(1) == "python -m fastdmd.train"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert launch_command(2) == "torchrun --nproc_per_node 2 -m fastdmd.train"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert launch_command(16) == "torchrun --nnodes 2 --nproc_per_node 8 <rendezvous options> -m fastdmd.train"
 
 
 @pytest.mark.parametrize("change, message", [
@@ -172,14 +200,15 @@ def test_torchrun_two_ranks_on_gloo(tmp_path):
 def test_torchrun_evaluates_and_draws_grids_with_every_rank(tmp_path):
     """The sharded teacher and generator sample on every rank in lockstep (each forward all-gathers:
     with rank 0 sampling alone the run hung in its final evaluation); rank 0 alone writes. A second
-    run finds the teacher rows cached: every rank skips them together."""
+    run finds the teacher rows cached: every rank skips them together. A third, in bf16, does not (its
+    teacher samples differ), and its fp32 classifier scores the bf16 samples of the sharded networks."""
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
 
-    def run(run_dir, steps):
+    def run(run_dir, steps, *extra):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                "-m", "fastdmd.train", "--trainer.batch_size", "8", "--trainer.log_every", "1", "--trainer.warmup_steps", "0",
                "--trainer.steps", str(steps), "--trainer.sample_every", "1", "--eval.num_samples", "20",
-               "--eval.batch_size", "10", "--eval.teacher_steps", "2", "--threads", "1", "--run_dir", str(run_dir)]
+               "--eval.batch_size", "10", "--eval.teacher_steps", "2", "--threads", "1", "--run_dir", str(run_dir), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=400, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.count("run directory:") == 1
@@ -193,6 +222,8 @@ def test_torchrun_evaluates_and_draws_grids_with_every_rank(tmp_path):
     teacher_rows = [name for name in second if name.startswith("teacher")]
     assert len(teacher_rows) == 2 and all(second[name]["cached"] for name in teacher_rows)
     assert all(second[name]["fd"] == first[name]["fd"] for name in teacher_rows)
+    third = run(tmp_path / "c", 1, "--perf.mixed_precision", "bf16", "--trainer.sample_every", "0")
+    assert len(third) == 4 and not any(third[name].get("cached") for name in teacher_rows)
 
 
 @pytest.mark.distributed
@@ -249,6 +280,14 @@ def _share_worker(rank, out):
         threes_calls = list(calls)
         torch.save({"got": got, "got_in_threes": got_in_threes, "calls": whole_calls, "calls_in_threes": threes_calls,
                     "want": sample(noise, labels, draws)}, f"{out}/{rank}.pt")
+        # the metrics row of a window in which rank 1 alone met a non-finite teacher sample, and both ranks
+        # skipped the same update
+        logger = types.SimpleNamespace(
+            cfg=types.SimpleNamespace(trainer=types.SimpleNamespace(batch_size=8)), world=me.world, step=1,
+            sched_g=types.SimpleNamespace(get_last_lr=lambda: [1e-5]), tensorboard=types.SimpleNamespace(write=print))
+        step_row = {"loss_generator": 0.5 + rank, "nonfinite_teacher_samples": float(rank),
+                    "skipped_generator_updates": 1.0}
+        Trainer._log(logger, [step_row], 1.0, f"{out}/metrics.jsonl", types.SimpleNamespace(set_postfix=print))
     finally:
         dist.destroy_process_group()
     exit_skipping_finalization()
@@ -266,6 +305,9 @@ def test_grid_samples_are_shared_out_and_gathered_back_in_order(tmp_path):
     assert torch.equal(zero["got_in_threes"], zero["want"]) and one["got_in_threes"] is None
     assert zero["calls"] == one["calls"] == [4]  # samples 0, 2, 4, 6 and 1, 3, 5, 5
     assert zero["calls_in_threes"] == one["calls_in_threes"] == [3, 1]
+    row = json.loads((tmp_path / "metrics.jsonl").read_text())
+    assert row["loss_generator"] == 1.0 and row["nonfinite_teacher_samples"] == 1.0
+    assert row["skipped_generator_updates"] == 1.0 and row["samples_per_s"] == 16.0
 
 
 class _Net(torch.nn.Module):
