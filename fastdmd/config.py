@@ -302,7 +302,8 @@ class Config:
     recipe: str = opt("digits-dmd2", "named recipe in fastdmd/recipes")
     method: str = opt("dmd2", "training method (fastdmd/objectives)", choices=METHODS)
     run_dir: str = opt("", "output folder (default: runs/<recipe>-<date>-<time>)")
-    resume: bool = opt(False, "continue from the last complete checkpoint in run_dir")
+    resume: bool = opt(False, "continue from the last complete checkpoint in run_dir; auto: the same when there is "
+                       "one, else start (one command for a first launch and the restarts of torchrun --max-restarts)")
     threads: int = opt(0, "torch CPU threads (0 = torch's default)", min=0)
     model: ModelConfig = opt(None, "", factory=ModelConfig)
     trainer: TrainerConfig = opt(None, "", factory=TrainerConfig)
@@ -640,6 +641,18 @@ def _recipe_config(recipe: str) -> Config:
     return cfg
 
 
+def _resolve_auto_resume(pairs: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """--resume auto: resume when run_dir holds a complete checkpoint, else start it (over), so that one command
+    serves a first launch and every restart of `torchrun --max-restarts`."""
+    from fastdmd.checkpoint import complete_checkpoints
+
+    run_dir = dict(pairs).get("run_dir", "")
+    if not run_dir:
+        raise ConfigError("--resume auto needs --run_dir: the folder the run writes its checkpoints to")
+    found = "true" if complete_checkpoints(run_dir) else "false"
+    return [(key, found if key == "resume" else value) for key, value in pairs]
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """Build the run's Config from defaults, the recipe, an optional file and the command line."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -664,6 +677,8 @@ def parse_args(argv: list[str] | None = None) -> Config:
         pairs.append((key, value))
         i += 1
 
+    if dict(pairs).get("resume") == "auto":
+        pairs = _resolve_auto_resume(pairs)
     given = dict(pairs)
     saved = os.path.join(given.get("run_dir", ""), "config.json")
     cfg = Config()

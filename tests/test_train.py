@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from fastdmd import ops
+from fastdmd.config import ConfigError, parse_args
 from fastdmd.trainer import step_generator
 from fastdmd.train import main
 
@@ -124,6 +125,17 @@ def test_a_resume_on_another_number_of_ranks_keeps_the_global_batch_it_is_given(
     main(TINY + ["--run_dir", run_dir, "--resume", "--trainer.steps", "3", "--trainer.global_batch_size", "16"])
     assert "batch=16x1 ranks" in capsys.readouterr().out
     assert json.loads(open(os.path.join(run_dir, "config.json")).read())["trainer"]["global_batch_size"] == 16
+
+
+def test_resume_auto_starts_a_new_run_and_continues_a_saved_one(tmp_path, capsys):
+    """torchrun --max-restarts relaunches the first command as it was: --resume auto serves both."""
+    run_dir = str(tmp_path / "run")
+    main(TINY + ["--run_dir", run_dir, "--resume", "auto", "--trainer.steps", "2"])
+    main(TINY + ["--run_dir", run_dir, "--resume", "auto", "--trainer.steps", "3"])
+    assert f"resumed from {run_dir}/checkpoints/step_0000002 at step 2" in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(run_dir)] == [1, 2, 3]
+    with pytest.raises(ConfigError, match="--resume auto needs --run_dir"):
+        parse_args(["--resume", "auto"])
 
 
 def test_the_command_to_continue_names_torchrun_with_the_runs_ranks(monkeypatch):
