@@ -669,16 +669,20 @@ class Trainer:
             for note in self.profiler.notes:
                 print(f"  {note}")
         bar = tqdm(total=t.steps, initial=self.step, desc=cfg.recipe, dynamic_ncols=True, disable=not world.is_main)
+        # SIGTERM asks for a stop until the final checkpoint is written (one during that save no longer killed it)
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         try:
-            finished = self._loop(bar, metrics_path)
-        finally:  # an error then starts on a line of its own, not glued to the bar
+            try:
+                finished = self._loop(bar, metrics_path)
+            finally:  # an error then starts on a line of its own, not glued to the bar
+                self.tensorboard.close()
+                bar.close()
+            if world.is_main and self.profiler.written:
+                print("profile: " + ", ".join(self.profiler.written))
+            self.save()
+            finished = not self._stop_agreed() and finished  # a stop asked during the save skips the evaluation
+        finally:
             signal.signal(signal.SIGTERM, previous_handler)
-            self.tensorboard.close()
-            bar.close()
-        if world.is_main and self.profiler.written:
-            print("profile: " + ", ".join(self.profiler.written))
-        self.save()
         if not finished:
             if world.is_main:
                 print(f"stopped by SIGTERM after step {self.step}; checkpoint saved. Resume with:\n"
