@@ -136,10 +136,10 @@ def encode_all(encode: TextEncoder, prompts: list[str], max_sequence_length: int
 def prompt_embeddings(model_path: str, prompts: list[str], cache: str, max_sequence_length: int,
                       load_encoder: LoadTextEncoder, device: torch.device = torch.device("cpu"), family: str = "",
                       transformer_config: dict | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Embeddings of prompts + [""], from the cache or computed with the text encoders (on `device`, in
-    fp32 wherever they run, so that a cache does not depend on the machine that built it: T5-XXL
-    takes ~19 GB for the moment) and cached; checked against `transformer_config`'s input widths."""
-    cache = cache or default_cache_path(model_path, prompts, max_sequence_length)
+    """Embeddings of prompts + [""], from the `cache` file (model.prompt_cache, or default_cache_path's) or
+    computed with the text encoders (on `device`, in fp32 wherever they run, so that a cache does not depend
+    on the machine that built it: T5-XXL takes ~19 GB for the moment) and cached there; checked against
+    `transformer_config`'s input widths."""
     if os.path.isfile(cache):
         embeds, pooled = load_prompt_cache(cache, prompts, family, max_sequence_length)
         if transformer_config is not None:
