@@ -87,6 +87,9 @@ class TrainerConfig:
     sample_every: int = opt(100, "steps between sample grids (0 disables)", min=0)
     checkpoint_every: int = opt(100, "steps between checkpoints (0 = only at the end)", min=0)
     keep_checkpoints: int = opt(2, "complete checkpoints kept on disk", min=1)
+    collective_timeout_s: int = opt(1800, "torchrun: seconds a collective (an all-reduce, a barrier, a checkpoint's "
+                                    "exchange) waits for the slowest rank before the run fails; it must cover rank 0 "
+                                    "reading the weights alone (perf.load_on_rank0) and its evaluation files", min=1)
     max_bad_steps: int = opt(20, "consecutive steps with skipped (non-finite) updates before the run stops", min=1)
     tensorboard: str = opt("auto", "also log metrics to <run_dir>/tensorboard: auto (when installed), on (fail "
                            "if not installed), off", choices=("auto", "on", "off"))
@@ -499,9 +502,15 @@ def _check_ranges(node, prefix: str) -> None:
             raise ConfigError(f"{key} = {value!r} is out of range; it must be <= {m['max']}")
 
 
-def _coerce(key: str, tp, value):
-    """Turn a TOML value or a CLI string into the field's type, or say why not."""
-    from_cli = isinstance(value, str) and tp is not str
+def _coerce(key: str, tp, value, from_cli: bool):
+    """Turn a CLI string, or a value of a TOML / JSON file, into the field's type, or say why not. A file's
+    value must have the type already: a quoted "3" for an integer is a slip the file's own syntax can show."""
+    if from_cli and tp is str:
+        from_cli = False  # the string is the value
+    if not from_cli and isinstance(value, str) and tp is not str:
+        kind = {bool: "true or false, unquoted", int: "an integer, unquoted", float: "a number, unquoted",
+                tuple: "a list of numbers, e.g. [1.0, 0.5]"}[tp]
+        raise ConfigError(f"{key} = {value!r} is a string in a file; expected {kind}")
     try:
         if tp is bool:
             if isinstance(value, bool):
@@ -531,7 +540,7 @@ def _coerce(key: str, tp, value):
     except (TypeError, ValueError):
         pass
     kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
-            tuple: "a comma-separated list of numbers"}[tp]
+            tuple: "a comma-separated list of numbers" if from_cli else "a list of numbers"}[tp]
     raise ConfigError(f"{key} = {value!r} has the wrong type; expected {kind}")
 
 
@@ -542,7 +551,7 @@ def _finite(key: str, number: float) -> float:
     return number
 
 
-def _set(cfg: Config, key: str, value) -> None:
+def _set(cfg: Config, key: str, value, from_cli: bool = False) -> None:
     node, parts = cfg, key.split(".")
     for i, part in enumerate(parts):
         names = {f.name for f in dataclasses.fields(node)}
@@ -554,7 +563,7 @@ def _set(cfg: Config, key: str, value) -> None:
             tp = _hints(type(node))[part]
             if _is_config(tp):
                 raise ConfigError(f"{key!r} is a section; set one of its keys, e.g. --{key}.<name>")
-            setattr(node, part, _coerce(key, tp, value))
+            setattr(node, part, _coerce(key, tp, value, from_cli))
         else:
             node = getattr(node, part)
             if not _is_config(node):
@@ -708,7 +717,15 @@ def parse_args(argv: list[str] | None = None) -> Config:
             raise ConfigError(f"--recipe {value} differs from the recipe {cfg.recipe!r} that --config "
                               f"{given.get('config')} sets; leave one of them out")
         if key not in ("config", "recipe"):
-            _set(cfg, key, value)
+            _set(cfg, key, value, from_cli=True)
+    if "trainer.batch_size" in given and "trainer.global_batch_size" not in given and cfg.trainer.global_batch_size:
+        # Given beside each other on the command line, the global batch replaces the per-rank one, as its help says;
+        # a global batch from a file would drop a per-rank one given on the command line without a word.
+        origin = "the resumed run's config.json" if resumed else f"--config {given.get('config')}"
+        raise ConfigError(f"--trainer.batch_size {given['trainer.batch_size']} would be ignored: trainer.global_batch_size "
+                          f"= {cfg.trainer.global_batch_size} (from {origin}) sets the batch and splits it over the "
+                          f"ranks; give --trainer.global_batch_size instead, or add --trainer.global_batch_size 0 to "
+                          f"set the batch per rank")
     return cfg.validate()
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -37,7 +38,10 @@ class World:
         return self.world_size > 1
 
 
-def init_world() -> World:
+def init_world(collective_timeout_s: float = 1800.0) -> World:
+    """The process group of a torchrun launch (one process: none). A collective that waits past
+    `collective_timeout_s` for a rank fails instead of hanging (NCCL's own default is 10 minutes, which rank 0
+    reading a FLUX-sized checkpoint alone from slow storage can outlast)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
         return World(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
@@ -46,7 +50,7 @@ def init_world() -> World:
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
-        dist.init_process_group(process_group_backend(use_cuda))
+        dist.init_process_group(process_group_backend(use_cuda), timeout=timedelta(seconds=collective_timeout_s))
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return World(rank=dist.get_rank(), world_size=dist.get_world_size(), device=device)
 

@@ -23,10 +23,12 @@ import json
 import os
 
 import torch
+import torch.nn as nn
 
 from fastdmd.config import ModelConfig
 from fastdmd.data.digits import NUM_CLASSES
 from fastdmd.export import is_export_dir, load_export
+from fastdmd.models.family import DTYPES
 from fastdmd.models.prompts import (
     MissingTextEncoders, cache_contents, default_cache_path, encode_all, read_prompts, save_prompt_cache,
 )
@@ -40,7 +42,12 @@ def load_generator(path: str) -> TrainedGenerator:
     if is_export_dir(path):
         return load_export(path)
     if os.path.isfile(os.path.join(path, "config.json")):
-        return load_run_generator(path)
+        gen = load_run_generator(path)
+        if gen.family != "digits":
+            # In the run's model.dtype, as its export samples: a FLUX transformer's fp32 master weights would
+            # take twice the memory of the bf16 ones it trained with (nn.Module.to, as in export.py).
+            nn.Module.to(gen.net, DTYPES[gen.model.dtype])
+        return gen
     what = "does not exist" if not os.path.exists(path) else "is neither a run nor an export directory"
     raise UsageError(f"{path} {what}; expected a run directory (config.json and checkpoints/, written by "
                      f"`python -m fastdmd.train`) or an export directory (fastdmd.json and unet/, written by "

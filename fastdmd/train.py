@@ -35,9 +35,13 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(2) from None
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    world = init_world()
+    world = init_world(cfg.trainer.collective_timeout_s)
     try:
-        cfg.run_dir = broadcast_object(cfg.run_dir or default_run_dir(cfg), world)
+        # Every rank runs rank 0's settings: each read config.json and the checkpoints (--resume, --resume auto) on
+        # its own, and a shared filesystem need not show them all the same files at the same moment.
+        if world.is_main:
+            cfg.run_dir = cfg.run_dir or default_run_dir(cfg)
+        cfg = broadcast_object(cfg, world)
         prepare_run_dir(cfg.run_dir, cfg.resume, world)
         return Trainer(cfg, world).fit()
     except (FileNotFoundError, CheckpointError, ConfigError, UsageError) as e:

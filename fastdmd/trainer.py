@@ -211,6 +211,11 @@ def read_logs(rows: list[dict]) -> list[dict[str, float]]:
     return [{k: next(values) if isinstance(v, torch.Tensor) else float(v) for k, v in row.items()} for row in rows]
 
 
+class _EvaluationStopped(BaseException):
+    """Raised by the SIGTERM handler of the final evaluation; a BaseException, as KeyboardInterrupt is, so that
+    no `except Exception` on the way takes it for an error of its own."""
+
+
 def default_run_dir(cfg: Config) -> str:
     return os.path.join("runs", f"{cfg.recipe}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
 
@@ -409,7 +414,7 @@ class Trainer:
                                self.cfg.trainer.keep_checkpoints)
 
     def resume(self) -> None:
-        path = latest_checkpoint(self.run_dir)
+        path = broadcast_object(latest_checkpoint(self.run_dir), self.world)  # every rank loads rank 0's choice
         if path is None:
             raise FileNotFoundError(f"--resume: no complete checkpoint under {self.run_dir}/checkpoints; "
                                     f"start without --resume or point --run_dir at a run that saved one")
@@ -688,7 +693,25 @@ class Trainer:
                 print(f"stopped by SIGTERM after step {self.step}; checkpoint saved. Resume with:\n"
                       f"  {launch_command(world.world_size)} --resume --run_dir {self.run_dir}")
             return {}
-        return self.evaluate() if cfg.eval.at_end else {}
+        return self._final_evaluation() if cfg.eval.at_end else {}
+
+    def _final_evaluation(self) -> dict:
+        """A SIGTERM (a preemption notice) ends the evaluation, not the process: the checkpoint is complete, and
+        a --resume at the last step evaluates it again. Under torchrun every rank is sent the signal."""
+        def stop(signum, frame):
+            raise _EvaluationStopped
+
+        previous_handler = signal.signal(signal.SIGTERM, stop)
+        try:
+            return self.evaluate()
+        except _EvaluationStopped:
+            if self.world.is_main:
+                print(f"\nstopped by SIGTERM during the final evaluation; the checkpoint of step {self.step} is "
+                      f"complete. Evaluate it with:\n  {launch_command(self.world.world_size)} --resume --run_dir "
+                      f"{self.run_dir}")
+            return {}
+        finally:
+            signal.signal(signal.SIGTERM, previous_handler)
 
     def _request_stop(self, signum, frame) -> None:
         self.stop_requested = True

@@ -67,6 +67,33 @@ def test_bad_types_in_files(tmp_path):
     path.write_text("[trainer\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         parse_args(["--config", str(path)])
+    # a quoted number in a file is a slip, not a string the command line had to give
+    for line, expected in [('steps = "3"', "an integer, unquoted"), ('lr_generator = "1e-4"', "a number, unquoted"),
+                           ('seed = true', "expected an integer")]:
+        path.write_text(f"[trainer]\n{line}\n")
+        with pytest.raises(ConfigError, match=expected):
+            parse_args(["--config", str(path)])
+    path.write_text('[dmd]\ngenerator_sigmas = "1,0.5"\n')
+    with pytest.raises(ConfigError, match=r"dmd.generator_sigmas = '1,0.5' is a string in a file; expected a list"):
+        parse_args(["--config", str(path)])
+    path.write_text("[eval]\nat_end = \"false\"\n")
+    with pytest.raises(ConfigError, match="true or false, unquoted"):
+        parse_args(["--config", str(path)])
+
+
+def test_a_per_rank_batch_on_the_command_line_is_not_dropped_for_a_global_one(tmp_path):
+    path = tmp_path / "c.toml"
+    path.write_text("[trainer]\nglobal_batch_size = 32\n")
+    with pytest.raises(ConfigError, match=r"--trainer.batch_size 8 would be ignored: .* = 32 \(from --config "):
+        parse_args(["--config", str(path), "--trainer.batch_size", "8"])
+    cfg = parse_args(["--config", str(path), "--trainer.batch_size", "8", "--trainer.global_batch_size", "0"])
+    assert (cfg.trainer.batch_size, cfg.trainer.global_batch_size) == (8, 0)
+    # side by side on the command line the global batch replaces the per-rank one, as its help says
+    cfg = parse_args(["--trainer.batch_size", "8", "--trainer.global_batch_size", "64"])
+    assert (cfg.trainer.batch_size, cfg.trainer.global_batch_size) == (8, 64)
+    (tmp_path / "config.json").write_text(json.dumps({"recipe": "digits-dmd2", "trainer": {"global_batch_size": 16}}))
+    with pytest.raises(ConfigError, match=r"= 16 \(from the resumed run's config.json\)"):
+        parse_args(["--resume", "--run_dir", str(tmp_path), "--trainer.batch_size", "4"])
 
 
 def test_resume_starts_from_the_saved_config(tmp_path):

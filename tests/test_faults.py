@@ -161,29 +161,46 @@ def test_sigterm_saves_and_exits_zero_then_resumes(tmp_path):
     assert [r["step"] for r in rows(run_dir)] == list(range(1, stopped + 3))
 
 
-# Runs fastdmd.train as `python -m` does, sending itself SIGTERM as its final checkpoint save starts
-TERMINATED_IN_FINAL_SAVE = """
+# Runs fastdmd.train as `python -m` does, sending itself SIGTERM as the Trainer method named by its first
+# argument (save, evaluate) starts at the final step
+TERMINATED_IN = """
 import os, runpy, signal, sys
 from fastdmd.trainer import Trainer
 
-save = Trainer.save
+name = sys.argv.pop(1)
+method = getattr(Trainer, name)
 
-def save_and_get_terminated(self, *args, **kwargs):
+def terminated_first(self, *args, **kwargs):
     if self.step == self.cfg.trainer.steps:
         os.kill(os.getpid(), signal.SIGTERM)
-    return save(self, *args, **kwargs)
+    return method(self, *args, **kwargs)
 
-Trainer.save = save_and_get_terminated
+setattr(Trainer, name, terminated_first)
 sys.argv = ["fastdmd.train", *sys.argv[1:]]
 runpy.run_module("fastdmd.train", run_name="__main__")
 """
+
+
+def test_sigterm_during_the_final_evaluation_exits_zero_and_the_resume_evaluates(tmp_path):
+    """The checkpoint is written by then: the signal ends the evaluation (it used to kill the process, exit -15,
+    with nothing said), and a --resume at the last step runs it."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-c", TERMINATED_IN, "evaluate", *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
+           "--eval.num_samples", "20", "--eval.teacher_steps", "2", "--run_dir", str(run_dir), "--threads", "1"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(XDG_CACHE_HOME=str(tmp_path)))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "stopped by SIGTERM during the final evaluation; the checkpoint of step 2 is complete" in proc.stdout
+    assert "--resume --run_dir" in proc.stdout and not os.path.exists(run_dir / "summary.json")
+    assert os.path.exists(run_dir / "checkpoints" / "step_0000002" / "meta.json")
+    main(["--resume", "--run_dir", str(run_dir)])
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
 def test_sigterm_during_the_final_save_finishes_it_and_skips_the_evaluation(tmp_path):
     """A preemption notice during the last checkpoint (the handler was gone by then: the process died
     mid-save) completes the save and exits 0 with the resume command; the evaluation is left to the resume."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-c", TERMINATED_IN_FINAL_SAVE, *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
+    cmd = [sys.executable, "-c", TERMINATED_IN, "save", *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
            "--eval.num_samples", "20", "--eval.teacher_steps", "2", "--run_dir", str(run_dir), "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(XDG_CACHE_HOME=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-2000:]

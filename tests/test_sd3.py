@@ -594,6 +594,7 @@ def test_a_bf16_export_copies_the_pipelines_folders_only_and_initialises_a_gener
 
     from fastdmd.distributed import World
     from fastdmd.export import main as export_main
+    from fastdmd.generate import load_generator
     from fastdmd.runs import load_run_generator
     from fastdmd.trainer import Trainer
 
@@ -613,10 +614,12 @@ def test_a_bf16_export_copies_the_pipelines_folders_only_and_initialises_a_gener
     assert sorted(os.listdir(out)) == ["fastdmd.json", "model_index.json", "scheduler", "transformer", "vae"]
     assert json.loads((out / "model_index.json").read_text()) == json.loads((teacher / "model_index.json").read_text())
     trained = load_run_generator(str(run)).net.state_dict()
+    sampled = load_generator(str(run)).net.state_dict()  # `generate RUN` samples what the export holds
     with safe_open(str(out / "transformer" / "diffusion_pytorch_model.safetensors"), "pt") as f:
         assert sorted(f.keys()) == sorted(trained)
         for name in f.keys():
             assert torch.equal(f.get_tensor(name), trained[name].to(torch.bfloat16)), name
+            assert torch.equal(f.get_tensor(name), sampled[name]), name
 
     initialised = Trainer(parse_args(args_for(teacher, tmp_path / "next", "--model.init_generator", str(out))), World())
     for name, weight in initialised.generator.net.state_dict().items():

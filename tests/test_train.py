@@ -417,6 +417,27 @@ def test_the_cuda_process_group_reduces_cpu_tensors_too():
     assert "cpu" in BackendConfig(Backend(process_group_backend(use_cuda=False))).get_device_backend_map()
 
 
+def test_the_process_group_takes_the_collective_timeout(monkeypatch):
+    """NCCL's default (10 minutes) would fail a run whose rank 0 reads a large checkpoint alone from slow
+    storage while the others wait; trainer.collective_timeout_s sets the wait."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from fastdmd.distributed import init_world
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kwargs: calls.append((backend, kwargs)))
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    world = init_world(collective_timeout_s=2700)
+    assert (world.rank, world.world_size) == (1, 2)
+    assert calls == [("gloo", {"timeout": datetime.timedelta(seconds=2700)})]
+
+
 @pytest.mark.slow
 def test_short_run_brings_the_student_closer_to_real_digits(tmp_path):
     """100 DMD2 steps of the default recipe: the 4-step student's FD to held-out digits drops well
