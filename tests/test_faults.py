@@ -181,32 +181,27 @@ runpy.run_module("fastdmd.train", run_name="__main__")
 """
 
 
-def test_sigterm_during_the_final_evaluation_exits_zero_and_the_resume_evaluates(tmp_path):
-    """The checkpoint is written by then: the signal ends the evaluation (it used to kill the process, exit -15,
-    with nothing said), and a --resume at the last step runs it."""
+@pytest.mark.parametrize("method, said", [
+    ("save", "stopped by SIGTERM after step 2; checkpoint saved"),
+    ("evaluate", "stopped by SIGTERM during the final evaluation; the checkpoint of step 2 is complete"),
+])
+def test_sigterm_in_the_final_save_or_evaluation_exits_zero_and_the_resume_evaluates(tmp_path, monkeypatch, method,
+                                                                                     said):
+    """A preemption notice during the last checkpoint lets the save finish (the handler was gone by then: the
+    process died mid-save); one during the final evaluation ends the evaluation (the process was killed, exit
+    -15, with nothing said). Either way: exit 0 with the resume command, and the resume at the last step
+    evaluates."""
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-c", TERMINATED_IN, "evaluate", *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
+    cmd = [sys.executable, "-c", TERMINATED_IN, method, *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
            "--eval.num_samples", "20", "--eval.teacher_steps", "2", "--run_dir", str(run_dir), "--threads", "1"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(XDG_CACHE_HOME=str(tmp_path)))
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "stopped by SIGTERM during the final evaluation; the checkpoint of step 2 is complete" in proc.stdout
-    assert "--resume --run_dir" in proc.stdout and not os.path.exists(run_dir / "summary.json")
-    assert os.path.exists(run_dir / "checkpoints" / "step_0000002" / "meta.json")
-    main(["--resume", "--run_dir", str(run_dir)])
-    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
-
-
-def test_sigterm_during_the_final_save_finishes_it_and_skips_the_evaluation(tmp_path):
-    """A preemption notice during the last checkpoint (the handler was gone by then: the process died
-    mid-save) completes the save and exits 0 with the resume command; the evaluation is left to the resume."""
-    run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-c", TERMINATED_IN, "save", *TINY, "--trainer.steps", "2", "--eval.at_end", "true",
-           "--eval.num_samples", "20", "--eval.teacher_steps", "2", "--run_dir", str(run_dir), "--threads", "1"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=subprocess_env(XDG_CACHE_HOME=str(tmp_path)))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "stopped by SIGTERM after step 2; checkpoint saved" in proc.stdout
+    assert said in proc.stdout and "--resume --run_dir" in proc.stdout
     assert os.path.exists(run_dir / "checkpoints" / "step_0000002" / "meta.json")
     assert not os.path.exists(run_dir / "summary.json")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # the teacher rows the subprocess cached, if it got so far
+    main(["--resume", "--run_dir", str(run_dir)])
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 2
 
 
 # ----- SIGKILL at random moments and mid-checkpoint ----------------------------------------------
