@@ -184,7 +184,7 @@ runpy.run_module("fastdmd.train", run_name="__main__")
 @pytest.mark.parametrize("method, said", [
     ("save", "stopped by SIGTERM after step 2; checkpoint saved"),
     ("evaluate", "stopped by SIGTERM during the final evaluation; the checkpoint of step 2 is complete"),
-])
+], ids=["save", "evaluate"])
 def test_sigterm_in_the_final_save_or_evaluation_exits_zero_and_the_resume_evaluates(tmp_path, monkeypatch, method,
                                                                                      said):
     """A preemption notice during the last checkpoint lets the save finish (the handler was gone by then: the
