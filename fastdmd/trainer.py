@@ -930,11 +930,10 @@ class Trainer:
         summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g,
                    "num_samples": e.num_samples, "samplers": rows,
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        # whole files or none: a SIGTERM in the final evaluation may come while they are written
+        write_atomically(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
         table = summary_table(summary)
-        with open(os.path.join(self.run_dir, "summary.md"), "w") as f:
-            f.write(table + "\n")
+        write_atomically(os.path.join(self.run_dir, "summary.md"), table + "\n")
         print("\n" + table)
         print(f"\nrun directory: {self.run_dir}  (samples_final.png, metrics.jsonl, checkpoints/)")
         return summary
@@ -962,8 +961,7 @@ class Trainer:
         summary = {"recipe": self.cfg.recipe, "steps": self.step, "guidance_scale": g, "family": fam.name,
                    "student_samples_per_s": speed, "rows": {str(i): fam.condition_names[i] for i in sorted(set(labels.tolist()))},
                    "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-        with open(os.path.join(self.run_dir, "summary.json"), "w") as f:
-            json.dump(summary, f, indent=2)
+        write_atomically(os.path.join(self.run_dir, "summary.json"), json.dumps(summary, indent=2))
         per = "GPU" if noise.is_cuda else "process"
         print(f"\nstudent {n_steps}-step: {speed:.1f} samples/s per {per}; grids (rows = prompts {summary['rows']}) in "
               f"{self.run_dir}/samples_final.png")
