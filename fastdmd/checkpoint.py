@@ -83,13 +83,19 @@ def latest_checkpoint(run_dir: str) -> str | None:
 
 def write_atomically(path: str, text: str) -> None:
     """Replace `path` with `text` so that a reader (or a kill) sees the old file or the new one, never
-    a torn one: write a sibling temp file, flush it to disk, rename it over `path`."""
+    a torn one: write a sibling temp file, flush it to disk, rename it over `path`. A write cut short (a full
+    disk, a SIGTERM handler that raises) removes the temp file."""
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
 
 
 def discard_partial_checkpoints(run_dir: str) -> list[str]:

@@ -415,6 +415,21 @@ def uninterrupted_losses(tmp_path_factory):
     return [{k: v for k, v in row.items() if k != "samples_per_s"} for row in rows(run_dir)]
 
 
+def test_an_atomic_write_cut_short_keeps_the_old_file_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    from fastdmd.checkpoint import write_atomically
+
+    path = tmp_path / "summary.json"
+    write_atomically(str(path), "old")
+
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError):
+        write_atomically(str(path), "new")
+    assert path.read_text() == "old" and sorted(os.listdir(tmp_path)) == ["summary.json"]
+
+
 @pytest.mark.parametrize("where, expected", [
     ("checkpoint", ["could not write checkpoint", "step_0000004 (No space left on device)",
                     "the previous checkpoint {run}/checkpoints/step_0000002 is intact",
