@@ -505,8 +505,6 @@ def _check_ranges(node, prefix: str) -> None:
 def _coerce(key: str, tp, value, from_cli: bool):
     """Turn a CLI string, or a value of a TOML / JSON file, into the field's type, or say why not. A file's
     value must have the type already: a quoted "3" for an integer is a slip the file's own syntax can show."""
-    if from_cli and tp is str:
-        from_cli = False  # the string is the value
     if not from_cli and isinstance(value, str) and tp is not str:
         kind = {bool: "true or false, unquoted", int: "an integer, unquoted", float: "a number, unquoted",
                 tuple: "a list of numbers, e.g. [1.0, 0.5]"}[tp]

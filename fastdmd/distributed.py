@@ -38,7 +38,7 @@ class World:
         return self.world_size > 1
 
 
-def init_world(collective_timeout_s: float = 1800.0) -> World:
+def init_world(collective_timeout_s: float) -> World:
     """The process group of a torchrun launch (one process: none). A collective that waits past
     `collective_timeout_s` for a rank fails instead of hanging (NCCL's own default is 10 minutes, which rank 0
     reading a FLUX-sized checkpoint alone from slow storage can outlast)."""
