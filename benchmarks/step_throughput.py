@@ -14,8 +14,9 @@ and device:
                       (perf.master_weights), stepped by MasterAdamW: bf16 gradients in, one fused
                       update writing the fp32 weights, the copies and the EMA; q/k/v projections fused
                       in the teacher and the copies, forward and backward; the rollout on the
-                      generator's copy; in the no-grad forwards the feed-forwards' GELU in the matmul's
-                      epilogue (perf.gelu_epilogue). On CPU, where bf16 and CUDA graphs gain nothing:
+                      generator's copy. Not perf.gelu_epilogue: on an H100 it gained nothing (2026-11-27,
+                      same process, twice: 0.1309 against 0.1267 s/step without, 0.1284 against 0.1280).
+                      On CPU, where bf16 and CUDA graphs gain nothing:
                       fp32 weights, torch.compile's default mode, fused AdamW
     optimized-default-mode  optimized with torch.compile's default mode, the rollout and the DMD scores
                       replayed from CUDA graphs of their own (CUDA); the optimized step until H100,
@@ -27,7 +28,7 @@ and device:
                       as optimized
 
 A variant's name may add settings, applied after its own: NAME+section.option=value+..., e.g.
-optimized+perf.gelu_epilogue=false, to measure one option's gain in the same process.
+optimized+perf.gelu_epilogue=true, to measure one option's gain in the same process.
 
 For each: s/step (the timed steps' step numbers are chosen so that their backward-simulation steps
 k, which set how many generator forwards the rollout runs, cycle through 0..K-1 as training draws
@@ -49,7 +50,7 @@ fails is recorded with its error and the others still run.
 
     python benchmarks/step_throughput.py                                  # digits on this machine's device
     python benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
-        --variants naive optimized optimized+perf.gelu_epilogue=false --profile
+        --variants naive optimized optimized+perf.gelu_epilogue=true --profile
     python benchmarks/step_throughput.py --preset flux-dev --depth 2 --batch 1 --resolution 512
 
 The sd3-medium and flux-dev presets build the real architectures with random weights (depth
@@ -100,17 +101,17 @@ VARIANTS = ("naive", "optimized", "optimized-default-mode", "optimized-autocast"
 def split_variant(name: str) -> tuple[str, list[str]]:
     """A variant's name, NAME or NAME+section.option=value+...: (NAME, the options as command-line
     arguments, applied after NAME's). For A/B runs of one option in one process:
-    `--variants naive optimized optimized+perf.gelu_epilogue=false`."""
+    `--variants naive optimized optimized+perf.gelu_epilogue=true`."""
     base, *settings = name.split("+")
     if base not in VARIANTS:
         raise ValueError(f"unknown variant {base!r}; expected one of {', '.join(VARIANTS)}, optionally followed "
-                         f"by +section.option=value (e.g. optimized+perf.gelu_epilogue=false)")
+                         f"by +section.option=value (e.g. optimized+perf.gelu_epilogue=true)")
     extra = []
     for setting in settings:
         key, sep, value = setting.partition("=")
         if not sep or not key or not value:
             raise ValueError(f"variant {name!r}: {setting!r} is not section.option=value "
-                             f"(e.g. optimized+perf.gelu_epilogue=false)")
+                             f"(e.g. optimized+perf.gelu_epilogue=true)")
         extra += [f"--{key}", value]
     return base, extra
 
@@ -145,8 +146,8 @@ def variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]:
     weights (perf.master_weights) except in optimized-autocast, whose rollout runs on a bf16 copy of the
     generator; optimized on CUDA with torch.compile's reduce-overhead mode, the grad passes' compiled
     blocks replayed from CUDA graphs of their own (cudagraph trees), forward and backward, the rollout
-    and the scores from whole-call graphs of the blocks' default-mode twins; on CUDA, GELU in the matmul's
-    epilogue in the no-grad forwards (perf.gelu_epilogue). NAME+section.option=value: see split_variant."""
+    and the scores from whole-call graphs of the blocks' default-mode twins. NAME+section.option=value: see
+    split_variant."""
     name, extra = split_variant(name)
     return _base_variant_args(name, cuda, compile_backend) + extra
 
@@ -159,10 +160,9 @@ def _base_variant_args(name: str, cuda: bool, compile_backend: str) -> list[str]
     weights = [] if not cuda else ["--perf.rollout_weights", "bf16"] if name == "optimized-autocast" else \
         ["--perf.master_weights", "true"]
     mode = ["--perf.compile_mode", "reduce-overhead"] if name == "optimized" and cuda else []
-    epilogue = ["--perf.gelu_epilogue", "true"] if cuda else []
     return ["--ops.backend", "auto", "--perf.compile", "true", "--perf.compile_backend", compile_backend,
             "--perf.cuda_graph_rollout", "true", "--perf.cuda_graph_scores", "true", "--perf.fuse_qkv", "true",
-            *weights, *mode, *epilogue, *precision]
+            *weights, *mode, *precision]
 
 
 def preset_args(preset: str, batch: int) -> list[str]:

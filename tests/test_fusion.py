@@ -135,9 +135,11 @@ def test_gelu_epilogue_leaves_networks_without_tanh_gelu_alone():
 @pytest.mark.parametrize("name", NETS)
 def test_gelu_epilogue_on_cuda_gives_the_two_step_output_without_grad_and_the_same_bits_with(name, monkeypatch):
     """bf16 on CUDA: with no grad the epilogue runs (once per projection per forward) and, eager or
-    compiled, gives diffusers' output to bf16 rounding (one rounding instead of two); where autograd
-    records, the forward is diffusers' own."""
+    compiled, its error against an fp32 forward is no worse than twice diffusers' own bf16 error in the
+    same mode (one rounding instead of two; compiled, inductor fuses and rounds the rest its own way, so
+    eager diffusers is no yardstick there); where autograd records, the forward is diffusers' own."""
     net, inputs, _ = build(name)
+    reference = copy.deepcopy(net).cuda()
     net = net.cuda().to(torch.bfloat16)
     inputs = {k: v.cuda().to(torch.bfloat16) if v.is_floating_point() else v.cuda() for k, v in inputs.items()}
     patched = copy.deepcopy(net)
@@ -145,14 +147,18 @@ def test_gelu_epilogue_on_cuda_gives_the_two_step_output_without_grad_and_the_sa
     calls = []
     real = torch._addmm_activation
     monkeypatch.setattr(torch, "_addmm_activation", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def error(module):
+        return (module(**inputs).sample.float() - want).abs().max().item()
+
     with torch.no_grad():
-        want = net(**inputs).sample.float()
-        got = patched(**inputs).sample.float()
+        want = reference(**{k: v.float() if v.is_floating_point() else v for k, v in inputs.items()}).sample
+        eager_error = error(net)
+        assert eager_error > 0  # bf16 rounds: the bound below is not vacuous
+        assert error(patched) <= 2 * eager_error
         assert len(calls) == count
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
         monkeypatch.setattr(torch, "_addmm_activation", real)  # what dynamo traces
-        compiled = torch.compile(patched)
-        torch.testing.assert_close(compiled(**inputs).sample.float(), want, rtol=2e-2, atol=2e-2)
+        assert error(torch.compile(patched)) <= 2 * error(torch.compile(net))
     patched.requires_grad_(True)
     net.requires_grad_(True)
     assert torch.equal(patched(**inputs).sample, net(**inputs).sample)
