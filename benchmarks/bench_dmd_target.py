@@ -56,37 +56,45 @@ def forced_passes(one_pass: bool, max_chunks: int | None = None, min_chunk_eleme
     """The kernel with passes 1 and 2 in one launch, or in two, whatever the launcher would choose
     (dmd_target_triton.one_pass_enabled); an error (recorded in the row) where one pass cannot run.
     max_chunks: at most this many programs per sample, forward and backward (sample_chunks.MAX_CHUNKS);
-    min_chunk_element_bytes: dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES, the forward's chunk length.
+    min_chunk_element_bytes: the forward's chunk length, with and without the residual saved
+    (dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES and MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL alike).
     Other chunks change the order of a sample's sums, hence its last bits."""
     def variant(kernel):
         def run(**inputs):
-            saved = dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES
+            saved = (dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES,
+                     dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL)
             dmd_target_triton.ONE_PASS = one_pass
             sample_chunks.MAX_CHUNKS = max_chunks or sample_chunks.MAX_CHUNKS
             if min_chunk_element_bytes is not None:
                 dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES = min_chunk_element_bytes
+                dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL = min_chunk_element_bytes
             try:
                 x0 = inputs["x0"]
-                chunks = dmd_target_triton.forward_chunks(x0[0].numel(), x0.element_size()).num_chunks
+                save_residual = torch.is_grad_enabled() and x0.requires_grad
+                chunks = dmd_target_triton.forward_chunks(x0[0].numel(), x0.element_size(), save_residual).num_chunks
                 if one_pass and not dmd_target_triton.one_pass_fits(x0.device, chunks):
                     raise RuntimeError(f"one pass does not apply: {chunks} programs per sample, more than this "
                                        "GPU's SMs")
                 return kernel(**inputs)
             finally:
-                dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES = saved
+                (dmd_target_triton.ONE_PASS, sample_chunks.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES,
+                 dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL) = saved
         return run
     return variant
 
 
-# The launcher's choice, both forced choices, the forward's one-block chunks (the layout before
-# MIN_CHUNK_ELEMENT_BYTES, 2026-11-27: an image latent's 128 per sample) and fewer programs per sample, forward
-# and backward: fewer, longer programs wait less in one pass, but the chunks their pass 2 re-reads from
-# L2 are larger (all resident programs' pass-1 chunks must stay in L2), and the backward loses
-# parallelism; the video latent's one pass fits the SMs with them.
+# The launcher's choice, both forced choices, the forward's chunks one block long with and without the
+# residual saved (the layout before MIN_CHUNK_ELEMENT_BYTES, 2026-11-27: an image latent's 128 per sample),
+# and two bf16 blocks long with and without (session 15's layout, before the residual-saving forward went
+# back to one block: 64 per sample), and fewer programs per sample, forward and backward: fewer, longer
+# programs wait less in one pass, but the chunks their pass 2 re-reads from L2 are larger (all resident
+# programs' pass-1 chunks must stay in L2), and the backward loses parallelism; the video latent's one
+# pass fits the SMs with them.
 KERNEL_VARIANTS = {
     "triton_one_pass": forced_passes(True),
     "triton_two_pass": forced_passes(False),
     "triton_one_pass_one_block_chunks": forced_passes(True, min_chunk_element_bytes=0),
+    "triton_one_pass_two_block_chunks": forced_passes(True, min_chunk_element_bytes=4),
     "triton_one_pass_32_chunks": forced_passes(True, max_chunks=32),
     "triton_two_pass_32_chunks": forced_passes(False, max_chunks=32),
 }
@@ -97,7 +105,7 @@ if __name__ == "__main__":
     run_benchmark(args, reference.dmd_target, cases(args),
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
-                   "barrier between them; triton_two_pass: two launches; _one_block_chunks: the forward's chunks "
-                   "one block long (MIN_CHUNK_ELEMENT_BYTES 0); _32_chunks: at most 32 programs per sample, forward and "
+                   "barrier between them; triton_two_pass: two launches; _one_block_chunks / _two_block_chunks: "
+                   "the forward's chunks one block / two bf16 blocks long, residual saved or not; _32_chunks: at most 32 programs per sample, forward and "
                    "backward, not 256"],
                   kernel_variants=KERNEL_VARIANTS)

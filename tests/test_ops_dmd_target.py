@@ -85,15 +85,20 @@ def test_multi_block_chunks(dtype):
         assert_matches_reference(make_inputs((3, 300), dtype, weights=True, noise=True), dtype)
 
 
-def test_forward_chunks_read_one_fp32_blocks_bytes_and_the_backward_keeps_one_block():
-    """The forward's cut of a sample: chunks of two bf16 / fp16 blocks, one fp32 block, MAX_CHUNKS at most,
-    whatever the batch; the backward's: one block per chunk (an elementwise pass: more programs)."""
+def test_forward_chunks_read_one_fp32_blocks_bytes_without_grad_and_one_block_with_it():
+    """The forward's cut of a sample: without the residual saved, chunks of two bf16 / fp16 blocks, one fp32
+    block; with it (a training step's forward), one block; MAX_CHUNKS at most, whatever the batch; the
+    backward's: one block per chunk (an elementwise pass: more programs)."""
     image, video = 16 * 128 * 128, 336 * 60 * 104  # 128 and 1024 blocks of 2048
-    cut = dmd_target_triton.forward_chunks
-    assert (cut(image, 2).num_chunks, cut(image, 2).blocks_per_chunk) == (64, 2)
-    assert (cut(image, 4).num_chunks, cut(image, 4).blocks_per_chunk) == (128, 1)
-    assert (cut(video, 2).num_chunks, cut(video, 2).blocks_per_chunk) == (256, 4)  # MAX_CHUNKS decides
-    assert cut(3, 2).num_chunks == 1 and cut(3 * 2048, 2).num_chunks == 2  # the last chunk partly empty
+
+    def cut(numel, element_size, save_residual=False):
+        chunks = dmd_target_triton.forward_chunks(numel, element_size, save_residual)
+        return chunks.num_chunks, chunks.blocks_per_chunk
+
+    assert cut(image, 2) == (64, 2) and cut(image, 2, save_residual=True) == (128, 1)
+    assert cut(image, 4) == cut(image, 4, save_residual=True) == (128, 1)
+    assert cut(video, 2) == cut(video, 2, save_residual=True) == (256, 4)  # MAX_CHUNKS decides
+    assert cut(3, 2)[0] == 1 and cut(3 * 2048, 2)[0] == 2  # the last chunk partly empty
     assert sample_chunks_module.sample_chunks(image).num_chunks == 128
 
 
@@ -312,7 +317,7 @@ def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, monkeypatch)
         out.loss.backward()
         return out, x0.grad
 
-    chunks = dmd_target_triton.forward_chunks(math.prod(shape[1:]), torch.bfloat16.itemsize).num_chunks
+    chunks = dmd_target_triton.forward_chunks(math.prod(shape[1:]), torch.bfloat16.itemsize, save_residual=True).num_chunks
     if not dmd_target_triton.one_pass_fits(DEVICE, chunks):  # e.g. the video latent's 256 on an H100
         pytest.skip(f"{chunks} programs per sample exceed this GPU's SMs: the launcher keeps two passes")
     for seed in range(3):
@@ -367,10 +372,13 @@ def test_benchmark_variants_set_the_kernels_knobs_for_their_call_only(monkeypatc
 
     def knobs(**inputs):
         x0 = inputs["x0"]
-        return dmd_target_triton.ONE_PASS, dmd_target_triton.forward_chunks(x0[0].numel(), x0.element_size()).num_chunks
+        save_residual = x0.requires_grad
+        return dmd_target_triton.ONE_PASS, dmd_target_triton.forward_chunks(x0[0].numel(), x0.element_size(),
+                                                                             save_residual).num_chunks
 
     def state():
-        return dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES
+        return (dmd_target_triton.ONE_PASS, sample_chunks_module.MAX_CHUNKS, dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES,
+                dmd_target_triton.MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL)
 
     before = state()
     x0 = torch.zeros(2, 16, 128, 128)  # 128 blocks of 2048 per sample: one fp32 block is 8 KB
@@ -383,6 +391,8 @@ def test_benchmark_variants_set_the_kernels_knobs_for_their_call_only(monkeypatc
     assert variants["triton_one_pass_32_chunks"](knobs)(x0=bf16) == (True, 32)
     assert variants["triton_one_pass"](knobs)(x0=x0) == (True, 128)
     assert variants["triton_one_pass_one_block_chunks"](knobs)(x0=bf16) == (True, 128)
+    assert variants["triton_one_pass_two_block_chunks"](knobs)(x0=bf16.requires_grad_()) == (True, 64)
+    assert variants["triton_one_pass"](knobs)(x0=bf16) == (True, 128)  # the launcher's cut with grad
     monkeypatch.setattr(dmd_target_triton, "one_pass_fits", lambda device, chunks: False)
     with pytest.raises(RuntimeError, match="one pass does not apply: 128 programs per sample"):
         variants["triton_one_pass"](knobs)(x0=x0)

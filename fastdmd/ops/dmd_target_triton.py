@@ -74,9 +74,13 @@ ONE_PASS: Optional[bool] = None
 # each reads as many bytes per input as one fp32 block: two blocks for bf16 and fp16, one for fp32. A one-pass
 # program waits once per chunk, and a longer chunk spreads that wait over more bytes: on an H100, bf16
 # 64x16x128x128 forward 107.5 us with 64 chunks of 2 blocks against 117.7 with 128 of one (fp32: 187 us either
-# way; 2026-11-26, session 12). The backward, a plain elementwise pass, keeps one-block chunks: there fewer,
-# longer programs were slower. 0: one-block chunks everywhere.
+# way; 2026-11-26, session 12); 106.0 against 119.1 (2026-11-27, session 19). A forward that saves the residual
+# for backward (x0 requires grad: every training step) takes MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL instead:
+# one-block chunks, since there the longer chunks lost: forward+backward 228.4 us against 209.8 with one block
+# (same shape, same run; benchmarks/results/gpu_h100_2026-11-27_sixth.md). The backward, a plain elementwise
+# pass, keeps one-block chunks: there fewer, longer programs were slower. 0: one-block chunks.
 MIN_CHUNK_ELEMENT_BYTES = 4
+MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL = 0
 # The one-pass kernel's wait gives up after this many polls of its sample's counter (about a second):
 # a wait that cannot end (a GPU that broke the residency argument of one_pass_enabled) then shows as
 # a NaN loss, which the trainer refuses as a non-finite update, instead of a hung process.
@@ -340,11 +344,14 @@ def one_pass_enabled(device: torch.device, num_chunks: int, pass_one_bytes: int)
     return one_pass_fits(device, num_chunks) and pass_one_bytes > torch.cuda.get_device_properties(device).L2_cache_size
 
 
-def forward_chunks(numel_per_sample: int, element_size: int):
+def forward_chunks(numel_per_sample: int, element_size: int, save_residual: bool):
     """The forward's cut of a sample (passes 1 and 2, one or two launches alike, so their sums agree bit
-    for bit): sample_chunks with chunks of at least MIN_CHUNK_ELEMENT_BYTES // element_size blocks. It
-    depends on the sample's size and dtype only, never on the batch."""
-    return sample_chunks(numel_per_sample, max(1, MIN_CHUNK_ELEMENT_BYTES // element_size))
+    for bit): sample_chunks with chunks of at least MIN_CHUNK_ELEMENT_BYTES // element_size blocks, or
+    MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL's where the forward saves the residual. It depends on the
+    sample's size and dtype and on save_residual, never on the batch; a forward with grad and one without
+    may differ in their sums' last bits."""
+    min_bytes = MIN_CHUNK_ELEMENT_BYTES_SAVING_RESIDUAL if save_residual else MIN_CHUNK_ELEMENT_BYTES
+    return sample_chunks(numel_per_sample, max(1, min_bytes // element_size))
 
 
 def _per_sample_fp32(t: Optional[torch.Tensor], placeholder: torch.Tensor) -> torch.Tensor:
@@ -357,7 +364,7 @@ def _launch_dmd_target(x0, x_t, real_cond, real_uncond, fake, a, b, guidance_sca
     """The kernels' launches; one_pass None: one_pass_enabled (compile_check forces either)."""
     batch = x0.shape[0]
     numel_per_sample = x0.numel() // batch
-    chunks = forward_chunks(numel_per_sample, x0.element_size())
+    chunks = forward_chunks(numel_per_sample, x0.element_size(), save_residual)
     flags = dict(HAS_UNCOND=real_uncond is not None, HAS_NOISE=noise is not None)
     pass_one_bytes = sum(t.numel() * t.element_size() for t in (x0, x_t, real_cond, real_uncond, noise)
                          if t is not None)
