@@ -27,15 +27,13 @@
 #   throughput  benchmarks/step_throughput.py at the anchor shape (SD3-medium MMDiT, 12 layers, batch 4,
 #            512 px), one process, --profile: naive + optimized (reduce-overhead since 2026-11-26, session
 #            13: 0.141 against 0.158 s/step for the default compile mode in one process; since session 14
-#            with whole-call graphs for the rollout and scores: 0.133 s) + the A/B variants of
-#            $FASTDMD_AB_VARIANTS (default optimized+perf.gelu_epilogue=false: optimized without session
-#            15's GELU epilogue); ~100 s per variant with --profile in session 14 (since then 8 timed steps
-#            and a second profiled step each: some seconds more); results in
-#            OUTDIR/step_throughput_sd3-medium-d12.{json,md}. (Until session 15 a second process ran naive +
-#            optimized-default-mode.) Candidates not yet measured, if the call has time for one more
-#            variant: optimized+perf.inductor_options=triton.multi_kernel=1 (inductor also builds persistent
-#            forms of its reductions, the adaLN layer norms' among them, 9 ms of "red" kernels per step in
-#            session 14, and picks the faster by timing both).
+#            with whole-call graphs for the rollout and scores: 0.133 s; since session 19 without the GELU
+#            epilogue, which gained nothing: 0.127-0.128 s) + the A/B variants of $FASTDMD_AB_VARIANTS
+#            (default optimized+perf.inductor_options=triton.multi_kernel=1, not yet measured: inductor also
+#            builds persistent forms of its reductions, the adaLN layer norms' among them, 9 ms of "red"
+#            kernels per step in session 14, and picks the faster by timing both; '' for none); 254 s for
+#            naive + optimized + one variant with --profile in session 19; results in
+#            OUTDIR/step_throughput_sd3-medium-d12.{json,md}.
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
@@ -50,23 +48,20 @@
 # ~170 s, memplan 12 s (CPU only: run it here instead); a machine started in ~30 s and is given back
 # after 30 s idle.
 # The steps that time nothing can share the machine; the timed ones run alone. Plan for one call of
-# ~590 s. The op tests and benchmarks all ran on 2026-11-26/27 (sessions 12-14), so the next call is
-# throughput's, with the GPU tests beside its start and bench_master_adamw after it (session 14: 321 s
-# in all on a fresh machine, throughput 201 s, gputests 65-74 s). Unrun on a GPU since session 15:
-# MasterAdamW without exp_avg (bench_master_adamw's triton against triton_exp_avg; throughput's peak
-# memory, ~8 GB less), the GELU epilogue (throughput's optimized against optimized+perf.gelu_epilogue=false,
-# and the gputests' test_gelu_epilogue_on_cuda_*), and session 14's pool fix (gputests'
-# test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode), dmd_target's forward cut
-# into chunks of two bf16 blocks (onepass: still the two-pass bits; bench_dmd_target: the launcher's
-# choice against triton_one_pass_one_block_chunks, the cut before):
+# ~590 s. Session 19 ran this recipe at 10771fe in 484 s on a fresh machine (gputests 100 s, throughput
+# 254 s, bench_dmd_target 72 s; benchmarks/results/gpu_h100_2026-11-27_sixth.md). Unrun on a GPU since
+# then: dmd_target's one-block chunks for a forward that saves the residual (cfa9a4d; onepass: the
+# two-pass bits with that cut; bench_dmd_target: the `triton` forward+backward row, ~210 us expected,
+# against triton_one_pass_two_block_chunks, ~228) and the multi_kernel variant (throughput). The same
+# recipe covers both:
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=100 FASTDMD_PYTEST_ARGS='-n 6' bash $S $O/t tests &
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/o onepass &
 #   FASTDMD_STEP_TIMEOUT=150 FASTDMD_PYTEST_ARGS='-n 4' bash $S $O/g gputests; wait
-#   FASTDMD_STEP_TIMEOUT=260 bash $S $O/p throughput
-#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw
-#   FASTDMD_STEP_TIMEOUT=100 bash $S $O/d bench_dmd_target"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
+#   FASTDMD_STEP_TIMEOUT=320 bash $S $O/p throughput
+#   FASTDMD_STEP_TIMEOUT=100 bash $S $O/d bench_dmd_target
+#   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
 # with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
@@ -183,7 +178,7 @@ step_throughput() {
     # without the option most recently added to it, so its gain is measured in the same process; none with
     # FASTDMD_AB_VARIANTS=''). One process: a CUDA error would leave its context unusable for the variants
     # after it, so the optimized step comes first.
-    local ab=${FASTDMD_AB_VARIANTS-optimized+perf.gelu_epilogue=false}
+    local ab=${FASTDMD_AB_VARIANTS-optimized+perf.inductor_options=triton.multi_kernel=1}
     # shellcheck disable=SC2086  # the A/B variants are words
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized $ab --profile --out "$outdir/step_throughput_sd3-medium-d12"
