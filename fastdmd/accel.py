@@ -56,7 +56,10 @@ def make_adamw(params, lr: float, betas, weight_decay: float, perf) -> tuple[tor
             if params and isinstance(params[0], DTensor):  # its kernels read raw storage, which a DTensor has not
                 note = "apex FusedAdam cannot step FSDP2's sharded (DTensor) parameters; "
             elif params and params[0].is_cuda:
-                return FusedAdam(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True), "apex FusedAdam"
+                from fastdmd.optim import apex_adamw
+
+                return (apex_adamw(FusedAdam)(params, lr=lr, betas=betas, weight_decay=weight_decay, adam_w_mode=True),
+                        "apex FusedAdam")
             else:
                 note = "apex FusedAdam needs CUDA; "
     else:

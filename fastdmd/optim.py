@@ -49,6 +49,46 @@ class TorchAdamWState:
                     self.state.get(p, {}).pop("exp_avg", None)
 
 
+class ApexAdamWState:
+    """Mixed into NVIDIA apex's FusedAdam (before it; apex_adamw builds the class). apex counts steps per
+    param group (group["step"]), not per parameter, and its zero_grad takes no set_to_none, which the
+    trainer and torch.distributed.checkpoint pass. With this its state dict is torch AdamW's (a step per
+    parameter, torch AdamW's group keys), so a checkpoint written with apex resumes with torch's AdamW
+    (what perf.optimizer apex falls back to where apex is missing) and one written without resumes with
+    apex; and zero_grad takes torch's arguments."""
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        torch.optim.Optimizer.zero_grad(self, set_to_none)
+
+    def state_dict(self) -> dict:
+        state_dict = super().state_dict()
+        adamw_group = _torch_adamw_defaults()
+        for group in state_dict["param_groups"]:
+            step = float(group.pop("step", 0))
+            for key in self.defaults.keys() - adamw_group.keys():  # apex's own (bias_correction): a torch
+                group.pop(key, None)  # checkpoint lacks it, and DCP loads only keys the checkpoint has
+            group.update({key: value for key, value in adamw_group.items() if key not in group})
+            for index in group["params"]:
+                if index in state_dict["state"]:  # a new dict: the optimizer's own state stays apex's
+                    state_dict["state"][index] = {"step": torch.tensor(step), **state_dict["state"][index]}
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            steps = [float(self.state[p].pop("step")) for p in group["params"] if "step" in self.state.get(p, {})]
+            if steps:  # torch AdamW's per-parameter counts: one per group, as apex steps them together
+                group["step"] = int(max(steps))
+            for key, value in self.defaults.items():  # apex's own keys (bias_correction) where torch's lacked them
+                group.setdefault(key, value)
+
+
+def apex_adamw(fused_adam: type) -> type:
+    """apex.optimizers.FusedAdam (given, since apex is imported only where asked for) with torch AdamW's
+    state dict and zero_grad (ApexAdamWState)."""
+    return type("ApexFusedAdamW", (ApexAdamWState, fused_adam), {})
+
+
 class MasterAdamW(TorchAdamWState, torch.optim.Optimizer):
     """AdamW (torch's fused AdamW math) on fp32 `params`, whose gradients come from `copies` (same order
     and shapes, bf16; a copy may be rows of a fused weight, see copy_grad): a copy's gradient wins; a

@@ -475,6 +475,91 @@ def test_apex_is_not_handed_fsdp2_dtensors(monkeypatch):
         dist.destroy_process_group()
 
 
+class ApexLikeFusedAdam(torch.optim.Optimizer):
+    """apex.optimizers.FusedAdam's interface and state layout (NVIDIA/apex, 2026-07): one step count per param
+    group (group["step"]), exp_avg and exp_avg_sq per parameter, its own group key bias_correction, zero_grad()
+    without arguments; its AdamW update (adam_w_mode) in torch, on CPU, written as torch's AdamW computes it."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-8, adam_w_mode=True,
+                 weight_decay=0.0):
+        assert adam_w_mode and bias_correction
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay))
+
+    def zero_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.grad = None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            group["step"] = t = group.get("step", 0) + 1
+            beta1, beta2 = group["betas"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if not state:
+                    state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(p).float(), torch.zeros_like(p).float()
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                state["exp_avg"].lerp_(p.grad, 1 - beta1)
+                state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+                denom = (state["exp_avg_sq"].sqrt() / (1 - beta2 ** t) ** 0.5).add_(group["eps"])
+                p.addcdiv_(state["exp_avg"], denom, value=-group["lr"] / (1 - beta1 ** t))
+
+
+def test_an_apex_checkpoint_resumes_with_torch_adamw_and_a_torch_one_with_apex(tmp_path):
+    """apex counts steps per param group and takes no zero_grad(set_to_none=...), which the trainer and DCP
+    pass: through apex_adamw it steps, and its checkpoint (saved as the trainer saves, RoleState through DCP)
+    resumes with torch's AdamW (perf.optimizer apex's fallback where apex is missing) or apex, and a torch
+    AdamW checkpoint with apex; each continues as one uninterrupted torch AdamW run."""
+    import torch.distributed.checkpoint as dcp
+
+    from fastdmd.optim import apex_adamw
+    from fastdmd.trainer import RoleState
+
+    apex_class = apex_adamw(ApexLikeFusedAdam)
+    hyper = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(0)
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Linear(3, 2)
+
+    grads = [[torch.randn(p.shape, generator=gen) for p in net().parameters()] for _ in range(4)]
+
+    def train(module, opt, steps):
+        for step_grads in steps:
+            for p, g in zip(module.parameters(), step_grads):
+                p.grad = g.clone()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    uninterrupted = net()
+    train(uninterrupted, torch.optim.AdamW(uninterrupted.parameters(), **hyper), grads)
+    for name, (first, then) in {"apex_then_torch": (apex_class, torch.optim.AdamW),
+                                "torch_then_apex": (torch.optim.AdamW, apex_class),
+                                "apex_then_apex": (apex_class, apex_class)}.items():
+        written = net()
+        opt = first(written.parameters(), **hyper)
+        train(written, opt, grads[:2])
+        if first is apex_class:  # apex's own layout, as its kernels read it
+            assert opt.param_groups[0]["step"] == 2
+            assert all(state.keys() == {"exp_avg", "exp_avg_sq"} for state in opt.state.values())
+        dcp.save({"generator": RoleState(written, opt)}, checkpoint_id=str(tmp_path / name), no_dist=True)
+        resumed = torch.nn.Linear(3, 2)
+        opt = then(resumed.parameters(), **hyper)
+        dcp.load({"generator": RoleState(resumed, opt)}, checkpoint_id=str(tmp_path / name), no_dist=True)
+        if then is apex_class:
+            group = opt.param_groups[0]
+            assert group["step"] == 2 and group["bias_correction"] is True
+            assert all(state.keys() == {"exp_avg", "exp_avg_sq"} for state in opt.state.values())
+        train(resumed, opt, grads[2:])
+        for p, q in zip(resumed.parameters(), uninterrupted.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=name)
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="makes a capture fail by having no CUDA at all")
 def test_a_failed_capture_warns_once_and_stays_eager():
     """The run header, printed before the first capture, says "CUDA graph": a capture that fails later
