@@ -106,6 +106,6 @@ if __name__ == "__main__":
                   ["bytes = 6 E n (forward), 8 E n (forward+backward); E = element size, n = x0.numel()",
                    "triton: the launcher's choice; triton_one_pass: passes 1 and 2 in one launch, a per-sample "
                    "barrier between them; triton_two_pass: two launches; _one_block_chunks / _two_block_chunks: "
-                   "the forward's chunks one block / two bf16 blocks long, residual saved or not; _32_chunks: at most 32 programs per sample, forward and "
-                   "backward, not 256"],
+                   "the forward's chunks one block / two bf16 blocks long, residual saved or not; _32_chunks: at "
+                   "most 32 programs per sample, forward and backward, not 256"],
                   kernel_variants=KERNEL_VARIANTS)

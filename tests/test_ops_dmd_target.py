@@ -317,7 +317,8 @@ def test_one_pass_kernel_gives_the_two_pass_bits(shape, max_chunks, monkeypatch)
         out.loss.backward()
         return out, x0.grad
 
-    chunks = dmd_target_triton.forward_chunks(math.prod(shape[1:]), torch.bfloat16.itemsize, save_residual=True).num_chunks
+    chunks = dmd_target_triton.forward_chunks(math.prod(shape[1:]), torch.bfloat16.itemsize,
+                                              save_residual=True).num_chunks  # run() takes x0's gradient
     if not dmd_target_triton.one_pass_fits(DEVICE, chunks):  # e.g. the video latent's 256 on an H100
         pytest.skip(f"{chunks} programs per sample exceed this GPU's SMs: the launcher keeps two passes")
     for seed in range(3):

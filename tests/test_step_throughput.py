@@ -290,7 +290,7 @@ def test_the_optimized_variant_trains_bf16_copies_and_its_profiled_step_runs_com
     autocast = step_throughput.variant_args("optimized-autocast", True, "aot_eager")
     assert "--perf.master_weights" not in autocast and autocast[autocast.index("--perf.rollout_weights") + 1] == "bf16"
     assert "--perf.master_weights" not in step_throughput.variant_args("optimized", False, "aot_eager")
-    assert "--perf.gelu_epilogue" not in step_throughput.variant_args("optimized", True, "aot_eager")  # measured no gain
+    assert "--perf.gelu_epilogue" not in step_throughput.variant_args("optimized", True, "aot_eager")  # no gain
     run_args = step_throughput.preset_args("digits", 4) + args + ["--run_dir", str(tmp_path), "--threads", "1"]
     row = step_throughput.measure("optimized-default-mode", run_args, None, torch.device("cpu"), warmup=1, steps=1,
                                   profile=True)
