@@ -29,11 +29,12 @@
 #            13: 0.141 against 0.158 s/step for the default compile mode in one process; since session 14
 #            with whole-call graphs for the rollout and scores: 0.133 s; since session 19 without the GELU
 #            epilogue, which gained nothing: 0.127-0.128 s) + the A/B variants of $FASTDMD_AB_VARIANTS
-#            (default optimized+perf.inductor_options=triton.multi_kernel=1, not yet measured: inductor also
-#            builds persistent forms of its reductions, the adaLN layer norms' among them, 9 ms of "red"
-#            kernels per step in session 14, and picks the faster by timing both; '' for none); 254 s for
-#            naive + optimized + one variant with --profile in session 19; results in
-#            OUTDIR/step_throughput_sd3-medium-d12.{json,md}.
+#            (default optimized+perf.inductor_options=triton.multi_kernel=1,coordinate_descent_tuning=true,
+#            not yet measured: inductor also builds persistent forms of its reductions, the adaLN layer
+#            norms' among them, 9 ms of "red" kernels per step in session 14, and picks the faster by timing
+#            both, and tunes the block sizes of its pointwise and reduction kernels; both options in one
+#            variant, to be split if it gains; '' for none); 254 s for naive + optimized + one variant with
+#            --profile in session 19; results in OUTDIR/step_throughput_sd3-medium-d12.{json,md}.
 #   throughput_other  the same for flux-dev at depth 2 (~110 s, compile included) and digits (>40 s)
 #   memplan  python -m fastdmd.memory_plan for the same SD3 shape, to set against the measured peak
 #
@@ -52,8 +53,11 @@
 # 254 s, bench_dmd_target 72 s; benchmarks/results/gpu_h100_2026-11-27_sixth.md). Unrun on a GPU since
 # then: dmd_target's one-block chunks for a forward that saves the residual (cfa9a4d; onepass: the
 # two-pass bits with that cut; bench_dmd_target: the `triton` forward+backward row, ~210 us expected,
-# against triton_one_pass_two_block_chunks, ~228) and the multi_kernel variant (throughput). The same
-# recipe covers both:
+# against triton_one_pass_two_block_chunks, ~228), the multi_kernel + coordinate-descent variant
+# (throughput) and, since session 20, FSDP2 on CUDA (gputests: test_sd3.py::test_fsdp2_on_one_rank_of_the_
+# devices_backend_resumes_as_an_uninterrupted_run[cuda], one rank of nccl: sharded networks, bf16 policy,
+# activation checkpointing, per-block compile, DCP save and resume; never run on a GPU before). The same
+# recipe covers them:
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=100 FASTDMD_PYTEST_ARGS='-n 6' bash $S $O/t tests &
@@ -63,7 +67,16 @@
 #   FASTDMD_STEP_TIMEOUT=100 bash $S $O/d bench_dmd_target
 #   FASTDMD_STEP_TIMEOUT=45 bash $S $O/m bench_master_adamw"; tar czf $OUT/r.tgz --exclude='*_trace*' -C /tmp r
 #   cp $O/p/*optimized*_trace_kernels.json.gz $OUT/
-# with timeout_s 590 and .wheels in carry. The tool brings back files of at most 16 MiB: the full
+# with timeout_s 590 and .wheels in carry. With the device time left (a second call, ~250 s), the next
+# candidate for issue 6's 50% MFU (44.7% in session 19; 0.112 s/step needed): inductor's Triton matmul
+# templates with their epilogues fused (bias + GELU, gate + residual: the 28.6 ms of compiled pointwise and
+# norm kernels per step sit between matmuls), chosen by timing against cuBLAS, in the same process as
+# the optimized step (no naive: its FLOP count, 44.56 TFLOP/step, is the one of call 1 and session 19):
+#   timeout 240 python3 benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 \
+#     --resolution 512 --variants optimized optimized+perf.inductor_options=max_autotune_gemm=true \
+#     --out $OUT/step_throughput_sd3-medium-d12_autotune
+# Autotuning compiles many kernels (CPU-bound; 16 cores there): if it runs out of time, the optimized row
+# is already written. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
 # kind of kernel, the calls into compiled code per phase, the copy kernels by the ops that launched
 # them), and each profiled variant's trimmed trace (*_trace_kernels.json.gz: kernels, launches, phase
@@ -178,7 +191,7 @@ step_throughput() {
     # without the option most recently added to it, so its gain is measured in the same process; none with
     # FASTDMD_AB_VARIANTS=''). One process: a CUDA error would leave its context unusable for the variants
     # after it, so the optimized step comes first.
-    local ab=${FASTDMD_AB_VARIANTS-optimized+perf.inductor_options=triton.multi_kernel=1}
+    local ab=${FASTDMD_AB_VARIANTS-optimized+perf.inductor_options=triton.multi_kernel=1,coordinate_descent_tuning=true}
     # shellcheck disable=SC2086  # the A/B variants are words
     "$python" benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 --resolution 512 \
         --variants naive optimized $ab --profile --out "$outdir/step_throughput_sd3-medium-d12"

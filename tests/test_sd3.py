@@ -895,3 +895,58 @@ def test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode(
             assert math.isfinite(got[key]) and got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), key
     for want, got in zip(default_weights, graphs_weights):
         torch.testing.assert_close(got, want, rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[
+    pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
+def test_fsdp2_on_one_rank_of_the_devices_backend_resumes_as_an_uninterrupted_run(sd3_dir, tmp_path, monkeypatch,
+                                                                                  capsys, device):
+    """`torchrun -m fastdmd.train`'s FSDP2 path on one rank, in this process: the process group of the device
+    (cpu:gloo,cuda:nccl on a GPU), every network sharded (DTensor parameters, torch's fused AdamW on them), the
+    bf16 policy, activation checkpointing, per-block torch.compile on CUDA, a DCP checkpoint at step 2 and a
+    resume to step 3. On a one-GPU machine this is as much of the GPU path as can run (NCCL refuses two ranks
+    on one device): the 2-rank tests run gloo on CPU. CPU: every logged value as the uninterrupted run's,
+    bit for bit; CUDA: up to rounding (atomics in the attention backward, README "Determinism")."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+
+    import fastdmd.train
+    from fastdmd.distributed import World, process_group_backend
+
+    sharded, fully_shard = [], fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module) or fully_shard(module, **kw))
+
+    def one_rank_world(timeout_s):
+        if device == "cuda":
+            torch.cuda.set_device(0)  # as init_world does for LOCAL_RANK 0
+        dist.init_process_group(process_group_backend(device == "cuda"), rank=0, world_size=1, store=dist.HashStore())
+        return World(rank=0, world_size=1, device=torch.device(device, 0) if device == "cuda" else torch.device(device))
+
+    monkeypatch.setattr(fastdmd.train, "init_world", one_rank_world)
+    monkeypatch.setattr(World, "distributed", property(lambda self: True))  # FSDP2 as on a rank of several
+    common = ["--trainer.lr_schedule", "constant", "--eval.at_end", "false", "--trainer.checkpoint_every", "2",
+              "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true",
+              "--perf.compile", "true" if device == "cuda" else "false"]
+
+    def rows(run_dir, *extra):
+        main(args_for(sd3_dir, run_dir, *common, *extra))
+        assert not dist.is_initialized()  # the run's own shutdown destroyed the group
+        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+            return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "time")} for line in f]
+
+    straight = rows(tmp_path / "straight", "--trainer.steps", "3")
+    # teacher, generator, critic: each network's 2 blocks, then the network
+    assert sum(isinstance(m, SD3Transformer2DModel) for m in sharded) == 3 and len(sharded) == 9
+    header = capsys.readouterr().out
+    assert f"device={device}" in header and "weights: read by rank 0 alone" in header
+    assert "activation_checkpointing=per block precision=bf16" in header
+    assert ("compile=per block (inductor)" if common[-1] == "true" else "compile=off") in header
+    rows(tmp_path / "cut", "--trainer.steps", "2")
+    again = rows(tmp_path / "cut", "--trainer.steps", "3", "--resume")
+    assert [r["step"] for r in again] == [1, 2, 3] and all(math.isfinite(r["loss_dmd"]) for r in again)
+    if device == "cpu":
+        assert again == straight
+    else:
+        for want, got in zip(straight, again):
+            for key in ("loss_dmd", "loss_critic", "grad_norm_generator"):
+                assert got[key] == pytest.approx(want[key], rel=1e-3, abs=1e-6), (got["step"], key)
