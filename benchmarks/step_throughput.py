@@ -82,7 +82,7 @@ import traceback
 from datetime import datetime, timezone
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 from _bench_common import cuda_graphed, median_seconds, synchronize
 from fastdmd.config import ConfigError, parse_args
@@ -316,6 +316,30 @@ KERNEL_KINDS = (
 )
 OTHER_KIND = "other"
 OUTSIDE = "(outside the phases)"
+
+
+def _cpu_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    return sdpa_flop_count(query_shape, key_shape, value_shape)
+
+
+def _cpu_attention_backward_flop(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None,
+                                 **kwargs) -> int:
+    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
+
+
+# torch's FLOP counter knows the CUDA attention kernels (flash, efficient, cuDNN) but not the CPU one that
+# SDPA runs on CPU: without these its FLOPs were missing from every CPU count (torch 2.11 and 2.13).
+CPU_ATTENTION_FLOPS = {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_attention_flop,
+                       torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_attention_backward_flop}
+
+
+def flop_by_kind(counts: dict) -> dict[str, int]:
+    """A FlopCounterMode's counts by op as the two kinds of kernel that do them: attention (the SDPA
+    ops, forward and backward) and matmul (every other op it counts: mm, addmm, bmm, convolutions)."""
+    kinds = {"matmul": 0, "attention": 0}
+    for op, flops in counts.items():
+        kinds["attention" if "attention" in str(op) else "matmul"] += flops
+    return kinds
 
 
 def kernel_kind(name: str) -> str:
@@ -601,11 +625,15 @@ def _measure(name, args, family, device, warmup, steps, profile_trace, profile) 
 
     def count_flops() -> dict:
         # The timed steps again: a step's work depends on its backward-simulation step k, drawn from
-        # the step number, so the same numbers give the same mix as the timing.
-        with FlopCounterMode(display=False) as counter:
-            for timed in timed_steps:
+        # the step number, so the same numbers give the same mix as the timing. Each step's count by
+        # kind too, by its k: the profiled step's work rate (work_rate_table) reads it.
+        total, by_k = 0, {}
+        for timed in timed_steps:
+            with FlopCounterMode(display=False, custom_mapping=CPU_ATTENTION_FLOPS) as counter:
                 trainer.train_step(timed)
-        return {"flop_per_step_counted": counter.get_total_flops() / steps}
+            total += counter.get_total_flops()
+            by_k[str(trainer.backward_simulation_step(timed))] = flop_by_kind(counter.get_flop_counts()["Global"])
+        return {"flop_per_step_counted": total / steps, "flop_by_kind_at_k": by_k}
 
     # The FLOP count last: FlopCounterMode is a dispatch mode, under which dynamo skips every frame it
     # meets and marks its code to be skipped from then on, so after it the compiled blocks run eagerly
@@ -780,8 +808,10 @@ def add_ratios(record: dict) -> None:
     naive = next((v for v in done if v["variant"] == "naive"), None)
     flops = naive.get("flop_per_step_counted") if naive else None
     own_count = naive is None and record.get("device_type", "cpu") != "cuda"
+    by_k = naive.get("flop_by_kind_at_k") if naive else None
     for v in done:
         v["model_flop_per_step"] = flops or (v.get("flop_per_step_counted") if own_count else None)
+        v["model_flop_by_kind_at_k"] = by_k or (v.get("flop_by_kind_at_k") if own_count else None)
         v["mfu"] = v["model_flop_per_step"] / v["s_per_step"] / record["matmul_peak_flops"] \
             if v["model_flop_per_step"] else None
         v["speedup_vs_naive"] = naive["s_per_step"] / v["s_per_step"] if naive else None
@@ -813,6 +843,30 @@ def _mb(x: int | None) -> str:
 
 def _ms(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2f} ms"
+
+
+def work_rate_table(v: dict, peak: float) -> list[str]:
+    """The profiled step's matmul and attention kernels (device time summed over its phases) against the
+    FLOPs of that kind at the step's k (the naive step's count, as MFU's), and what is left of the device
+    time: work with no counted FLOP (torch.compile's pointwise and norm kernels, the optimizer, copies).
+    Says which kind holds an MFU short of its target. CUDA only (a CPU profile has no kernels by kind)."""
+    kinds_by_phase = v.get("profile_phase_kind_ms")
+    flops = (v.get("model_flop_by_kind_at_k") or {}).get(str(v.get("profile_k")))
+    if not kinds_by_phase or not flops or v.get("profile_device_busy_ms") is None:
+        return []
+    lines = ["", f"Profiled step, {v['variant']} (k = {v['profile_k']}): the work rate of its matmul and attention "
+             "kernels, the FLOPs of each kind being the naive step's count at this k (attention: the SDPA ops; "
+             "matmul: the other counted ops), against the matmul peak; the rest of the device time does no "
+             "counted FLOP", "", "| kind | device ms | TFLOP | TFLOP/s | of the peak |", "|---|---:|---:|---:|---:|"]
+    counted_ms = 0.0
+    for kind in ("matmul", "attention"):
+        ms = sum(phase.get(kind, 0.0) for phase in kinds_by_phase.values())
+        counted_ms += ms
+        rate = flops[kind] / (ms / 1e3) if ms else None
+        lines.append(f"| {kind} | {ms:.2f} | {flops[kind] / 1e12:.2f} | "
+                     + (f"{rate / 1e12:.1f} | {rate / peak:.0%} |" if rate else "- | - |"))
+    lines.append(f"| the rest | {v['profile_device_busy_ms'] - counted_ms:.2f} | - | - | - |")
+    return lines
 
 
 def idle_table(variant: str, gaps: list[dict]) -> list[str]:
@@ -863,8 +917,8 @@ def report(r: dict) -> str:
              f"batch {r['batch']}, depth {r['depth']}, matmul peak {r['matmul_peak_flops'] / 1e12:.3f} TFLOP/s "
              f"({r['matmul_peak_dtype']}); every variant in the same process on the same inputs. MFU: the naive "
              "eager step's FLOP count over each variant's s/step and the peak (without a naive variant: each "
-             "variant's own count on CPU, none on CUDA, where CUDA-graph replays hide work from a count). The batch-1 sample: the few-step sample "
-             "with the rollout's generator, called as the variant calls it (compiled blocks where it compiles) and "
+             "variant's own count on CPU, none on CUDA, where CUDA-graph replays hide work from a count). The "
+             "batch-1 sample: the few-step sample with the rollout's generator, called as the variant calls it (compiled blocks where it compiles) and "
              "replayed from one CUDA graph.", "",
              "| variant | s/step | speed-up vs naive | samples/s | MFU | GFLOP/step counted | peak memory (MB) | peak reserved (MB) "
              "| optimizer | rollout | DMD scores | fused q/k/v | batch-1 sample, called (ms) | batch-1 sample, CUDA graph (ms) |",
@@ -947,6 +1001,7 @@ def report(r: dict) -> str:
                           "each phase (ms)", ""]
                 lines += [f"- {name}: " + "; ".join(f"`{kernel}` {ms:.2f}" for kernel, ms in tops[name])
                           for name in [*PHASES, OUTSIDE] if tops.get(name)]
+        lines += work_rate_table(v, r["matmul_peak_flops"])
         origins = v.get("profile_copy_origins") or []
         if origins:
             lines += ["", f"Profiled step, {v['variant']}: the copy / cast kernels by the ops that launched them "

@@ -36,6 +36,12 @@ def test_digits_preset_side_by_side(tmp_path):
         assert v["mfu"] == v["model_flop_per_step"] / v["s_per_step"] / record["matmul_peak_flops"]
         assert v["sample_steps"] == 4 and v["sample_batch1_ms"] > 0
     assert optimized["speedup_vs_naive"] == naive["s_per_step"] / optimized["s_per_step"]
+    # the FLOPs by kind of each timed step (k = 0, then 1: one generator forward more), the naive step's for all
+    by_k = naive["flop_by_kind_at_k"]
+    assert set(by_k) == {"0", "1"} and by_k["1"]["matmul"] > by_k["0"]["matmul"] > 0
+    assert by_k["1"]["attention"] > by_k["0"]["attention"] > 0  # the CPU attention kernel's FLOPs counted too
+    assert sum(sum(kinds.values()) for kinds in by_k.values()) / 2 == naive["flop_per_step_counted"]
+    assert optimized["model_flop_by_kind_at_k"] == by_k
     assert record["device"].startswith("cpu") and record["torch"] and "step_throughput.py" in record["command"]
     assert "| phase | naive | optimized |" in (tmp_path / "st.md").read_text()
 
@@ -440,3 +446,37 @@ def test_without_naive_a_variants_own_flop_count_gives_its_mfu_on_cpu_only(monke
     assert ratios("cuda", "naive", "optimized") == ratios("cpu", "naive", "optimized") == [(2e11, 0.4)] * 2
     assert ratios("cpu", "optimized") == [(1e11, 0.2)]
     assert ratios("cuda", "optimized") == [(None, None)]
+
+
+def test_the_profiled_steps_work_rate_by_kind_of_kernel(monkeypatch):
+    """Its matmul and attention kernels' device time against the naive step's FLOPs of each kind at the
+    profiled step's k; the rest of the busy time does no counted FLOP."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    assert step_throughput.flop_by_kind({torch.ops.aten.mm: 5, torch.ops.aten.convolution: 2,
+                                         torch.ops.aten._scaled_dot_product_cudnn_attention: 3,
+                                         torch.ops.aten._scaled_dot_product_flash_attention_backward: 4}) == \
+        {"matmul": 7, "attention": 7}
+    v = {"variant": "optimized", "profile_k": 3, "profile_device_busy_ms": 100.0,
+         "profile_phase_kind_ms": {"rollout": {"matmul": 20.0, "attention": 5.0, "torch.compile": 9.0},
+                                   "critic_update": {"matmul": 40.0, "attention": 15.0, "optimizer, foreach": 8.0}},
+         "model_flop_by_kind_at_k": {"0": {"matmul": 1.0, "attention": 1.0}, "3": {"matmul": 48e12, "attention": 8e12}}}
+    lines = step_throughput.work_rate_table(v, peak=1e15)
+    assert lines[-3:] == ["| matmul | 60.00 | 48.00 | 800.0 | 80% |", "| attention | 20.00 | 8.00 | 400.0 | 40% |",
+                          "| the rest | 20.00 | - | - | - |"]
+    assert step_throughput.work_rate_table(v | {"profile_k": 1}, peak=1e15) == []  # no count at that k
+
+
+def test_the_flop_count_knows_the_cpu_attention_kernel(monkeypatch):
+    """SDPA on CPU runs an op that torch's FLOP counter has no formula for: its FLOPs, forward and backward,
+    as those of the CUDA kernels."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+    from torch.utils.flop_counter import FlopCounterMode
+
+    q = torch.randn(2, 3, 5, 8, requires_grad=True)
+    with FlopCounterMode(display=False, custom_mapping=step_throughput.CPU_ATTENTION_FLOPS) as counter:
+        torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
+    forward = 2 * (2 * 3 * 5 * 5 * 8) * 2  # Q K^T and P V: 2 FLOPs per multiply-add
+    assert step_throughput.flop_by_kind(counter.get_flop_counts()["Global"]) == {"matmul": 0, "attention": 3.5 * forward}
