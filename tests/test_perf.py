@@ -683,3 +683,36 @@ def test_graphs_share_one_pool_while_a_graph_holds_it_and_take_a_new_one_after(m
     del first
     gc.collect()
     assert graphs_mod.shared_pool() != pool  # its only holder is gone: a new pool
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_perf_optimizer_apex_on_cuda_parameters_steps_as_torch_adamw(monkeypatch):
+    """make_adamw's apex branch, which only CUDA parameters reach: with apex.optimizers.FusedAdam importable
+    (here the stand-in above, since apex is built from source and the GPU image has none) it returns apex
+    through apex_adamw, which takes the trainer's zero_grad(set_to_none=True) and steps as torch's AdamW."""
+    import sys
+    import types
+
+    from fastdmd.accel import make_adamw
+    from fastdmd.config import PerfConfig
+
+    apex = types.ModuleType("apex")
+    apex.optimizers = types.ModuleType("apex.optimizers")
+    apex.optimizers.FusedAdam = ApexLikeFusedAdam
+    monkeypatch.setitem(sys.modules, "apex", apex)
+    monkeypatch.setitem(sys.modules, "apex.optimizers", apex.optimizers)
+    torch.manual_seed(0)
+    nets = [torch.nn.Linear(5, 3).cuda() for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    opt, name = make_adamw(nets[0].parameters(), 1e-2, (0.9, 0.99), 0.1, PerfConfig(optimizer="apex"))
+    assert name == "apex FusedAdam" and isinstance(opt, ApexLikeFusedAdam)
+    reference = torch.optim.AdamW(nets[1].parameters(), lr=1e-2, betas=(0.9, 0.99), weight_decay=0.1)
+    for _ in range(3):
+        x = torch.randn(4, 5, device="cuda")
+        for net, o in zip(nets, (opt, reference)):
+            net(x).square().sum().backward()
+            o.step()
+            o.zero_grad(set_to_none=True)
+    for p, q in zip(*(net.parameters() for net in nets)):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
