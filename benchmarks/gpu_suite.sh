@@ -73,13 +73,13 @@
 # norm kernels per step sit between matmuls), chosen by timing against cuBLAS, in the same process as
 # the optimized step (no naive: its FLOP count, 44.56 TFLOP/step, is the one of call 1 and session 19):
 #   timeout 240 python3 benchmarks/step_throughput.py --preset sd3-medium --depth 12 --batch 4 \
-#     --resolution 512 --variants optimized optimized+perf.cudnn_attention=false \
-#     optimized+perf.inductor_options=max_autotune_gemm=true --out $OUT/step_throughput_sd3-medium-d12_autotune
-# (the second: torch's flash attention kernel in place of cuDNN's, never timed on this shape, where
-# attention runs at 47% of the matmul peak: step_work_rate_sd3-medium-d12_h100_10771fe.md; it compiles
-# nothing new, so it goes before the autotuned one).
-# Autotuning compiles many kernels (CPU-bound; 16 cores there): if it runs out of time, the rows before it
-# are already written. The tool brings back files of at most 16 MiB: the full
+#     --resolution 512 --variants optimized optimized+perf.inductor_options=max_autotune_gemm=true \
+#     --out $OUT/step_throughput_sd3-medium-d12_autotune
+# Autotuning compiles many kernels (CPU-bound; 16 cores there): if it runs out of time, the optimized row
+# is already written, and the time it took says what a longer call needs. Also never timed on this shape,
+# where attention runs at 47% of the matmul peak (step_work_rate_sd3-medium-d12_h100_10771fe.md): torch's
+# flash attention kernel in place of cuDNN's, optimized+perf.cudnn_attention=false (~85 s, no autotuning),
+# e.g. as call 1's FASTDMD_AB_VARIANTS beside the default one. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by
 # kind of kernel, the calls into compiled code per phase, the copy kernels by the ops that launched
 # them), and each profiled variant's trimmed trace (*_trace_kernels.json.gz: kernels, launches, phase
