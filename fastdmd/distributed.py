@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -126,6 +127,12 @@ def parallelize(net: nn.Module, world: World, perf=None, extra: nn.Module | None
                                                         cast_forward_inputs=False)
         net.register_forward_pre_hook(cast_inputs_except_time(torch.bfloat16), with_kwargs=True)
     units = [net] + ([extra] if extra is not None else [])
+    # FSDP2 warns when a unit returns a view: an in-place op on it would skip the unit's pre-backward hook.
+    # FLUX's single-stream blocks return slices of their output and FLUX's root a Linear's output (a view of
+    # the 2-D matmul); nothing writes into them in place (diffusers 0.42: the next block concatenates them,
+    # norm_out and the adapter's unpacking read them), so the warning, which every rank prints, is noise there.
+    warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPFlux(SingleTransformerBlock|"
+                            r"Transformer2DModel)\) returned a view tensor", category=UserWarning)
     # from_rank0: rank 0 keeps its whole weights (host memory) and puts its networks on the meta device
     # too, so that every rank shards, allocates (to_empty) and fills its shards the same way.
     whole = [unit.state_dict() | non_persistent_buffers(unit) if world.is_main else {} for unit in units] \

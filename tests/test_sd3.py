@@ -12,7 +12,8 @@ from diffusers import SD3Transformer2DModel
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.models.family import load_family
 from fastdmd.train import main
-from tiny_pipeline import CACHE, run_args, save_pipeline_parts, text_encoder_parts
+from launch import torchrun
+from tiny_pipeline import CACHE, metrics_rows, one_rank_fsdp, run_args, save_pipeline_parts, text_encoder_parts
 
 JOINT_DIM, POOLED_DIM, TOKENS = 32, 24, 6
 PROMPTS = ["a red square", "a blue circle", "a green triangle"]
@@ -206,24 +207,6 @@ def test_config_requires_path_and_prompts():
                     "--reward.names", "jpeg", "--reward.group_size", "4", "--model.init_generator", "x"])
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _torchrun(args, port=None):
-    import subprocess
-    import sys
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    port = port or _free_port()  # a fixed port collides with other suites running on the machine
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
-           "-m", "fastdmd.train", *args]
-    env = dict(os.environ, PYTHONPATH=root, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
-
-
 def _losses(run_dir):
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [(r["step"], r["loss_dmd"], r["loss_critic"]) for r in map(json.loads, f)]
@@ -234,13 +217,13 @@ def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp
     """The uninterrupted run reads the weights on rank 0 alone (perf.load_on_rank0, the default), the
     cut run on every rank: their first steps agree too."""
     common = ["--trainer.lr_schedule", "constant", "--eval.at_end", "false", "--trainer.checkpoint_every", "2"]
-    straight = _torchrun(args_for(sd3_dir, tmp_path / "straight", "--trainer.steps", "3", *common))
+    straight = torchrun(args_for(sd3_dir, tmp_path / "straight", "--trainer.steps", "3", *common))
     assert straight.returncode == 0, straight.stderr[-3000:]
     assert "x2 ranks" in straight.stdout and "weights: read by rank 0 alone" in straight.stdout
-    cut = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", "--perf.load_on_rank0", "false",
+    cut = torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "2", "--perf.load_on_rank0", "false",
                              *common))
     assert cut.returncode == 0, cut.stderr[-3000:]
-    resumed = _torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "3", "--resume", *common))
+    resumed = torchrun(args_for(sd3_dir, tmp_path / "cut", "--trainer.steps", "3", "--resume", *common))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _losses(tmp_path / "cut") == _losses(tmp_path / "straight")
     assert _losses(tmp_path / "straight")[-1][1] > 0
@@ -249,7 +232,7 @@ def test_two_ranks_fsdp2_save_and_resume_match_an_uninterrupted_run(sd3_dir, tmp
 @pytest.mark.distributed
 def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     """... and the sample grid and final evaluation, which run the sharded networks on both ranks."""
-    done = _torchrun(args_for(sd3_dir, tmp_path / "mp", "--trainer.steps", "2", "--trainer.sample_every", "2",
+    done = torchrun(args_for(sd3_dir, tmp_path / "mp", "--trainer.steps", "2", "--trainer.sample_every", "2",
                               "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "activation_checkpointing=per block precision=bf16" in done.stdout
@@ -901,29 +884,14 @@ def test_reduce_overhead_with_master_weights_trains_as_the_default_compile_mode(
     pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")])])
 def test_fsdp2_on_one_rank_of_the_devices_backend_resumes_as_an_uninterrupted_run(sd3_dir, tmp_path, monkeypatch,
                                                                                   capsys, device):
-    """`torchrun -m fastdmd.train`'s FSDP2 path on one rank, in this process: the process group of the device
-    (cpu:gloo,cuda:nccl on a GPU), every network sharded (DTensor parameters, torch's fused AdamW on them), the
-    bf16 policy, activation checkpointing, per-block torch.compile on CUDA, a DCP checkpoint at step 2 and a
-    resume to step 3. On a one-GPU machine this is as much of the GPU path as can run (NCCL refuses two ranks
-    on one device): the 2-rank tests run gloo on CPU. CPU: every logged value as the uninterrupted run's,
-    bit for bit; CUDA: up to rounding (atomics in the attention backward, README "Determinism")."""
+    """`torchrun -m fastdmd.train`'s FSDP2 path on one rank (tiny_pipeline.one_rank_fsdp): the process group of
+    the device (cpu:gloo,cuda:nccl on a GPU), every network sharded (DTensor parameters, torch's fused AdamW on
+    them), the bf16 policy, activation checkpointing, per-block torch.compile on CUDA, a DCP checkpoint at step 2
+    and a resume to step 3. The 2-rank tests run gloo on CPU. CPU: every logged value as the uninterrupted
+    run's, bit for bit; CUDA: up to rounding (atomics in the attention backward, README "Determinism")."""
     import torch.distributed as dist
-    import torch.distributed.fsdp as fsdp
 
-    import fastdmd.train
-    from fastdmd.distributed import World, process_group_backend
-
-    sharded, fully_shard = [], fsdp.fully_shard
-    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module) or fully_shard(module, **kw))
-
-    def one_rank_world(timeout_s):
-        if device == "cuda":
-            torch.cuda.set_device(0)  # as init_world does for LOCAL_RANK 0
-        dist.init_process_group(process_group_backend(device == "cuda"), rank=0, world_size=1, store=dist.HashStore())
-        return World(rank=0, world_size=1, device=torch.device(device, 0) if device == "cuda" else torch.device(device))
-
-    monkeypatch.setattr(fastdmd.train, "init_world", one_rank_world)
-    monkeypatch.setattr(World, "distributed", property(lambda self: True))  # FSDP2 as on a rank of several
+    sharded = one_rank_fsdp(monkeypatch, device)
     common = ["--trainer.lr_schedule", "constant", "--eval.at_end", "false", "--trainer.checkpoint_every", "2",
               "--perf.mixed_precision", "bf16", "--perf.activation_checkpointing", "true",
               "--perf.compile", "true" if device == "cuda" else "false"]
@@ -931,8 +899,7 @@ def test_fsdp2_on_one_rank_of_the_devices_backend_resumes_as_an_uninterrupted_ru
     def rows(run_dir, *extra):
         main(args_for(sd3_dir, run_dir, *common, *extra))
         assert not dist.is_initialized()  # the run's own shutdown destroyed the group
-        with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-            return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "time")} for line in f]
+        return metrics_rows(run_dir)
 
     straight = rows(tmp_path / "straight", "--trainer.steps", "3")
     # teacher, generator, critic: each network's 2 blocks, then the network

@@ -13,6 +13,7 @@ from fastdmd import ops
 from fastdmd.config import ConfigError, parse_args
 from fastdmd.trainer import step_generator
 from fastdmd.train import main
+from launch import free_port
 
 # A constant learning rate so that a run stopped at step k and resumed with a larger
 # trainer.steps follows the same schedule as one run to the end (cosine depends on trainer.steps).
@@ -180,17 +181,10 @@ def test_each_rank_and_step_draws_its_own_numbers():
     assert torch.equal(draws[(1, 1)], torch.randn(4, generator=step_generator(0, 1, 1)))
 
 
-def _free_port() -> int:
-    import socket
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.distributed
 def test_torchrun_two_ranks_on_gloo(tmp_path):
     run_dir = str(tmp_path / "ddp")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "fastdmd.train", *TINY, "--trainer.steps", "4", "--trainer.checkpoint_every", "2",
            "--run_dir", run_dir, "--threads", "1", "--trainer.grad_clip", "1e-4"]  # clips the sharded gradients
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
@@ -217,7 +211,7 @@ def test_torchrun_evaluates_and_draws_grids_with_every_rank(tmp_path):
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "cache"), OMP_NUM_THREADS="1")
 
     def run(run_dir, steps, *extra):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
                "-m", "fastdmd.train", "--trainer.batch_size", "8", "--trainer.log_every", "1", "--trainer.warmup_steps", "0",
                "--trainer.steps", str(steps), "--trainer.sample_every", "1", "--eval.num_samples", "20",
                "--eval.batch_size", "10", "--eval.teacher_steps", "2", "--threads", "1", "--run_dir", str(run_dir), *extra]
@@ -245,7 +239,7 @@ def test_torchrun_trains_with_the_gan_term(tmp_path):
     tensors against DTensor weights and failed). The teacher, unsharded here, is whole on every rank,
     filled from rank 0's."""
     run_dir = tmp_path / "gan"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            "-m", "fastdmd.train", *TINY, "--trainer.steps", "2", "--dmd.gan_generator_weight", "0.01",
            "--dmd.gan_critic_weight", "0.01", "--perf.shard_teacher", "false", "--run_dir", str(run_dir),
            "--threads", "1"]

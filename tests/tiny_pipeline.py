@@ -84,3 +84,38 @@ def text_encoder_parts(family: str, joint_dim: int, pooled_dim: int, t5: bool = 
                         {"text_encoder_3": None, "tokenizer_3": None})
     return {"text_encoder": clip(CLIPTextModel, pooled_dim), "tokenizer": clip_tokenizer,
             "text_encoder_2": t5_model, "tokenizer_2": t5_tokenizer}
+
+
+def one_rank_fsdp(monkeypatch, device: str) -> list:
+    """`python -m fastdmd.train` in this process as a torchrun rank runs it, on one rank: each main() call
+    joins a one-rank process group of the device's backend (cpu:gloo,cuda:nccl on a GPU; its own shutdown
+    destroys it) and, being "distributed", shards its networks with FSDP2, which a real one-rank torchrun
+    leaves whole. On a one-GPU machine this is as much of FSDP2 on CUDA as can run (NCCL refuses two ranks
+    on one device). Returns the list that collects every module fully_shard is given."""
+    import torch.distributed as dist
+    import torch.distributed.fsdp as fsdp
+
+    import fastdmd.train
+    from fastdmd.distributed import World, process_group_backend
+
+    sharded, fully_shard = [], fsdp.fully_shard
+    monkeypatch.setattr(fsdp, "fully_shard", lambda module, **kw: sharded.append(module) or fully_shard(module, **kw))
+
+    def one_rank_world(timeout_s):
+        if device == "cuda":
+            torch.cuda.set_device(0)  # as init_world does for LOCAL_RANK 0
+        dist.init_process_group(process_group_backend(device == "cuda"), rank=0, world_size=1, store=dist.HashStore())
+        return World(rank=0, world_size=1, device=torch.device(device, 0) if device == "cuda" else torch.device(device))
+
+    monkeypatch.setattr(fastdmd.train, "init_world", one_rank_world)
+    monkeypatch.setattr(World, "distributed", property(lambda self: True))
+    return sharded
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """The run's metrics.jsonl rows without their timings (samples_per_s, time)."""
+    import json
+    import os
+
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "time")} for line in f]
