@@ -55,9 +55,10 @@
 # two-pass bits with that cut; bench_dmd_target: the `triton` forward+backward row, ~210 us expected,
 # against triton_one_pass_two_block_chunks, ~228), the multi_kernel + coordinate-descent variant
 # (throughput) and, since session 20, FSDP2 on CUDA (gputests: test_sd3.py::test_fsdp2_on_one_rank_of_the_
-# devices_backend_resumes_as_an_uninterrupted_run[cuda], one rank of nccl: sharded networks, bf16 policy,
-# activation checkpointing, per-block compile, DCP save and resume; never run on a GPU before). The same
-# recipe covers them:
+# devices_backend_resumes_as_an_uninterrupted_run[cuda] and test_flux.py::test_fsdp2_on_one_cuda_rank_trains_
+# and_resumes_as_an_uninterrupted_run, one rank of nccl: sharded networks, bf16 policy, activation
+# checkpointing, per-block compile, DCP save and resume; never run on a GPU before) and make_adamw's apex
+# branch (test_perf.py, apex's interface from a stand-in). The same recipe covers them:
 #   export PYTHON=python3; S=benchmarks/gpu_suite.sh; O=/tmp/r; timeout 578 bash -c "
 #   FASTDMD_STEP_TIMEOUT=60 bash $S $O/a env install
 #   FASTDMD_STEP_TIMEOUT=100 FASTDMD_PYTEST_ARGS='-n 6' bash $S $O/t tests &
