@@ -163,9 +163,11 @@ def plan(preset: str, batch: int, resolution: int, world_size: int, precision: s
          gpu_gib: float, depth: int | None = None, teacher_dtype: str = "bfloat16", shard_teacher: bool = True,
          critic_lora_params: int = 0, model_path: str = "", rollout_copy: bool = False,
          master_weights: bool = False, first_moment: bool = False) -> Plan:
+    from fastdmd.models.family import cast_network
+
     net, make_inputs = build_meta_network(preset, depth, model_path)
     compute = torch.bfloat16 if precision == "bf16" else torch.float32
-    net.to(compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
+    cast_network(net, compute).requires_grad_(True)  # as FSDP2's MixedPrecisionPolicy runs it: compute-dtype weights
     params = sum(p.numel() for p in net.parameters())
     blocks = blocks_of(net)
     largest_block = max((sum(p.numel() for p in b.parameters()) for b in blocks), default=params)

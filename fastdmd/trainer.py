@@ -40,7 +40,7 @@ from fastdmd.accel import make_adamw, set_attention
 from fastdmd.distributed import (World, barrier, broadcast_object, fill_from_rank0, mean_across_ranks, parallelize,
                                  reshard, stop_together)
 from fastdmd.metrics import score_sampler
-from fastdmd.models.family import Family, load_family
+from fastdmd.models.family import Family, cast_network, load_family
 from fastdmd.models.fusion import fuse_qkv, fused_attentions, use_gelu_epilogue
 from fastdmd.objectives import OBJECTIVES, Batch, Roles, build_objective
 from fastdmd.optim import MasterAdamW
@@ -287,7 +287,7 @@ class Trainer:
                 raise ValueError("perf.rollout_weights = 'bf16' keeps a whole bf16 copy of the generator: one process "
                                  f"only (world size {world.world_size}); under torchrun FSDP2's MixedPrecisionPolicy "
                                  "already runs every forward in bf16")
-            self.rollout_generator = Generator(copy.deepcopy(self.generator.net).to(torch.bfloat16)
+            self.rollout_generator = Generator(cast_network(copy.deepcopy(self.generator.net), torch.bfloat16)
                                                .requires_grad_(False), self.adapter)
         # perf.fuse_qkv: after build_roles copied the teacher's separate projections into the trained roles.
         self.fused_qkv, fused_views = self._fuse_qkv(teacher, perf.fuse_qkv)

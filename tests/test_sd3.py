@@ -242,6 +242,22 @@ def test_two_ranks_bf16_policy_and_activation_checkpointing(sd3_dir, tmp_path):
     assert (tmp_path / "mp" / "samples_final.png").exists() and done.stdout.count("samples/s per process; grids") == 1
 
 
+def test_cast_network_casts_every_weight_without_diffusers_warning(monkeypatch):
+    """diffusers 0.42's ModelMixin.to warns on every cast to a dtype ("should be kept in float32: []"), which
+    the bf16 rollout copy printed on every run."""
+    from diffusers.models import modeling_utils
+
+    from fastdmd.models.family import cast_network
+
+    said = []
+    monkeypatch.setattr(modeling_utils.logger, "warning", lambda message, *args, **kwargs: said.append(message))
+    net = _tiny_transformer()
+    net.to(torch.float64)
+    assert len(said) == 1 and "kept in float32: []" in said[0]  # what a run printed
+    assert cast_network(net, torch.bfloat16) is net and len(said) == 1
+    assert {t.dtype for t in [*net.parameters(), *net.buffers()] if t.is_floating_point()} == {torch.bfloat16}
+
+
 def test_without_weights_the_transformer_is_its_config_on_the_meta_device(sd3_dir):
     from fastdmd.models.sd3 import load_transformer
 

@@ -39,6 +39,17 @@ class Family:
         return len(self.condition_names)
 
 
+def cast_network(net: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """`net` cast to `dtype` in place, without the warning that diffusers' ModelMixin.to gives on every cast to
+    a dtype (0.42: "modules ... should be kept in float32: []", its own list empty). SD3, FLUX and the UNets
+    keep no module in fp32 (`_keep_in_fp32_modules` None), so torch's Module.to casts them as
+    from_pretrained(torch_dtype=...) loads them; a model that keeps some gets diffusers' own cast, whose
+    warning is then to the point."""
+    if getattr(net, "_keep_in_fp32_modules", None):
+        return net.to(dtype)
+    return nn.Module.to(net, dtype)
+
+
 def load_family(cfg, device: torch.device = torch.device("cpu"), weights: bool = True) -> Family:
     """`weights` False: the teacher network is built on the meta device, its weights not read (the
     other ranks under torchrun, which receive them from rank 0 as the networks are sharded)."""
@@ -140,7 +151,7 @@ def random_family(preset: str, depth: int | None = None, resolution: int = 1024,
         raise ValueError(f"preset {preset!r} is not known; choose sd3-medium or flux-dev")
     torch.manual_seed(seed)
     with torch.device(device):
-        teacher = cls(**config).to(dtype).eval().requires_grad_(False)
+        teacher = cast_network(cls(**config), dtype).eval().requires_grad_(False)
     gen = torch.Generator().manual_seed(seed)
     embeds = torch.randn(num_prompts + 1, PROMPT_TOKENS[preset], config["joint_attention_dim"], generator=gen).to(device)
     pooled = torch.randn(num_prompts + 1, config["pooled_projection_dim"], generator=gen).to(device)
