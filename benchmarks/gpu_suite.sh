@@ -78,7 +78,7 @@
 #     --out $OUT/step_throughput_sd3-medium-d12_autotune
 # Autotuning compiles many kernels (CPU-bound; 16 cores there): if it runs out of time, the optimized row
 # is already written, and the time it took says what a longer call needs. Also never timed on this shape,
-# where attention runs at 47% of the matmul peak (step_work_rate_sd3-medium-d12_h100_10771fe.md): torch's
+# where attention runs at 44% of the matmul peak (step_work_rate_sd3-medium-d12_h100_10771fe.md): torch's
 # flash attention kernel in place of cuDNN's, optimized+perf.cudnn_attention=false (~85 s, no autotuning),
 # e.g. as call 1's FASTDMD_AB_VARIANTS beside the default one. The tool brings back files of at most 16 MiB: the full
 # Chrome traces stay there; the step_throughput files hold their summaries (device time per phase by

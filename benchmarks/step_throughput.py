@@ -309,7 +309,7 @@ def is_device_work(event) -> bool:
 # What a kernel does, from its name (cuBLAS / cuDNN / ATen / Inductor); the first kind that matches wins.
 KERNEL_KINDS = (
     ("torch.compile", ("triton_",)),  # Inductor's kernels: their names list the fused ops (_to_copy, ...)
-    ("attention", ("sdpa", "flash", "fmha", "attention")),
+    ("attention", ("sdpa", "flash", "fmha", "attention", "cudnn::fusion")),  # the last: cuDNN SDPA's helpers
     ("matmul", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "conv")),
     ("optimizer, foreach", ("multi_tensor_apply", "adam")),
     ("copy / cast", ("copy", "catarray", "memcpy", "memset")),

@@ -480,3 +480,18 @@ def test_the_flop_count_knows_the_cpu_attention_kernel(monkeypatch):
         torch.nn.functional.scaled_dot_product_attention(q, q, q).sum().backward()
     forward = 2 * (2 * 3 * 5 * 5 * 8) * 2  # Q K^T and P V: 2 FLOPs per multiply-add
     assert step_throughput.flop_by_kind(counter.get_flop_counts()["Global"]) == {"matmul": 0, "attention": 3.5 * forward}
+
+
+def test_cudnn_attentions_helper_kernels_count_as_attention(monkeypatch):
+    """cuDNN's SDPA backward runs helpers beside its flash kernel; `convert_dq_to_16bits` once counted as a
+    matmul (its name has "conv"), and `compute_dot_do_o` as other (H100, 2026-11-27: 1.1 ms a step)."""
+    monkeypatch.syspath_prepend(os.path.join(ROOT, "benchmarks"))
+    import step_throughput
+
+    kinds = {name: step_throughput.kernel_kind(name) for name in (
+        "void cudnn::fusion::convert_dq_to_16bits<true>(void const*, void*, unsigned int)",
+        "void cudnn::fusion::compute_dot_do_o_specialized<true, 64>(void const*, void const*, void*)",
+        "cudnn_generated_fort_native_sdpa_sm90_flash_bprop_wgmma_f16_knob_26_64x64x64_1x4x1_cga1x1x1_kernel0_0",
+        "nvjet_sm90_tst_192x192_64x3_2x1_v_bz_coopB_NTN", "sm90_xmma_fprop_implicit_gemm_bf16bf16_bf16f32_f32_nhwckrsc",
+        "triton_poi_fused__scaled_dot_product_cudnn_attention_cat_split_transpose_view_5")}
+    assert list(kinds.values()) == ["attention", "attention", "attention", "matmul", "matmul", "torch.compile"]
