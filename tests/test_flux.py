@@ -192,8 +192,7 @@ def test_fsdp2_on_one_cuda_rank_trains_and_resumes_as_an_uninterrupted_run(flux_
     guidance, like the time, left to the network's own cast), activation checkpointing, per-block compile, a DCP
     checkpoint at step 2 and a resume to step 3 (up to rounding), with the sample grid and the final evaluation
     on the sharded networks. Its CPU form (gloo, no compile) passed bit for bit when it was written."""
-    device = "cuda"
-    sharded = one_rank_fsdp(monkeypatch, device)
+    sharded = one_rank_fsdp(monkeypatch, "cuda")
     common = ["--trainer.lr_schedule", "constant", "--trainer.checkpoint_every", "2", "--perf.mixed_precision", "bf16",
               "--perf.activation_checkpointing", "true", "--perf.compile", "true"]
     main(args_for(flux_dir, tmp_path / "straight", "--trainer.steps", "3", "--eval.at_end", "false", *common))

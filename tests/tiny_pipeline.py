@@ -3,6 +3,9 @@
 prompt-embedding cache, plus the command-line flags that point a run at it; and tiny text encoders
 with their tokenizers, for the tests of the path that builds the cache."""
 
+import json
+import os
+
 import torch
 from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler
 
@@ -41,8 +44,6 @@ def text_encoder_parts(family: str, joint_dim: int, pooled_dim: int, t5: bool = 
     the letters and no merges (every word spelled out); the T5 tokenizer a few whole words, then
     letters. Traps avoided (DESIGN.md): the CLIP configs' eos_token_id is the tokenizer's end token,
     and T5's vocabulary is given as pieces and scores (its size checked)."""
-    import json
-    import os
     import string
     import tempfile
 
@@ -114,8 +115,5 @@ def one_rank_fsdp(monkeypatch, device: str) -> list:
 
 def metrics_rows(run_dir) -> list[dict]:
     """The run's metrics.jsonl rows without their timings (samples_per_s, time)."""
-    import json
-    import os
-
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
         return [{k: v for k, v in json.loads(line).items() if k not in ("samples_per_s", "time")} for line in f]
